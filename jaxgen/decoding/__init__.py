@@ -1,0 +1,1 @@
+"""Decoders: one jitted ``lax.while_loop`` program per strategy, sharing `engine`'s step machinery."""

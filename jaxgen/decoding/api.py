@@ -1,0 +1,80 @@
+"""Public decoders: `generate` (dispatches like transformers), `greedy_search`, `beam_search`, `sample`.
+
+Each call validates its arguments on the host (`args.parse`), left-pads the prompt to its bucket,
+and runs one jitted program keyed on the static `DecodeSpec`: a second call with the same
+shapes and flags (another prompt of the same bucket, new float knobs) reuses it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+
+from jaxgen.decoding import args, beam, greedy
+from jaxgen.decoding.engine import DecodeSpec
+from jaxgen.models.gpt2 import GPT2
+from jaxgen.outputs import GenerateOutput
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _decode(model, input_ids, attention_mask, processors, key, length_penalty, *, spec: DecodeSpec) -> GenerateOutput:
+    if spec.beam_search:
+        return beam.decode(model, input_ids, attention_mask, processors, key, length_penalty, spec)
+    return greedy.decode(model, input_ids, attention_mask, processors, key, spec)
+
+
+def _run(model, input_ids, attention_mask, kwargs, beam_search=None) -> GenerateOutput:
+    req = args.parse(model, input_ids, attention_mask, kwargs, beam_search)
+    return _decode(model, req.input_ids, req.attention_mask, req.processors, req.key, req.length_penalty,
+                   spec=req.spec)
+
+
+def _fixed(kwargs: dict[str, Any], fn: str, **fixed) -> dict[str, Any]:
+    for name, value in fixed.items():
+        if name in kwargs and kwargs[name] != value:
+            raise ValueError(f"{fn} runs with {name}={value!r}; got {name}={kwargs[name]!r} (use jaxgen.generate)")
+    return {**kwargs, **fixed}
+
+
+def generate(model: GPT2, input_ids, attention_mask=None, **kwargs) -> GenerateOutput:
+    """transformers ``generate()`` for a jaxgen model, compiled.
+
+    Args:
+      model: from `jaxgen.from_pretrained` (a pytree: may be traced, sharded, jitted over).
+      input_ids: int[batch, prompt_len], left-padded. attention_mask: {0,1}[batch, prompt_len].
+      **kwargs: transformers' names and defaults: max_new_tokens / max_length (default 20),
+        min_new_tokens / min_length, num_beams, num_return_sequences, length_penalty,
+        early_stopping (True / False / "never"), eos_token_id (int or list; default the model's),
+        pad_token_id, do_sample with key (a jax PRNG key), temperature, top_k (default 50 when
+        sampling), top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff, repetition_penalty,
+        no_repeat_ngram_size, bad_words_ids, sequence_bias, suppress_tokens,
+        begin_suppress_tokens, forced_bos_token_id, forced_eos_token_id,
+        exponential_decay_length_penalty, renormalize_logits, remove_invalid_values,
+        logits_processor (JAX callables ``fn(scores, ctx)``), output_scores, output_logits;
+        and jaxgen's prompt_bucket (default 64; None disables).
+
+    Dispatch: ``num_beams > 1`` -> beam search (beam sampling with ``do_sample``), otherwise
+    greedy search or sampling. Returns a `GenerateOutput`; ``.trim()`` gives transformers' shapes.
+    """
+    return _run(model, input_ids, attention_mask, kwargs)
+
+
+def greedy_search(model: GPT2, input_ids, attention_mask=None, **kwargs) -> GenerateOutput:
+    """Greedy decoding (``generate`` with ``num_beams=1, do_sample=False``)."""
+    return _run(model, input_ids, attention_mask, _fixed(kwargs, "greedy_search", num_beams=1, do_sample=False), False)
+
+
+def beam_search(model: GPT2, input_ids, attention_mask=None, **kwargs) -> GenerateOutput:
+    """Beam search (``generate`` with ``num_beams`` beams, ``do_sample=False``); always runs the
+    beam algorithm, also for ``num_beams=1``."""
+    if "num_beams" not in kwargs:
+        raise ValueError("beam_search needs num_beams (an int >= 1)")
+    return _run(model, input_ids, attention_mask, _fixed(kwargs, "beam_search", do_sample=False), True)
+
+
+def sample(model: GPT2, input_ids, attention_mask=None, *, key=None, **kwargs) -> GenerateOutput:
+    """Multinomial sampling (``generate`` with ``do_sample=True``); with ``num_beams > 1``, beam
+    sampling. ``key``: a ``jax.random.key``; the same key gives the same output."""
+    return _run(model, input_ids, attention_mask, {**_fixed(kwargs, "sample", do_sample=True), "key": key})

@@ -1,0 +1,334 @@
+"""Host-side validation of ``generate`` arguments, before anything is traced.
+
+Every check raises ``ValueError`` naming the argument, its value and what is allowed. Checks that
+need concrete values (token ids in range, left padding) run when the inputs are concrete and are
+skipped for tracers (a decoder called inside the user's own ``jax.jit``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgen.decoding.engine import DecodeSpec
+from jaxgen.models.gpt2 import GPT2
+from jaxgen.processors import build_processors
+
+# Hugging Face's names and defaults (GenerationConfig._get_default_generation_params).
+DEFAULTS: dict[str, Any] = {
+    "max_new_tokens": None, "max_length": None, "min_new_tokens": None, "min_length": None,
+    "num_beams": 1, "num_return_sequences": 1, "length_penalty": 1.0, "early_stopping": False,
+    "eos_token_id": None, "pad_token_id": None, "do_sample": False,
+    "temperature": None, "top_k": None, "top_p": None, "min_p": None, "typical_p": None,
+    "epsilon_cutoff": None, "eta_cutoff": None,
+    "repetition_penalty": None, "no_repeat_ngram_size": None, "bad_words_ids": None,
+    "sequence_bias": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+    "forced_bos_token_id": None, "forced_eos_token_id": None,
+    "exponential_decay_length_penalty": None, "renormalize_logits": False,
+    "remove_invalid_values": False, "logits_processor": (),
+    "output_scores": False, "output_logits": False, "return_dict_in_generate": True,
+    "prompt_bucket": 64, "key": None,
+}
+HF_MAX_LENGTH = 20
+HF_TOP_K = 50
+SAMPLING_ONLY = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
+HOST_SIDE = {
+    "max_time": "max_time is a wall-clock criterion checked on the host between steps; a compiled "
+                "while_loop cannot stop on time. Bound the work with max_new_tokens instead",
+    "stop_strings": "stop_strings needs the tokenizer at every step; pass the token ids of the stop "
+                    "text as eos_token_id (a list is allowed) instead",
+    "streamer": "streaming is not supported by the decoders yet",
+    "stopping_criteria": "custom stopping criteria are host-side Python; use eos_token_id",
+}
+
+
+@dataclasses.dataclass
+class Request:
+    """A validated call: static spec, traced operands (already bucket-padded)."""
+
+    spec: DecodeSpec
+    input_ids: Any  # int32[batch, P]
+    attention_mask: Any  # int32[batch, P]
+    processors: tuple
+    key: Any
+    length_penalty: Any
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _fail(name: str, value: Any, allowed: str):
+    raise ValueError(f"{name}={value!r} is not allowed: {allowed}")
+
+
+def _int(kw, name, minimum=None, allow_none=True):
+    v = kw[name]
+    if v is None and allow_none:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        _fail(name, v, "expected an int" + ("" if minimum is None else f" >= {minimum}"))
+    if minimum is not None and v < minimum:
+        _fail(name, v, f"expected an int >= {minimum}")
+    return int(v)
+
+
+def _float(kw, name, low=None, high=None, low_open=True, high_open=False):
+    v = kw[name]
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or not math.isfinite(v):
+        _fail(name, v, "expected a finite number")
+    ok_low = low is None or (v > low if low_open else v >= low)
+    ok_high = high is None or (v < high if high_open else v <= high)
+    if not (ok_low and ok_high):
+        lo = "" if low is None else ("(" if low_open else "[") + str(low)
+        hi = "" if high is None else str(high) + (")" if high_open else "]")
+        _fail(name, v, f"expected a number in {lo}, {hi}".replace("in , ", "<= ").replace("in (", "in ("))
+    return float(v)
+
+
+def _token_ids(name, value, vocab, allow_empty=False) -> tuple[int, ...]:
+    ids = [value] if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else value
+    try:
+        ids = tuple(int(t) for t in ids)
+        ok = all(not isinstance(t, bool) for t in (value if isinstance(value, (list, tuple)) else [value]))
+    except TypeError:
+        ok = False
+    if not ok or (not ids and not allow_empty):
+        _fail(name, value, "expected a token id or a list of token ids")
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        _fail(name, value, f"token ids must be in [0, {vocab}) (the model's vocab_size); got {bad}")
+    return ids
+
+
+def _bool(kw, name):
+    if not isinstance(kw[name], (bool, np.bool_)):
+        _fail(name, kw[name], "expected True or False")
+    return bool(kw[name])
+
+
+def parse(model: GPT2, input_ids, attention_mask, kwargs: dict[str, Any], beam_search: bool | None = None) -> Request:
+    """Validates a ``generate`` call and resolves Hugging Face defaults.
+
+    ``beam_search``: run the beam decoder (True), the one-token-per-row decoder (False), or
+    dispatch as transformers does (None: beams iff ``num_beams > 1``).
+    """
+    unknown = sorted(set(kwargs) - set(DEFAULTS))
+    for name in unknown:
+        if name in HOST_SIDE:
+            raise ValueError(f"{name} is not supported: {HOST_SIDE[name]}")
+        close = difflib.get_close_matches(name, DEFAULTS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown generate argument {name!r}{hint}; supported: {', '.join(sorted(DEFAULTS))}")
+    kw = {**DEFAULTS, **kwargs}
+    if not isinstance(model, GPT2):
+        raise ValueError(f"model must be a jaxgen GPT2 (from jaxgen.from_pretrained), got {type(model).__name__}")
+    config = model.config
+    vocab = config.vocab_size
+
+    # --- inputs ---------------------------------------------------------------------------
+    ids = input_ids if isinstance(input_ids, jax.Array) else np.asarray(input_ids)
+    if ids.ndim != 2 or not jnp.issubdtype(ids.dtype, jnp.integer):
+        _fail("input_ids", f"<{ids.dtype}{list(ids.shape)}>", "expected an integer array [batch, prompt_len]")
+    batch, prompt_len = ids.shape
+    if batch == 0 or prompt_len == 0:
+        _fail("input_ids", f"<shape {list(ids.shape)}>", "expected at least one row and one token")
+    if attention_mask is None:
+        mask = np.ones(ids.shape, np.int32)
+    else:
+        mask = attention_mask if isinstance(attention_mask, jax.Array) else np.asarray(attention_mask)
+        if mask.shape != ids.shape:
+            _fail("attention_mask", f"<shape {list(mask.shape)}>", f"expected the shape of input_ids {list(ids.shape)}")
+    if _is_concrete(ids):
+        host_ids = np.asarray(ids)
+        if host_ids.min() < 0 or host_ids.max() >= vocab:
+            bad = host_ids[(host_ids < 0) | (host_ids >= vocab)][:5].tolist()
+            _fail("input_ids", f"<contains {bad}>", f"token ids must be in [0, {vocab}) (the model's vocab_size)")
+    if _is_concrete(mask):
+        host_mask = np.asarray(mask)
+        if not np.isin(host_mask, (0, 1)).all():
+            _fail("attention_mask", "<values>", "expected only 0 and 1")
+        if (np.diff(host_mask.astype(np.int8), axis=1) < 0).any() or (host_mask[:, -1] == 0).any():
+            rows = np.nonzero((np.diff(host_mask.astype(np.int8), axis=1) < 0).any(1) | (host_mask[:, -1] == 0))[0]
+            raise ValueError(
+                f"attention_mask rows {rows[:5].tolist()} are right-padded (or empty); jaxgen, like "
+                "decoder-only generation in transformers, needs left padding: tokenize with "
+                "padding_side='left'"
+            )
+
+    # --- lengths ----------------------------------------------------------------------------
+    max_new_tokens = _int(kw, "max_new_tokens", 1)
+    max_length = _int(kw, "max_length", 1)
+    if max_new_tokens is not None and max_length is not None:
+        raise ValueError(
+            f"pass either max_new_tokens ({max_new_tokens}) or max_length ({max_length}), not both"
+        )
+    if max_new_tokens is None:
+        max_length = HF_MAX_LENGTH if max_length is None else max_length
+        if max_length <= prompt_len:
+            _fail("max_length", max_length, f"must exceed the prompt length {prompt_len}; or pass max_new_tokens")
+        max_new_tokens = max_length - prompt_len
+    if prompt_len + max_new_tokens > config.n_positions:
+        raise ValueError(
+            f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} = {prompt_len + max_new_tokens} "
+            f"exceeds the model's n_positions={config.n_positions}"
+        )
+    min_new_tokens = _int(kw, "min_new_tokens", 0)
+    min_length = _int(kw, "min_length", 0)
+
+    # --- special tokens ---------------------------------------------------------------------
+    eos = kw["eos_token_id"] if kw["eos_token_id"] is not None else config.eos_token_id
+    eos_ids = () if eos is None else _token_ids("eos_token_id", eos, vocab, allow_empty=True)
+    pad = kw["pad_token_id"]
+    if pad is not None:
+        pad = _token_ids("pad_token_id", pad, vocab)
+        if len(pad) != 1:
+            _fail("pad_token_id", kw["pad_token_id"], "expected a single token id")
+        pad = pad[0]
+    elif eos_ids:
+        raise ValueError(
+            f"pad_token_id is missing, but rows can finish early at eos_token_id={list(eos_ids)}; pass "
+            "pad_token_id (for GPT-2, pad_token_id=eos_token_id, which transformers would pick with a warning)"
+        )
+
+    # --- strategy ---------------------------------------------------------------------------
+    num_beams = _int(kw, "num_beams", 1, allow_none=False)
+    nrs = _int(kw, "num_return_sequences", 1, allow_none=False)
+    do_sample = _bool(kw, "do_sample")
+    if num_beams > 1 and nrs > num_beams:
+        _fail("num_return_sequences", nrs, f"must be <= num_beams={num_beams}")
+    if num_beams == 1 and not do_sample and nrs != 1:
+        _fail("num_return_sequences", nrs, "greedy search returns one sequence per prompt; use beams or sampling")
+    early_stopping = kw["early_stopping"]
+    if early_stopping not in (True, False, "never") or isinstance(early_stopping, (int, float)) and not isinstance(early_stopping, bool):
+        _fail("early_stopping", early_stopping, 'expected True, False or "never"')
+    length_penalty = _float(kw, "length_penalty")
+    if length_penalty is None:
+        _fail("length_penalty", None, "expected a number")
+    beam_search = num_beams > 1 if beam_search is None else beam_search
+
+    sampling = {}
+    if do_sample:
+        sampling["temperature"] = _float(kw, "temperature", 0.0)
+        top_k = _int(kw, "top_k", 0)
+        sampling["top_k"] = HF_TOP_K if top_k is None else top_k
+        sampling["top_p"] = _float(kw, "top_p", 0.0, 1.0)
+        sampling["min_p"] = _float(kw, "min_p", 0.0, 1.0, low_open=False)
+        sampling["typical_p"] = _float(kw, "typical_p", 0.0, 1.0)
+        sampling["epsilon_cutoff"] = _float(kw, "epsilon_cutoff", 0.0, 1.0, high_open=True)
+        sampling["eta_cutoff"] = _float(kw, "eta_cutoff", 0.0, 1.0, high_open=True)
+        key = kw["key"]
+        if key is None:
+            raise ValueError("sampling needs an explicit PRNG key: pass key=jax.random.key(seed)")
+    else:
+        given = [n for n in SAMPLING_ONLY if kw[n] is not None]
+        if given:
+            raise ValueError(
+                f"{', '.join(given)} only apply when sampling; pass do_sample=True (or use jaxgen.sample)"
+            )
+        key = None
+
+    # --- processors -------------------------------------------------------------------------
+    rep = _float(kw, "repetition_penalty", 0.0)
+    ngram = _int(kw, "no_repeat_ngram_size", 0)
+    bad_words = kw["bad_words_ids"]
+    if bad_words is not None:
+        if (not isinstance(bad_words, (list, tuple)) or not bad_words
+                or not all(isinstance(w, (list, tuple)) and w for w in bad_words)):
+            _fail("bad_words_ids", bad_words, "expected a non-empty list of non-empty lists of token ids")
+        bad_words = tuple(_token_ids("bad_words_ids", list(w), vocab) for w in bad_words)
+    sequence_bias = kw["sequence_bias"]
+    if sequence_bias is not None:
+        if isinstance(sequence_bias, (list, tuple)):
+            try:
+                sequence_bias = {tuple(s): b for s, b in sequence_bias}
+            except (TypeError, ValueError):
+                _fail("sequence_bias", kw["sequence_bias"], "expected {tuple_of_ids: bias} or [[ids, bias], ...]")
+        if not isinstance(sequence_bias, dict) or not sequence_bias:
+            _fail("sequence_bias", kw["sequence_bias"], "expected a non-empty {tuple_of_ids: float bias}")
+        sequence_bias = {_token_ids("sequence_bias", list(s), vocab): float(b) for s, b in sequence_bias.items()}
+    suppress = None if kw["suppress_tokens"] is None else _token_ids("suppress_tokens", kw["suppress_tokens"], vocab)
+    begin_suppress = (None if kw["begin_suppress_tokens"] is None
+                      else _token_ids("begin_suppress_tokens", kw["begin_suppress_tokens"], vocab))
+    forced_bos = None if kw["forced_bos_token_id"] is None else _token_ids("forced_bos_token_id", kw["forced_bos_token_id"], vocab)[0]
+    forced_eos = None if kw["forced_eos_token_id"] is None else _token_ids("forced_eos_token_id", kw["forced_eos_token_id"], vocab)
+    decay = kw["exponential_decay_length_penalty"]
+    if decay is not None:
+        if (not isinstance(decay, (tuple, list)) or len(decay) != 2 or not isinstance(decay[0], (int, np.integer))
+                or not isinstance(decay[1], (int, float)) or decay[1] <= 0):
+            _fail("exponential_decay_length_penalty", decay, "expected (start_index: int, decay_factor: float > 0)")
+        if not eos_ids:
+            _fail("exponential_decay_length_penalty", decay, "needs eos_token_id")
+        decay = (int(decay[0]), float(decay[1]))
+    user_procs = kw["logits_processor"] or ()
+    if not isinstance(user_procs, (list, tuple)) or not all(callable(p) for p in user_procs):
+        _fail("logits_processor", user_procs, "expected a list of callables fn(scores, ctx) -> scores")
+    for name in ("renormalize_logits", "remove_invalid_values", "output_scores", "output_logits"):
+        _bool(kw, name)
+    if kw["return_dict_in_generate"] is not True:
+        _fail("return_dict_in_generate", kw["return_dict_in_generate"],
+              "jaxgen always returns the output object; use out.sequences")
+
+    always_banned = set(suppress or ()) | {w[0] for w in bad_words or () if len(w) == 1 and w[0] not in eos_ids}
+    if len(always_banned) >= vocab:
+        raise ValueError("suppress_tokens / bad_words_ids ban every token of the vocabulary; nothing can be generated")
+
+    bucket = kw["prompt_bucket"]
+    if bucket is not None and (isinstance(bucket, bool) or not isinstance(bucket, int) or bucket < 1):
+        _fail("prompt_bucket", bucket, "expected None or an int >= 1 (prompts are left-padded to a multiple of it)")
+    bucket_len = prompt_len if not bucket else -(-prompt_len // bucket) * bucket
+
+    processors = build_processors(
+        prompt_len=prompt_len, max_length=prompt_len + max_new_tokens, eos_token_ids=eos_ids,
+        num_beams=num_beams, do_sample=do_sample, repetition_penalty=rep, no_repeat_ngram_size=ngram,
+        bad_words_ids=bad_words, sequence_bias=sequence_bias, min_length=min_length,
+        min_new_tokens=min_new_tokens, forced_bos_token_id=forced_bos, forced_eos_token_id=forced_eos,
+        remove_invalid_values=kw["remove_invalid_values"], exponential_decay_length_penalty=decay,
+        suppress_tokens=suppress, begin_suppress_tokens=begin_suppress,
+        logits_processor=tuple(UserProcessor(p) for p in user_procs),
+        renormalize_logits=kw["renormalize_logits"], **sampling,
+    )
+    spec = DecodeSpec(
+        prompt_len=prompt_len, bucket_len=bucket_len, max_new_tokens=max_new_tokens,
+        eos_token_ids=eos_ids, pad_token_id=pad, do_sample=do_sample, num_beams=num_beams,
+        beam_search=beam_search, num_return_sequences=nrs, early_stopping=early_stopping,
+        output_scores=kw["output_scores"], output_logits=kw["output_logits"],
+    )
+    ids, mask = _left_pad(ids, mask, bucket_len, pad if pad is not None else 0)
+    return Request(spec, ids, mask, processors, key, jnp.float32(length_penalty))
+
+
+def _left_pad(ids, mask, length: int, pad: int):
+    """Left-pads ``[batch, L]`` to ``[batch, length]`` (numpy on the host, jnp for tracers)."""
+    xp = np if _is_concrete(ids) and _is_concrete(mask) else jnp
+    width = length - ids.shape[1]
+    ids = xp.pad(xp.asarray(ids).astype(xp.int32), ((0, 0), (width, 0)), constant_values=pad)
+    mask = xp.pad(xp.asarray(mask).astype(xp.int32), ((0, 0), (width, 0)), constant_values=0)
+    return ids, mask
+
+
+class UserProcessor:
+    """Wraps a user's ``fn(scores, ctx) -> scores`` as a static (hashable) pipeline entry."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, scores, ctx):
+        return self.fn(scores, ctx)
+
+    def __hash__(self):
+        return hash(self.fn)
+
+    def __eq__(self, other):
+        return isinstance(other, UserProcessor) and other.fn == self.fn
+
+
+jax.tree_util.register_static(UserProcessor)

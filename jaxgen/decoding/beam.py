@@ -1,0 +1,186 @@
+"""Beam search (and beam sampling) as transformers 5.x's vectorised ``_beam_search``.
+
+Beams are laid out ``[batch, num_beams, ...]``. Each step:
+
+1. log-softmax, processors, add the running beam scores -> ``[batch, num_beams * V]``;
+2. keep the top ``beams_to_keep = max(2, 1 + n_eos) * num_beams`` candidates (or sample them
+   without replacement, by the Gumbel top-k trick, for beam sampling);
+3. the best ``num_beams`` candidates that did not hit EOS / max length continue running;
+4. candidates among the top ``num_beams`` that hit EOS / max length are scored
+   ``sum_logprobs / generated_len ** length_penalty`` and merged into the finished beams
+   (unless the row can no longer improve, or is full with ``early_stopping=True``);
+5. the KV cache rows are gathered along the beam axis; the early-stop heuristic is updated.
+
+Every constant (-1e9 fillers, the order of float operations) is transformers', so that the same
+candidates win, including among near-ties.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxgen.decoding import engine
+from jaxgen.decoding.engine import DecodeSpec
+from jaxgen.models.gpt2 import GPT2, KVCache
+from jaxgen.outputs import GenerateOutput
+
+BIG = -1.0e9
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class BeamState:
+    """Loop carry. ``S = P + N`` buffer columns.
+
+    running_sequences: int32[batch, beams, S]; running_scores: float32[batch, beams] summed
+    log-probs; running_beam_indices: int32[batch, beams, N]; sequences / beam_scores /
+    beam_indices: the finished hypotheses, same shapes; is_sent_finished: bool[batch, beams];
+    improvable: bool[batch, 1] (transformers' ``is_early_stop_heuristic_unsatisfied``);
+    logits: float32[batch * beams, V]; positions: int32[batch * beams].
+    """
+
+    step: jax.Array
+    running_sequences: jax.Array
+    running_scores: jax.Array
+    running_beam_indices: jax.Array
+    sequences: jax.Array
+    beam_scores: jax.Array
+    beam_indices: jax.Array
+    is_sent_finished: jax.Array
+    improvable: jax.Array
+    done: jax.Array
+    logits: jax.Array
+    cache: KVCache
+    positions: jax.Array
+    scores: jax.Array | None
+    raw_logits: jax.Array | None
+
+
+def _gather(x: jax.Array, idx: jax.Array) -> jax.Array:
+    """x: [batch, beams, ...], idx: int[batch, k] -> [batch, k, ...] (transformers' _gather_beams)."""
+    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def _set_column(x: jax.Array, column: jax.Array, values: jax.Array) -> jax.Array:
+    """x[:, :, column] = values for x: [batch, k, S], values: [batch, k]."""
+    return jax.lax.dynamic_update_index_in_dim(x, values, column, axis=2)
+
+
+def _top_candidates(acc: jax.Array, k: int, key, step, do_sample: bool) -> tuple[jax.Array, jax.Array]:
+    """acc: float32[batch, beams * V] -> (log-probs, flat indices) of k candidates, best first."""
+    if not do_sample:
+        return jax.lax.top_k(acc, k)
+    # k draws without replacement from softmax(acc): Gumbel top-k, then sort by log-prob.
+    gumbel = jax.random.gumbel(jax.random.fold_in(key, step), acc.shape, acc.dtype)
+    idx = jax.lax.top_k(acc + gumbel, k)[1]
+    logp = jnp.take_along_axis(acc, idx, -1)
+    order = jnp.argsort(-logp, axis=-1, stable=True)
+    return jnp.take_along_axis(logp, order, -1), jnp.take_along_axis(idx, order, -1)
+
+
+def decode(model: GPT2, input_ids, attention_mask, processors, key, length_penalty, spec: DecodeSpec) -> GenerateOutput:
+    """Beam search over ``input_ids: int32[batch, P]`` (left-padded to the bucket)."""
+    batch, beams, n = input_ids.shape[0], spec.num_beams, spec.max_new_tokens
+    keep = max(2, 1 + len(spec.eos_token_ids)) * beams
+    pre = engine.prefill(model, input_ids, attention_mask, spec, beams)
+    vocab = pre.logits.shape[-1]
+    if spec.eos_token_ids:
+        fill = spec.pad_token_id or spec.eos_token_ids[0]
+    else:
+        fill = -1
+    seqs = engine.initial_sequences(jnp.repeat(input_ids, beams, 0), spec, fill).reshape(batch, beams, -1)
+    no_indices = jnp.full((batch, beams, n), -1, jnp.int32)
+    state = BeamState(
+        step=jnp.zeros((), jnp.int32),
+        running_sequences=seqs,
+        running_scores=jnp.zeros((batch, beams), jnp.float32).at[:, 1:].set(BIG),
+        running_beam_indices=no_indices,
+        sequences=seqs,
+        beam_scores=jnp.full((batch, beams), BIG, jnp.float32),
+        beam_indices=no_indices,
+        is_sent_finished=jnp.zeros((batch, beams), bool),
+        improvable=jnp.ones((batch, 1), bool),
+        done=jnp.zeros((), bool),
+        logits=pre.logits,
+        cache=pre.cache,
+        positions=pre.positions,
+        scores=engine.score_buffer(spec.output_scores, spec, batch * beams, vocab),
+        raw_logits=engine.score_buffer(spec.output_logits, spec, batch * beams, vocab),
+    )
+    top_num_beam_mask = jnp.arange(keep) < beams
+    batch_offset = jnp.arange(batch, dtype=jnp.int32)[:, None] * beams
+
+    def body(s: BeamState) -> BeamState:
+        column = spec.bucket_len + s.step
+        flat_running = s.running_sequences.reshape(batch * beams, -1)
+        log_probs = jax.nn.log_softmax(s.logits, axis=-1)
+        log_probs = engine.process(processors, log_probs, flat_running, s.step, pre.pad_lengths, spec)
+        acc = (log_probs.reshape(batch, beams, vocab) + s.running_scores[:, :, None]).reshape(batch, -1)
+
+        # Top-k continuations over all beams of a row.
+        topk_log_probs, topk_idx = _top_candidates(acc, keep, key, s.step, spec.do_sample)
+        src_beam = (topk_idx // vocab).astype(jnp.int32)
+        tokens = (topk_idx % vocab).astype(jnp.int32)
+        topk_sequences = _set_column(_gather(s.running_sequences, src_beam), column, tokens)
+        topk_beam_indices = _set_column(_gather(s.running_beam_indices, src_beam), s.step, src_beam + batch_offset)
+        hits = engine.is_eos(tokens, spec.eos_token_ids) | (s.step + 1 >= n)  # [batch, keep]
+
+        # Beams that keep running.
+        topk_running_log_probs = topk_log_probs + hits.astype(jnp.float32) * BIG
+        next_idx = jax.lax.top_k(topk_running_log_probs, beams)[1]
+        running_sequences = _gather(topk_sequences, next_idx)
+        running_scores = _gather(topk_running_log_probs, next_idx)
+        running_beam_indices = _gather(topk_beam_indices, next_idx)
+
+        # Beams that finish now, merged with those finished before.
+        did_finish = hits & top_num_beam_mask[None, :]
+        finished_scores = topk_log_probs / ((s.step + 1).astype(jnp.float32) ** length_penalty)
+        full = jnp.all(s.is_sent_finished, axis=-1, keepdims=True) & (spec.early_stopping is True)
+        finished_scores += full.astype(jnp.float32) * BIG
+        finished_scores += (~s.improvable).astype(jnp.float32) * BIG
+        finished_scores += (~did_finish).astype(jnp.float32) * BIG
+        merged_scores = jnp.concatenate([s.beam_scores, finished_scores], axis=1)
+        best = jax.lax.top_k(merged_scores, beams)[1]
+        sequences = _gather(jnp.concatenate([s.sequences, topk_sequences], 1), best)
+        beam_scores = _gather(merged_scores, best)
+        beam_indices = _gather(jnp.concatenate([s.beam_indices, topk_beam_indices], 1), best)
+        is_sent_finished = _gather(jnp.concatenate([s.is_sent_finished, did_finish], 1), best)
+
+        # Reorder the cache to the surviving beams.
+        source_rows = jax.lax.dynamic_index_in_dim(running_beam_indices, s.step, axis=2, keepdims=False)
+        cache = s.cache.map_batch(lambda x: jnp.take(x, source_rows.reshape(-1), axis=0))
+
+        # Early-stop heuristic (transformers' _check_early_stop_heuristic), with cur_len + 1.
+        generated = (s.step + 1).astype(jnp.float32)
+        if spec.early_stopping == "never":
+            generated = jnp.where(length_penalty > 0.0, jnp.float32(n), generated)
+        best_running = running_scores[:, :1] / (generated**length_penalty)
+        worst_finished = jnp.where(is_sent_finished, jnp.min(beam_scores, axis=1, keepdims=True), BIG)
+        improvable = s.improvable & jnp.any(best_running > worst_finished, axis=-1, keepdims=True)
+        exists_open_beam = ~(jnp.all(is_sent_finished) & (spec.early_stopping is True))
+        done = ~(jnp.any(improvable) & exists_open_beam & ~jnp.all(hits))
+
+        next_tokens = jax.lax.dynamic_index_in_dim(running_sequences, column, axis=2, keepdims=False)
+        logits, cache = engine.decode_step(model, next_tokens.reshape(-1), s.positions, pre.kv_mask, cache, column)
+        return BeamState(
+            step=s.step + 1, running_sequences=running_sequences, running_scores=running_scores,
+            running_beam_indices=running_beam_indices, sequences=sequences, beam_scores=beam_scores,
+            beam_indices=beam_indices, is_sent_finished=is_sent_finished, improvable=improvable, done=done,
+            logits=logits, cache=cache, positions=s.positions + 1,
+            scores=engine.record(s.scores, s.step, log_probs), raw_logits=engine.record(s.raw_logits, s.step, s.logits),
+        )
+
+    final = jax.lax.while_loop(lambda s: ~s.done, body, state)
+    r = spec.num_return_sequences
+    return GenerateOutput(
+        sequences=final.sequences[:, :r].reshape(batch * r, -1),
+        num_steps=final.step,
+        scores=final.scores,
+        logits=final.raw_logits,
+        sequences_scores=final.beam_scores[:, :r].reshape(-1),
+        beam_indices=final.beam_indices[:, :r].reshape(batch * r, -1),
+        prompt_len=spec.prompt_len, offset=spec.offset, output_scores=spec.output_scores,
+    )

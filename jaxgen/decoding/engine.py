@@ -1,0 +1,120 @@
+"""The step machinery every decoder shares: prefill, one cached token step, processors, buffers.
+
+Shapes (``rows`` = batch x beams or batch x return sequences, ``P`` = bucketed prompt length,
+``N`` = max_new_tokens, ``V`` = vocab):
+
+- the token buffer ``sequences: int32[rows, P + N]``: prompt in ``[:P]``, step ``i``'s token at
+  column ``P + i``;
+- the KV cache: ``P + N`` slots per row, slot ``j`` holding the token of buffer column ``j``;
+- ``kv_mask: bool[rows, P + N]``: prompt mask, then ones (transformers keeps attending to
+  generated tokens, pads of finished rows included);
+- position ids continue from the prompt's last real position, one per generated token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxgen.models.gpt2 import GPT2, KVCache, forward, lm_head, positions_from_mask
+from jaxgen.processors import ProcessorContext, apply
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSpec:
+    """Everything static about one decode: shapes and strategy flags (part of the jit key)."""
+
+    prompt_len: int  # L: prompt length as passed (transformers' input_ids.shape[1])
+    bucket_len: int  # P >= L: prompt length after left-padding to the bucket
+    max_new_tokens: int  # N
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int | None
+    do_sample: bool = False
+    num_beams: int = 1
+    beam_search: bool = False
+    num_return_sequences: int = 1
+    early_stopping: bool | str = False
+    output_scores: bool = False
+    output_logits: bool = False
+
+    @property
+    def offset(self) -> int:
+        """Bucket-padding columns before the prompt as passed."""
+        return self.bucket_len - self.prompt_len
+
+    @property
+    def total_len(self) -> int:
+        return self.bucket_len + self.max_new_tokens
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Prefilled:
+    """The prompt after one forward pass, expanded to ``rows = batch * expand``.
+
+    logits: float32[rows, V] for the first generated token; cache: the filled KV cache;
+    kv_mask: bool[rows, P + N]; positions: int32[rows], position id of the next token;
+    pad_lengths: int32[rows], left padding of each prompt as passed.
+    """
+
+    logits: jax.Array
+    cache: KVCache
+    kv_mask: jax.Array
+    positions: jax.Array
+    pad_lengths: jax.Array
+
+
+def prefill(model: GPT2, input_ids: jax.Array, attention_mask: jax.Array, spec: DecodeSpec, expand: int) -> Prefilled:
+    """One forward over ``input_ids: int32[batch, P]``; every row then repeated ``expand`` times
+    (consecutive copies, as transformers' ``repeat_interleave``)."""
+    batch = input_ids.shape[0]
+    mask = attention_mask.astype(bool)
+    kv_mask = jnp.concatenate([mask, jnp.ones((batch, spec.max_new_tokens), bool)], axis=1)
+    positions = positions_from_mask(attention_mask)
+    cache = model.init_cache(batch, spec.total_len)
+    hidden, cache = forward(model, input_ids, positions, kv_mask, cache, 0)
+    logits = lm_head(model, hidden[:, -1])
+    pad_lengths = spec.prompt_len - attention_mask[:, spec.offset:].sum(-1).astype(jnp.int32)
+    out = Prefilled(logits, cache, kv_mask, positions[:, -1] + 1, pad_lengths)
+    return jax.tree.map(lambda x: jnp.repeat(x, expand, axis=0), out) if expand > 1 else out
+
+
+def decode_step(model: GPT2, tokens: jax.Array, positions: jax.Array, kv_mask: jax.Array, cache: KVCache,
+                slot: jax.Array) -> tuple[jax.Array, KVCache]:
+    """Feeds ``tokens: int32[rows]`` at cache slot ``slot``; returns float32[rows, V] logits."""
+    hidden, cache = forward(model, tokens[:, None], positions[:, None], kv_mask, cache, slot)
+    return lm_head(model, hidden[:, 0]), cache
+
+
+def context(sequences: jax.Array, step: jax.Array, pad_lengths: jax.Array, spec: DecodeSpec) -> ProcessorContext:
+    """The processor view of the buffer before token ``step`` is chosen."""
+    return ProcessorContext(sequences, spec.prompt_len + step, pad_lengths, spec.offset)
+
+
+def process(processors, scores: jax.Array, sequences, step, pad_lengths, spec: DecodeSpec) -> jax.Array:
+    return apply(processors, scores, context(sequences, step, pad_lengths, spec))
+
+
+def score_buffer(enabled: bool, spec: DecodeSpec, rows: int, vocab: int) -> jax.Array | None:
+    """float32[N, rows, V] zeros, or None when not requested (no allocation at all)."""
+    return jnp.zeros((spec.max_new_tokens, rows, vocab), jnp.float32) if enabled else None
+
+
+def record(buffer: jax.Array | None, step: jax.Array, value: jax.Array) -> jax.Array | None:
+    return None if buffer is None else jax.lax.dynamic_update_index_in_dim(buffer, value, step, 0)
+
+
+def is_eos(tokens: jax.Array, eos_token_ids: tuple[int, ...]) -> jax.Array:
+    """bool[...]: token is one of the EOS ids (all False without EOS)."""
+    if not eos_token_ids:
+        return jnp.zeros(tokens.shape, bool)
+    return jnp.isin(tokens, jnp.asarray(eos_token_ids, tokens.dtype))
+
+
+def initial_sequences(input_ids: jax.Array, spec: DecodeSpec, fill: int) -> jax.Array:
+    """int32[rows, P + N]: the prompt followed by ``fill``."""
+    rows = input_ids.shape[0]
+    tail = jnp.full((rows, spec.max_new_tokens), fill, jnp.int32)
+    return jnp.concatenate([input_ids.astype(jnp.int32), tail], axis=1)

@@ -1,0 +1,87 @@
+"""Greedy search and multinomial sampling: one token per row per step (transformers' ``_sample``).
+
+The two differ only in how a token is picked from the processed scores (``argmax`` or a draw
+from their softmax), so they share this one ``lax.while_loop``. Rows that produced an EOS keep
+emitting ``pad_token_id``; the loop stops when every row is done or after ``max_new_tokens``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxgen.decoding import engine
+from jaxgen.decoding.engine import DecodeSpec
+from jaxgen.models.gpt2 import GPT2, KVCache
+from jaxgen.outputs import GenerateOutput
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TokenState:
+    """Loop carry. ``rows`` = batch x num_return_sequences.
+
+    step: int32[] tokens generated so far; sequences: int32[rows, P + N];
+    logits: float32[rows, V] raw logits for token ``step``; cache; positions: int32[rows];
+    unfinished: bool[rows]; done: bool[]; scores / raw_logits: float32[N, rows, V] or None.
+    """
+
+    step: jax.Array
+    sequences: jax.Array
+    logits: jax.Array
+    cache: KVCache
+    positions: jax.Array
+    unfinished: jax.Array
+    done: jax.Array
+    scores: jax.Array | None
+    raw_logits: jax.Array | None
+
+
+def select_token(scores: jax.Array, key: jax.Array | None, step: jax.Array, do_sample: bool) -> jax.Array:
+    """int32[rows]: argmax, or one draw per row from ``softmax(scores)`` (key folded with step)."""
+    if not do_sample:
+        return jnp.argmax(scores, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(jax.random.fold_in(key, step), scores, axis=-1).astype(jnp.int32)
+
+
+def decode(model: GPT2, input_ids, attention_mask, processors, key, spec: DecodeSpec) -> GenerateOutput:
+    """Greedy / sampling decode of ``input_ids: int32[batch, P]`` (left-padded to the bucket)."""
+    pre = engine.prefill(model, input_ids, attention_mask, spec, spec.num_return_sequences)
+    rows, vocab = pre.logits.shape
+    state = TokenState(
+        step=jnp.zeros((), jnp.int32),
+        sequences=engine.initial_sequences(jnp.repeat(input_ids, spec.num_return_sequences, 0), spec,
+                                           spec.pad_token_id if spec.pad_token_id is not None else 0),
+        logits=pre.logits,
+        cache=pre.cache,
+        positions=pre.positions,
+        unfinished=jnp.ones((rows,), bool),
+        done=jnp.zeros((), bool),
+        scores=engine.score_buffer(spec.output_scores, spec, rows, vocab),
+        raw_logits=engine.score_buffer(spec.output_logits, spec, rows, vocab),
+    )
+
+    def body(s: TokenState) -> TokenState:
+        scores = engine.process(processors, s.logits, s.sequences, s.step, pre.pad_lengths, spec)
+        tokens = select_token(scores, key, s.step, spec.do_sample)
+        if spec.eos_token_ids:
+            tokens = jnp.where(s.unfinished, tokens, spec.pad_token_id)
+        column = spec.bucket_len + s.step
+        sequences = jax.lax.dynamic_update_index_in_dim(s.sequences, tokens, column, 1)
+        unfinished = s.unfinished & ~engine.is_eos(tokens, spec.eos_token_ids)
+        done = ~jnp.any(unfinished) | (s.step + 1 >= spec.max_new_tokens)
+        logits, cache = engine.decode_step(model, tokens, s.positions, pre.kv_mask, s.cache, column)
+        return TokenState(
+            step=s.step + 1, sequences=sequences, logits=logits, cache=cache, positions=s.positions + 1,
+            unfinished=unfinished, done=done,
+            scores=engine.record(s.scores, s.step, scores), raw_logits=engine.record(s.raw_logits, s.step, s.logits),
+        )
+
+    final = jax.lax.while_loop(lambda s: ~s.done, body, state)
+    return GenerateOutput(
+        sequences=final.sequences, num_steps=final.step, scores=final.scores, logits=final.raw_logits,
+        sequences_scores=None, beam_indices=None,
+        prompt_len=spec.prompt_len, offset=spec.offset, output_scores=spec.output_scores,
+    )

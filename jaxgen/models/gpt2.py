@@ -1,0 +1,272 @@
+"""GPT-2 in JAX: embeddings, pre-norm blocks, final norm, tied LM head, explicit KV cache.
+
+The whole network is a handful of pure functions over a params pytree::
+
+    params = {
+        "wte": [vocab, d], "wpe": [n_positions, d],
+        "h": [ {"ln_1": {"scale", "bias"}, "attn": {"c_attn": {"kernel": [d, 3d], "bias"},
+                                                     "c_proj": {"kernel": [d, d], "bias"}},
+                "ln_2": {...}, "mlp": {"c_fc": {"kernel": [d, inner], ...},
+                                       "c_proj": {"kernel": [inner, d], ...}}} ] * n_layer,
+        "ln_f": {"scale", "bias"},
+        "lm_head": [vocab, d]          # only when the checkpoint does not tie it to wte
+    }
+
+Kernels keep Hugging Face's Conv1D layout ``[in, out]``. The model object `GPT2` is a
+``flax.struct`` dataclass: params are pytree leaves, the config is static, so a model can be
+passed through ``jax.jit``, ``device_put`` with a sharding or ``jax.tree.map``.
+
+Numerics follow ``transformers.GPT2LMHeadModel``: LayerNorm and softmax run in float32 whatever
+the params dtype, masked attention scores take float32's minimum (not -inf), and logits are
+returned in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+ACTIVATIONS = {
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+    """The GPT2Config fields that change numbers, plus the compute dtype. Hashable (static)."""
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None
+    activation_function: str = "gelu_new"
+    layer_norm_epsilon: float = 1e-5
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+    reorder_and_upcast_attn: bool = False
+    tie_word_embeddings: bool = True
+    bos_token_id: int | None = 50256
+    eos_token_id: int | None = 50256
+    dtype: str = "float32"
+
+    @property
+    def inner_dim(self) -> int:
+        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def attention_scale(self, layer_idx: int) -> float:
+        """The factor applied to ``q @ k^T`` in layer ``layer_idx`` (as GPT2Attention.scaling)."""
+        scale = self.head_dim**-0.5 if self.scale_attn_weights else 1.0
+        if self.scale_attn_by_inverse_layer_idx:
+            scale /= float(layer_idx + 1)
+        return scale
+
+
+@struct.dataclass
+class KVCache:
+    """Keys and values of every layer, one array each: ``dtype[batch, n_head, max_len, head_dim]``.
+
+    Separate arrays per layer (no stacking) so that a decode step updates each in place with
+    ``lax.dynamic_update_slice``.
+    """
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+
+    @property
+    def max_len(self) -> int:
+        return self.keys[0].shape[2]
+
+    def map_batch(self, fn) -> "KVCache":
+        """Applies ``fn`` to every cache array (e.g. a gather along the batch axis for beams)."""
+        return KVCache(tuple(fn(k) for k in self.keys), tuple(fn(v) for v in self.values))
+
+
+@struct.dataclass
+class GPT2:
+    """A GPT-2 language model: ``params`` (pytree leaves) and ``config`` (static)."""
+
+    params: Any
+    config: GPT2Config = struct.field(pytree_node=False)
+
+    @property
+    def dtype(self):
+        return DTYPES[self.config.dtype]
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None) -> jax.Array:
+        """Full forward without cache: float32 logits ``[batch, seq, vocab]``.
+
+        ``input_ids``: int[batch, seq]; ``attention_mask``: {0,1}[batch, seq] (default all ones);
+        ``position_ids``: int[batch, seq], derived from the mask as generation does when omitted
+        (``cumsum(mask) - 1``), so a left-padded batch gives the logits generation sees.
+        """
+        input_ids = jnp.asarray(input_ids)
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        attention_mask = jnp.asarray(attention_mask)
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask)
+        return _jitted_logits(self, input_ids, attention_mask, jnp.asarray(position_ids))
+
+    def init_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """An empty cache: ``batch_size`` rows of ``max_len`` slots in every layer."""
+        c = self.config
+        shape = (batch_size, c.n_head, max_len, c.head_dim)
+        zeros = tuple(jnp.zeros(shape, self.dtype) for _ in range(c.n_layer))
+        return KVCache(zeros, tuple(jnp.zeros(shape, self.dtype) for _ in range(c.n_layer)))
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """Position ids of a left-padded batch: ``cumsum(mask) - 1``, padded slots set to 0.
+
+    As ``GenerationMixin._prepare_position_ids_for_generation`` in transformers 5.x. The value at
+    padded slots never reaches a real token (padded keys are masked out).
+    """
+    mask = attention_mask.astype(jnp.int32)
+    return jnp.where(mask == 0, 0, jnp.cumsum(mask, axis=-1) - 1)
+
+
+def _layer_norm(p, x, eps):
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    return (y * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)).astype(x.dtype)
+
+
+def _dense(p, x):
+    return x @ p["kernel"] + p["bias"]
+
+
+def _attention(config, layer_idx, q, k, v, mask):
+    """q: [b, h, s, hd]; k, v: [b, h, t, hd]; mask: bool[b, 1 or h, s, t] -> [b, s, h*hd]."""
+    scale = config.attention_scale(layer_idx)
+    if config.reorder_and_upcast_attn:  # scale before the matmul, in float32
+        scores = jnp.einsum("bhsd,bhtd->bhst", q.astype(jnp.float32) * scale, k.astype(jnp.float32))
+    else:
+        scores = jnp.einsum("bhsd,bhtd->bhst", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhst,bhtd->bshd", weights, v)
+    return out.reshape(out.shape[0], out.shape[1], -1)
+
+
+def _split_heads(x, n_head):
+    """[b, s, d] -> [b, h, s, d / h]."""
+    b, s, d = x.shape
+    return x.reshape(b, s, n_head, d // n_head).transpose(0, 2, 1, 3)
+
+
+def forward(
+    model: GPT2,
+    input_ids: jax.Array,
+    position_ids: jax.Array,
+    kv_mask: jax.Array,
+    cache: KVCache | None = None,
+    cache_index: jax.Array | int = 0,
+) -> tuple[jax.Array, KVCache | None]:
+    """Runs the blocks over a chunk of tokens; returns the final hidden states and the cache.
+
+    Args:
+      input_ids: int[batch, seq], the chunk.
+      position_ids: int[batch, seq].
+      kv_mask: bool[batch, kv_len]: which key slots hold real tokens. Without a cache
+        ``kv_len == seq``; with one ``kv_len == cache.max_len`` and slots past the chunk are
+        ignored by the causal mask anyway.
+      cache: if given, the chunk's keys/values are written at slots
+        ``[cache_index, cache_index + seq)`` and the queries read the whole cache.
+      cache_index: int scalar (may be traced), first slot of the chunk.
+
+    Returns:
+      hidden: dtype[batch, seq, n_embd] after the final LayerNorm; the updated cache (or None).
+    """
+    c, p = model.config, model.params
+    dtype = model.dtype
+    seq = input_ids.shape[1]
+    x = (p["wte"][input_ids] + p["wpe"][position_ids]).astype(dtype)
+
+    kv_len = seq if cache is None else cache.max_len
+    query_slot = cache_index + jnp.arange(seq)
+    causal = jnp.arange(kv_len)[None, :] <= query_slot[:, None]  # [seq, kv_len]
+    mask = causal[None, None] & kv_mask.astype(bool)[:, None, None, :]
+
+    new_keys, new_values = [], []
+    for i, block in enumerate(p["h"]):
+        h = _layer_norm(block["ln_1"], x, c.layer_norm_epsilon)
+        q, k, v = jnp.split(_dense(block["attn"]["c_attn"], h), 3, axis=-1)
+        q, k, v = (_split_heads(t, c.n_head) for t in (q, k, v))
+        if cache is not None:
+            start = (0, 0, cache_index, 0)
+            k = jax.lax.dynamic_update_slice(cache.keys[i], k.astype(dtype), start)
+            v = jax.lax.dynamic_update_slice(cache.values[i], v.astype(dtype), start)
+            new_keys.append(k)
+            new_values.append(v)
+        x = x + _dense(block["attn"]["c_proj"], _attention(c, i, q, k, v, mask))
+        h = _layer_norm(block["ln_2"], x, c.layer_norm_epsilon)
+        act = ACTIVATIONS[c.activation_function]
+        x = x + _dense(block["mlp"]["c_proj"], act(_dense(block["mlp"]["c_fc"], h)))
+    x = _layer_norm(p["ln_f"], x, c.layer_norm_epsilon)
+    new_cache = None if cache is None else KVCache(tuple(new_keys), tuple(new_values))
+    return x, new_cache
+
+
+def lm_head(model: GPT2, hidden: jax.Array) -> jax.Array:
+    """dtype[..., n_embd] -> float32 logits [..., vocab] (tied to ``wte`` unless untied)."""
+    w = model.params.get("lm_head", model.params["wte"])
+    return jnp.einsum("...d,vd->...v", hidden, w, preferred_element_type=jnp.float32)
+
+
+@jax.jit
+def _jitted_logits(model, input_ids, attention_mask, position_ids):
+    hidden, _ = forward(model, input_ids, position_ids, attention_mask)
+    return lm_head(model, hidden)
+
+
+def expected_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
+    """Flat ``{"h.0.attn.c_attn.kernel": shape, ...}`` of every parameter ``config`` implies."""
+    d, inner, v = config.n_embd, config.inner_dim, config.vocab_size
+    shapes = {"wte": (v, d), "wpe": (config.n_positions, d), "ln_f.scale": (d,), "ln_f.bias": (d,)}
+    for i in range(config.n_layer):
+        for name, shape in {
+            "ln_1.scale": (d,), "ln_1.bias": (d,), "ln_2.scale": (d,), "ln_2.bias": (d,),
+            "attn.c_attn.kernel": (d, 3 * d), "attn.c_attn.bias": (3 * d,),
+            "attn.c_proj.kernel": (d, d), "attn.c_proj.bias": (d,),
+            "mlp.c_fc.kernel": (d, inner), "mlp.c_fc.bias": (inner,),
+            "mlp.c_proj.kernel": (inner, d), "mlp.c_proj.bias": (d,),
+        }.items():
+            shapes[f"h.{i}.{name}"] = shape
+    if not config.tie_word_embeddings:
+        shapes["lm_head"] = (v, d)
+    return shapes
+
+
+def unflatten_params(flat: dict[str, Any], n_layer: int) -> dict[str, Any]:
+    """``{"h.0.attn.c_attn.kernel": x, ...}`` -> the nested params pytree of this module."""
+    params: dict[str, Any] = {"h": [{} for _ in range(n_layer)]}
+    for key, value in flat.items():
+        parts = key.split(".")
+        node = params["h"][int(parts[1])] if parts[0] == "h" else params
+        for part in (parts[2:-1] if parts[0] == "h" else parts[:-1]):
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return params
+

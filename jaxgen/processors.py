@@ -1,0 +1,437 @@
+"""Logits processors and warpers of transformers, as pure JAX functions over static shapes.
+
+Each processor is a ``flax.struct`` dataclass: ids and sizes are static fields, float knobs are
+pytree leaves (so a new temperature does not recompile). It is called as
+``processor(scores, ctx) -> scores`` with ``scores: float32[rows, vocab]`` and a
+`ProcessorContext` describing the history, and reproduces the transformers processor of the same
+name on the ``input_ids`` transformers would hold at that step.
+
+The history lives in the decoder's static buffer ``sequences: int32[rows, total_len]``; column
+``c`` holds input_ids position ``c - ctx.offset`` (``offset`` columns of bucket padding come first),
+and only columns ``< ctx.end`` are written. Processors that read history look at exactly the
+columns transformers sees: never the bucket padding nor unwritten slots.
+
+`build_processors` composes the list in the order of ``GenerationMixin._get_logits_processor``.
+A user processor is any callable ``fn(scores, ctx) -> scores`` built from jax ops; pass it as
+``logits_processor=[fn]`` to a decoder (it runs after the built-in processors and before the
+sampling warpers, as in transformers). It must be hashable: it is part of the compiled program.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+NEG_INF = -jnp.inf
+
+
+@struct.dataclass
+class ProcessorContext:
+    """What a processor may look at.
+
+    sequences: int32[rows, total_len], the static token buffer.
+    cur_len: int32 scalar, ``input_ids.shape[-1]`` in transformers at this step
+      (prompt length as passed + tokens generated so far).
+    pad_lengths: int32[rows], left padding of each row's prompt as passed.
+    offset: static, bucket-padding columns before the prompt as passed.
+    """
+
+    sequences: jax.Array
+    cur_len: jax.Array
+    pad_lengths: jax.Array
+    offset: int = struct.field(pytree_node=False)
+
+    @property
+    def end(self) -> jax.Array:
+        """First unwritten column of ``sequences``."""
+        return self.offset + self.cur_len
+
+    def history_mask(self) -> jax.Array:
+        """bool[rows, total_len]: columns that are part of transformers' input_ids."""
+        col = jnp.arange(self.sequences.shape[1])
+        return ((col >= self.offset) & (col < self.end))[None, :].repeat(self.sequences.shape[0], 0)
+
+
+def _vocab_mask(vocab: int, ids: Sequence[int]) -> jax.Array:
+    return jnp.zeros((vocab,), bool).at[jnp.asarray(ids, jnp.int32)].set(True)
+
+
+def _kth_largest(scores: jax.Array, k: int) -> jax.Array:
+    return jax.lax.top_k(scores, k)[0][..., -1:]
+
+
+# --- processors (greedy, beam and sampling) --------------------------------------------------
+
+
+@struct.dataclass
+class MinLength:
+    """EOS impossible while ``cur_len < min_length`` (prompt included)."""
+
+    min_length: int = struct.field(pytree_node=False)
+    eos_token_ids: tuple[int, ...] = struct.field(pytree_node=False)
+
+    def __call__(self, scores, ctx):
+        ban = _vocab_mask(scores.shape[-1], self.eos_token_ids) & (ctx.cur_len < self.min_length)
+        return jnp.where(ban, NEG_INF, scores)
+
+
+@struct.dataclass
+class MinNewTokens:
+    """EOS impossible until ``min_new_tokens`` tokens were generated."""
+
+    prompt_len: int = struct.field(pytree_node=False)
+    min_new_tokens: int = struct.field(pytree_node=False)
+    eos_token_ids: tuple[int, ...] = struct.field(pytree_node=False)
+
+    def __call__(self, scores, ctx):
+        ban = _vocab_mask(scores.shape[-1], self.eos_token_ids) & (
+            ctx.cur_len - self.prompt_len < self.min_new_tokens
+        )
+        return jnp.where(ban, NEG_INF, scores)
+
+
+@struct.dataclass
+class RepetitionPenalty:
+    """Divides positive / multiplies negative scores of tokens seen in the row (not its left padding)."""
+
+    penalty: jax.Array
+
+    def __call__(self, scores, ctx):
+        rows, vocab = scores.shape
+        col = jnp.arange(ctx.sequences.shape[1])
+        seen = ctx.history_mask() & (col[None, :] - ctx.offset >= ctx.pad_lengths[:, None])
+        tokens = jnp.where(seen, ctx.sequences, vocab)
+        mask = jnp.zeros((rows, vocab + 1), bool).at[jnp.arange(rows)[:, None], tokens].set(True)[:, :vocab]
+        penalized = jnp.where(scores < 0, scores * self.penalty, scores / self.penalty)
+        return jnp.where(mask, penalized, scores)
+
+
+@struct.dataclass
+class NoRepeatNGram:
+    """Bans tokens that would repeat an n-gram of the row's history (left padding included, as HF)."""
+
+    ngram_size: int = struct.field(pytree_node=False)
+
+    def __call__(self, scores, ctx):
+        n = self.ngram_size
+        rows, vocab = scores.shape
+        seq = ctx.sequences
+        total = seq.shape[1]
+        if total < n:
+            return scores
+        windows = jnp.stack([seq[:, j:total - n + 1 + j] for j in range(n)], axis=-1)  # [rows, W, n]
+        start = jnp.arange(total - n + 1)
+        valid = (start >= ctx.offset) & (start + n <= ctx.end)
+        prefix_start = jnp.maximum(ctx.end - (n - 1), 0)
+        prefix = jax.lax.dynamic_slice_in_dim(seq, prefix_start, n - 1, axis=1)  # [rows, n-1]
+        matches = (windows[..., :-1] == prefix[:, None, :]).all(-1) & valid[None, :]
+        matches &= ctx.cur_len >= n
+        banned_tokens = jnp.where(matches, windows[..., -1], vocab)
+        banned = jnp.zeros((rows, vocab + 1), bool).at[jnp.arange(rows)[:, None], banned_tokens].set(True)
+        return jnp.where(banned[:, :vocab], NEG_INF, scores)
+
+
+@struct.dataclass
+class SequenceBias:
+    """Adds a bias to the last token of each sequence whose prefix ends the row (``bad_words_ids``
+    is this with bias -inf)."""
+
+    sequences: tuple[tuple[int, ...], ...] = struct.field(pytree_node=False)
+    biases: jax.Array  # float32[len(sequences)]
+
+    def __call__(self, scores, ctx):
+        bias = jnp.zeros_like(scores)
+        for i, seq in enumerate(self.sequences):
+            prefix = jnp.asarray(seq[:-1], jnp.int32)
+            if len(seq) == 1:
+                hit = jnp.ones((scores.shape[0],), bool)
+            else:
+                tail = jax.lax.dynamic_slice_in_dim(
+                    ctx.sequences, jnp.maximum(ctx.end - len(prefix), 0), len(prefix), axis=1
+                )
+                hit = (tail == prefix).all(-1) & (ctx.cur_len >= len(prefix))
+            bias = bias.at[:, seq[-1]].add(jnp.where(hit, self.biases[i], 0.0))
+        return scores + bias
+
+
+@struct.dataclass
+class ForcedBOS:
+    """Forces ``bos_token_id`` when ``cur_len == 1``."""
+
+    bos_token_id: int = struct.field(pytree_node=False)
+
+    def __call__(self, scores, ctx):
+        forced = jnp.full_like(scores, NEG_INF).at[:, self.bos_token_id].set(0.0)
+        return jnp.where(ctx.cur_len == 1, forced, scores)
+
+
+@struct.dataclass
+class ForcedEOS:
+    """Forces an EOS token at the last step (``cur_len == max_length - 1``)."""
+
+    max_length: int = struct.field(pytree_node=False)
+    eos_token_ids: tuple[int, ...] = struct.field(pytree_node=False)
+
+    def __call__(self, scores, ctx):
+        forced = jnp.full_like(scores, NEG_INF).at[:, jnp.asarray(self.eos_token_ids)].set(0.0)
+        return jnp.where(ctx.cur_len == self.max_length - 1, forced, scores)
+
+
+@struct.dataclass
+class RemoveInvalidValues:
+    """NaN -> 0, +-inf -> the dtype's max / min."""
+
+    def __call__(self, scores, ctx):
+        info = jnp.finfo(scores.dtype)
+        scores = jnp.where(jnp.isnan(scores), 0.0, scores)
+        return jnp.clip(scores, info.min, info.max)
+
+
+@struct.dataclass
+class ExponentialDecayLengthPenalty:
+    """Raises EOS scores exponentially once ``cur_len > start + prompt_len``."""
+
+    regulation_start: int = struct.field(pytree_node=False)
+    eos_token_ids: tuple[int, ...] = struct.field(pytree_node=False)
+    factor: jax.Array
+
+    def __call__(self, scores, ctx):
+        eos = jnp.asarray(self.eos_token_ids)
+        idx = ctx.cur_len - self.regulation_start
+        eos_scores = scores[:, eos]
+        penalty = jnp.abs(eos_scores) * (jnp.power(self.factor, idx.astype(jnp.float32)) - 1)
+        penalty = jnp.where(jnp.isfinite(eos_scores) & (idx > 0), penalty, 0.0)
+        return scores.at[:, eos].add(penalty)
+
+
+@struct.dataclass
+class SuppressTokens:
+    """Tokens that can never be generated."""
+
+    token_ids: tuple[int, ...] = struct.field(pytree_node=False)
+
+    def __call__(self, scores, ctx):
+        return jnp.where(_vocab_mask(scores.shape[-1], self.token_ids), NEG_INF, scores)
+
+
+@struct.dataclass
+class SuppressTokensAtBegin:
+    """Tokens that cannot be the first generated token (``cur_len == begin_index``)."""
+
+    token_ids: tuple[int, ...] = struct.field(pytree_node=False)
+    begin_index: int = struct.field(pytree_node=False)
+
+    def __call__(self, scores, ctx):
+        ban = _vocab_mask(scores.shape[-1], self.token_ids) & (ctx.cur_len == self.begin_index)
+        return jnp.where(ban, NEG_INF, scores)
+
+
+# --- warpers (sampling only) -------------------------------------------------------------------
+
+
+@struct.dataclass
+class Temperature:
+    temperature: jax.Array
+
+    def __call__(self, scores, ctx):
+        return scores / self.temperature
+
+
+@struct.dataclass
+class TopK:
+    """Keeps the ``top_k`` highest scores (ties at the k-th value kept, as transformers)."""
+
+    top_k: int = struct.field(pytree_node=False)
+
+    def __call__(self, scores, ctx):
+        k = min(self.top_k, scores.shape[-1])
+        return jnp.where(scores < _kth_largest(scores, k), NEG_INF, scores)
+
+
+@struct.dataclass
+class TopP:
+    """Nucleus: drops the low tail whose total probability is ``<= 1 - top_p``."""
+
+    top_p: jax.Array
+    min_tokens_to_keep: int = struct.field(pytree_node=False)
+
+    def __call__(self, scores, ctx):
+        order = jnp.argsort(scores, axis=-1, stable=True)  # ascending, as torch.sort
+        sorted_scores = jnp.take_along_axis(scores, order, -1)
+        cumulative = jnp.cumsum(jax.nn.softmax(sorted_scores, -1), -1)
+        remove_sorted = cumulative <= 1 - self.top_p
+        remove_sorted = remove_sorted.at[:, scores.shape[-1] - self.min_tokens_to_keep:].set(False)
+        remove = jnp.zeros_like(remove_sorted).at[jnp.arange(scores.shape[0])[:, None], order].set(remove_sorted)
+        return jnp.where(remove, NEG_INF, scores)
+
+
+@struct.dataclass
+class MinP:
+    """Drops tokens whose probability is below ``min_p`` times the top probability."""
+
+    min_p: jax.Array
+    min_tokens_to_keep: int = struct.field(pytree_node=False)
+
+    def __call__(self, scores, ctx):
+        probs = jax.nn.softmax(scores, -1)
+        remove = probs < self.min_p * probs.max(-1, keepdims=True)
+        k = min(self.min_tokens_to_keep, scores.shape[-1])
+        keep = jax.lax.top_k(probs, k)[1]
+        remove = remove.at[jnp.arange(scores.shape[0])[:, None], keep].set(False)
+        return jnp.where(remove, NEG_INF, scores)
+
+
+@struct.dataclass
+class Typical:
+    """Locally typical sampling with probability ``mass``."""
+
+    mass: jax.Array
+    min_tokens_to_keep: int = struct.field(pytree_node=False)
+
+    def __call__(self, scores, ctx):
+        logp = jax.nn.log_softmax(scores, -1)
+        p = jnp.exp(logp)
+        ent = -jnp.nansum(logp * p, -1, keepdims=True)
+        shifted = jnp.abs(-logp - ent)
+        order = jnp.argsort(shifted, -1, stable=True)
+        sorted_shifted = jnp.take_along_axis(shifted, order, -1)
+        cumulative = jnp.cumsum(jax.nn.softmax(jnp.take_along_axis(scores, order, -1), -1), -1)
+        last = jnp.minimum((cumulative < self.mass).sum(-1), scores.shape[-1] - 1)
+        remove_sorted = sorted_shifted > jnp.take_along_axis(sorted_shifted, last[:, None], -1)
+        remove_sorted = remove_sorted.at[:, : self.min_tokens_to_keep].set(False)
+        remove = jnp.zeros_like(remove_sorted).at[jnp.arange(scores.shape[0])[:, None], order].set(remove_sorted)
+        return jnp.where(remove, NEG_INF, scores)
+
+
+@struct.dataclass
+class EpsilonCutoff:
+    """Drops tokens with probability below ``epsilon``."""
+
+    epsilon: jax.Array
+    min_tokens_to_keep: int = struct.field(pytree_node=False)
+
+    def __call__(self, scores, ctx):
+        k = min(self.min_tokens_to_keep, scores.shape[-1])
+        remove = (jax.nn.softmax(scores, -1) < self.epsilon) & (scores < _kth_largest(scores, k))
+        return jnp.where(remove, NEG_INF, scores)
+
+
+@struct.dataclass
+class EtaCutoff:
+    """Drops tokens below ``min(eta, sqrt(eta) * exp(-entropy))``."""
+
+    epsilon: jax.Array
+    min_tokens_to_keep: int = struct.field(pytree_node=False)
+
+    def __call__(self, scores, ctx):
+        logp = jax.nn.log_softmax(scores, -1)
+        probs = jnp.exp(logp)
+        entropy = -jnp.sum(jnp.where(probs > 0, probs * logp, 0.0), -1, keepdims=True)
+        eta = jnp.minimum(self.epsilon, jnp.sqrt(self.epsilon) * jnp.exp(-entropy))
+        k = min(self.min_tokens_to_keep, scores.shape[-1])
+        remove = (probs < eta) & (scores < _kth_largest(scores, k))
+        return jnp.where(remove, NEG_INF, scores)
+
+
+@struct.dataclass
+class Renormalize:
+    """``renormalize_logits=True``: a final log-softmax."""
+
+    def __call__(self, scores, ctx):
+        return jax.nn.log_softmax(scores, -1)
+
+
+Processor = Callable[[jax.Array, ProcessorContext], jax.Array]
+
+
+def apply(processors: Sequence[Processor], scores: jax.Array, ctx: ProcessorContext) -> jax.Array:
+    for proc in processors:
+        scores = proc(scores, ctx)
+    return scores
+
+
+def build_processors(
+    *,
+    prompt_len: int,
+    max_length: int,
+    eos_token_ids: tuple[int, ...],
+    num_beams: int,
+    do_sample: bool,
+    repetition_penalty: float | None = None,
+    no_repeat_ngram_size: int | None = None,
+    bad_words_ids: Sequence[Sequence[int]] | None = None,
+    sequence_bias: dict[tuple[int, ...], float] | None = None,
+    min_length: int | None = None,
+    min_new_tokens: int | None = None,
+    forced_bos_token_id: int | None = None,
+    forced_eos_token_id: int | Sequence[int] | None = None,
+    remove_invalid_values: bool = False,
+    exponential_decay_length_penalty: tuple[int, float] | None = None,
+    suppress_tokens: Sequence[int] | None = None,
+    begin_suppress_tokens: Sequence[int] | None = None,
+    logits_processor: Sequence[Processor] = (),
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    typical_p: float | None = None,
+    epsilon_cutoff: float | None = None,
+    eta_cutoff: float | None = None,
+    renormalize_logits: bool = False,
+) -> tuple[Any, ...]:
+    """The processor list transformers 5.x builds for these (already validated) arguments."""
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    procs: list[Any] = []
+    if sequence_bias:
+        seqs = tuple(tuple(int(t) for t in s) for s in sequence_bias)
+        procs.append(SequenceBias(seqs, f32([sequence_bias[s] for s in sequence_bias])))
+    if repetition_penalty is not None and repetition_penalty != 1.0:
+        procs.append(RepetitionPenalty(f32(repetition_penalty)))
+    if no_repeat_ngram_size:
+        procs.append(NoRepeatNGram(no_repeat_ngram_size))
+    if bad_words_ids:
+        seqs = tuple(tuple(s) for s in bad_words_ids if not (len(s) == 1 and s[0] in eos_token_ids))
+        if seqs:
+            procs.append(SequenceBias(seqs, f32([NEG_INF] * len(seqs))))
+    if min_length and eos_token_ids:
+        procs.append(MinLength(min_length, eos_token_ids))
+    if min_new_tokens and eos_token_ids:
+        procs.append(MinNewTokens(prompt_len, min_new_tokens, eos_token_ids))
+    if forced_bos_token_id is not None:
+        procs.append(ForcedBOS(forced_bos_token_id))
+    if forced_eos_token_id is not None:
+        ids = (forced_eos_token_id,) if isinstance(forced_eos_token_id, int) else tuple(forced_eos_token_id)
+        procs.append(ForcedEOS(max_length, ids))
+    if remove_invalid_values:
+        procs.append(RemoveInvalidValues())
+    if exponential_decay_length_penalty is not None:
+        start, factor = exponential_decay_length_penalty
+        procs.append(ExponentialDecayLengthPenalty(start + prompt_len, eos_token_ids, f32(factor)))
+    if suppress_tokens:
+        procs.append(SuppressTokens(tuple(suppress_tokens)))
+    if begin_suppress_tokens:
+        begin = prompt_len if (prompt_len > 1 or forced_bos_token_id is None) else prompt_len + 1
+        procs.append(SuppressTokensAtBegin(tuple(begin_suppress_tokens), begin))
+    procs.extend(logits_processor)
+    if do_sample:
+        keep = len(eos_token_ids) + 1 if num_beams > 1 and eos_token_ids else (2 if num_beams > 1 else 1)
+        if temperature is not None and temperature != 1.0:
+            procs.append(Temperature(f32(temperature)))
+        if top_k:
+            procs.append(TopK(max(top_k, keep)))
+        if top_p is not None and top_p < 1.0:
+            procs.append(TopP(f32(top_p), keep))
+        if min_p is not None:
+            procs.append(MinP(f32(min_p), keep))
+        if typical_p is not None and typical_p < 1.0:
+            procs.append(Typical(f32(typical_p), keep))
+        if epsilon_cutoff is not None and 0.0 < epsilon_cutoff < 1.0:
+            procs.append(EpsilonCutoff(f32(epsilon_cutoff), keep))
+        if eta_cutoff is not None and 0.0 < eta_cutoff < 1.0:
+            procs.append(EtaCutoff(f32(eta_cutoff), keep))
+    if renormalize_logits:
+        procs.append(Renormalize())
+    return tuple(procs)

@@ -34,8 +34,8 @@ class GenerateOutput:
     logits: jax.Array | None = None
     sequences_scores: jax.Array | None = None
     beam_indices: jax.Array | None = None
-    prompt_len: int = struct.field(pytree_node=False, default=0)
-    offset: int = struct.field(pytree_node=False, default=0)
+    prompt_len: jax.Array | int = 0  # int32[], the prompt length as passed
+    bucket_len: int = struct.field(pytree_node=False, default=0)
     output_scores: bool = struct.field(pytree_node=False, default=False)
 
     def trim(self) -> "HFOutput":
@@ -49,8 +49,8 @@ class GenerateOutput:
             beam_indices = beam_indices[:, :generated]
         else:
             generated = steps
-        start = self.offset
-        sequences = np.asarray(self.sequences)[:, start:start + self.prompt_len + generated]
+        start = self.bucket_len - int(self.prompt_len)
+        sequences = np.asarray(self.sequences)[:, start:self.bucket_len + generated]
         per_step = lambda buf: None if buf is None else tuple(np.asarray(buf[:steps]))  # noqa: E731
         has_seq_scores = self.sequences_scores is not None and self.output_scores
         return HFOutput(

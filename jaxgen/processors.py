@@ -33,16 +33,16 @@ class ProcessorContext:
     """What a processor may look at.
 
     sequences: int32[rows, total_len], the static token buffer.
-    cur_len: int32 scalar, ``input_ids.shape[-1]`` in transformers at this step
+    cur_len: int32[], ``input_ids.shape[-1]`` in transformers at this step
       (prompt length as passed + tokens generated so far).
     pad_lengths: int32[rows], left padding of each row's prompt as passed.
-    offset: static, bucket-padding columns before the prompt as passed.
+    offset: int32[], bucket-padding columns before the prompt as passed.
     """
 
     sequences: jax.Array
     cur_len: jax.Array
     pad_lengths: jax.Array
-    offset: int = struct.field(pytree_node=False)
+    offset: jax.Array
 
     @property
     def end(self) -> jax.Array:
@@ -82,7 +82,7 @@ class MinLength:
 class MinNewTokens:
     """EOS impossible until ``min_new_tokens`` tokens were generated."""
 
-    prompt_len: int = struct.field(pytree_node=False)
+    prompt_len: jax.Array
     min_new_tokens: int = struct.field(pytree_node=False)
     eos_token_ids: tuple[int, ...] = struct.field(pytree_node=False)
 
@@ -172,7 +172,7 @@ class ForcedBOS:
 class ForcedEOS:
     """Forces an EOS token at the last step (``cur_len == max_length - 1``)."""
 
-    max_length: int = struct.field(pytree_node=False)
+    max_length: jax.Array
     eos_token_ids: tuple[int, ...] = struct.field(pytree_node=False)
 
     def __call__(self, scores, ctx):
@@ -194,7 +194,7 @@ class RemoveInvalidValues:
 class ExponentialDecayLengthPenalty:
     """Raises EOS scores exponentially once ``cur_len > start + prompt_len``."""
 
-    regulation_start: int = struct.field(pytree_node=False)
+    regulation_start: jax.Array
     eos_token_ids: tuple[int, ...] = struct.field(pytree_node=False)
     factor: jax.Array
 
@@ -222,7 +222,7 @@ class SuppressTokensAtBegin:
     """Tokens that cannot be the first generated token (``cur_len == begin_index``)."""
 
     token_ids: tuple[int, ...] = struct.field(pytree_node=False)
-    begin_index: int = struct.field(pytree_node=False)
+    begin_index: jax.Array
 
     def __call__(self, scores, ctx):
         ban = _vocab_mask(scores.shape[-1], self.token_ids) & (ctx.cur_len == self.begin_index)
@@ -384,6 +384,7 @@ def build_processors(
 ) -> tuple[Any, ...]:
     """The processor list transformers 5.x builds for these (already validated) arguments."""
     f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    i32 = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
     procs: list[Any] = []
     if sequence_bias:
         seqs = tuple(tuple(int(t) for t in s) for s in sequence_bias)
@@ -399,22 +400,22 @@ def build_processors(
     if min_length and eos_token_ids:
         procs.append(MinLength(min_length, eos_token_ids))
     if min_new_tokens and eos_token_ids:
-        procs.append(MinNewTokens(prompt_len, min_new_tokens, eos_token_ids))
+        procs.append(MinNewTokens(i32(prompt_len), min_new_tokens, eos_token_ids))
     if forced_bos_token_id is not None:
         procs.append(ForcedBOS(forced_bos_token_id))
     if forced_eos_token_id is not None:
         ids = (forced_eos_token_id,) if isinstance(forced_eos_token_id, int) else tuple(forced_eos_token_id)
-        procs.append(ForcedEOS(max_length, ids))
+        procs.append(ForcedEOS(i32(max_length), ids))
     if remove_invalid_values:
         procs.append(RemoveInvalidValues())
     if exponential_decay_length_penalty is not None:
         start, factor = exponential_decay_length_penalty
-        procs.append(ExponentialDecayLengthPenalty(start + prompt_len, eos_token_ids, f32(factor)))
+        procs.append(ExponentialDecayLengthPenalty(i32(start + prompt_len), eos_token_ids, f32(factor)))
     if suppress_tokens:
         procs.append(SuppressTokens(tuple(suppress_tokens)))
     if begin_suppress_tokens:
         begin = prompt_len if (prompt_len > 1 or forced_bos_token_id is None) else prompt_len + 1
-        procs.append(SuppressTokensAtBegin(tuple(begin_suppress_tokens), begin))
+        procs.append(SuppressTokensAtBegin(tuple(begin_suppress_tokens), i32(begin)))
     procs.extend(logits_processor)
     if do_sample:
         keep = len(eos_token_ids) + 1 if num_beams > 1 and eos_token_ids else (2 if num_beams > 1 else 1)

@@ -19,16 +19,17 @@ from jaxgen.outputs import GenerateOutput
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
-def _decode(model, input_ids, attention_mask, processors, key, length_penalty, *, spec: DecodeSpec) -> GenerateOutput:
+def _decode(model, input_ids, attention_mask, prompt_len, processors, key, length_penalty, *,
+            spec: DecodeSpec) -> GenerateOutput:
     if spec.beam_search:
-        return beam.decode(model, input_ids, attention_mask, processors, key, length_penalty, spec)
-    return greedy.decode(model, input_ids, attention_mask, processors, key, spec)
+        return beam.decode(model, input_ids, attention_mask, prompt_len, processors, key, length_penalty, spec)
+    return greedy.decode(model, input_ids, attention_mask, prompt_len, processors, key, spec)
 
 
 def _run(model, input_ids, attention_mask, kwargs, beam_search=None) -> GenerateOutput:
     req = args.parse(model, input_ids, attention_mask, kwargs, beam_search)
-    return _decode(model, req.input_ids, req.attention_mask, req.processors, req.key, req.length_penalty,
-                   spec=req.spec)
+    return _decode(model, req.input_ids, req.attention_mask, req.prompt_len, req.processors, req.key,
+                   req.length_penalty, spec=req.spec)
 
 
 def _fixed(kwargs: dict[str, Any], fn: str, **fixed) -> dict[str, Any]:

@@ -55,6 +55,7 @@ class Request:
     spec: DecodeSpec
     input_ids: Any  # int32[batch, P]
     attention_mask: Any  # int32[batch, P]
+    prompt_len: Any  # int32[], L <= P
     processors: tuple
     key: Any
     length_penalty: Any
@@ -297,13 +298,13 @@ def parse(model: GPT2, input_ids, attention_mask, kwargs: dict[str, Any], beam_s
         renormalize_logits=kw["renormalize_logits"], **sampling,
     )
     spec = DecodeSpec(
-        prompt_len=prompt_len, bucket_len=bucket_len, max_new_tokens=max_new_tokens,
+        bucket_len=bucket_len, max_new_tokens=max_new_tokens,
         eos_token_ids=eos_ids, pad_token_id=pad, do_sample=do_sample, num_beams=num_beams,
         beam_search=beam_search, num_return_sequences=nrs, early_stopping=early_stopping,
         output_scores=kw["output_scores"], output_logits=kw["output_logits"],
     )
     ids, mask = _left_pad(ids, mask, bucket_len, pad if pad is not None else 0)
-    return Request(spec, ids, mask, processors, key, jnp.float32(length_penalty))
+    return Request(spec, ids, mask, jnp.int32(prompt_len), processors, key, jnp.float32(length_penalty))
 
 
 def _left_pad(ids, mask, length: int, pad: int):

@@ -81,11 +81,12 @@ def _top_candidates(acc: jax.Array, k: int, key, step, do_sample: bool) -> tuple
     return jnp.take_along_axis(logp, order, -1), jnp.take_along_axis(idx, order, -1)
 
 
-def decode(model: GPT2, input_ids, attention_mask, processors, key, length_penalty, spec: DecodeSpec) -> GenerateOutput:
+def decode(model: GPT2, input_ids, attention_mask, prompt_len, processors, key, length_penalty,
+           spec: DecodeSpec) -> GenerateOutput:
     """Beam search over ``input_ids: int32[batch, P]`` (left-padded to the bucket)."""
     batch, beams, n = input_ids.shape[0], spec.num_beams, spec.max_new_tokens
     keep = max(2, 1 + len(spec.eos_token_ids)) * beams
-    pre = engine.prefill(model, input_ids, attention_mask, spec, beams)
+    pre = engine.prefill(model, input_ids, attention_mask, prompt_len, spec, beams)
     vocab = pre.logits.shape[-1]
     if spec.eos_token_ids:
         fill = spec.pad_token_id or spec.eos_token_ids[0]
@@ -117,7 +118,7 @@ def decode(model: GPT2, input_ids, attention_mask, processors, key, length_penal
         column = spec.bucket_len + s.step
         flat_running = s.running_sequences.reshape(batch * beams, -1)
         log_probs = jax.nn.log_softmax(s.logits, axis=-1)
-        log_probs = engine.process(processors, log_probs, flat_running, s.step, pre.pad_lengths, spec)
+        log_probs = engine.process(processors, log_probs, flat_running, s.step, prompt_len, pre.pad_lengths, spec)
         acc = (log_probs.reshape(batch, beams, vocab) + s.running_scores[:, :, None]).reshape(batch, -1)
 
         # Top-k continuations over all beams of a row.
@@ -182,5 +183,5 @@ def decode(model: GPT2, input_ids, attention_mask, processors, key, length_penal
         logits=final.raw_logits,
         sequences_scores=final.beam_scores[:, :r].reshape(-1),
         beam_indices=final.beam_indices[:, :r].reshape(batch * r, -1),
-        prompt_len=spec.prompt_len, offset=spec.offset, output_scores=spec.output_scores,
+        prompt_len=prompt_len, bucket_len=spec.bucket_len, output_scores=spec.output_scores,
     )

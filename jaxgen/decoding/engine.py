@@ -24,10 +24,13 @@ from jaxgen.processors import ProcessorContext, apply
 
 @dataclasses.dataclass(frozen=True)
 class DecodeSpec:
-    """Everything static about one decode: shapes and strategy flags (part of the jit key)."""
+    """Everything static about one decode: shapes and strategy flags (part of the jit key).
 
-    prompt_len: int  # L: prompt length as passed (transformers' input_ids.shape[1])
-    bucket_len: int  # P >= L: prompt length after left-padding to the bucket
+    The prompt length as passed (``L <= P``) is not in it: it is a traced scalar, so prompts
+    of every length in a bucket share one compiled program.
+    """
+
+    bucket_len: int  # P: prompt length after left-padding to the bucket
     max_new_tokens: int  # N
     eos_token_ids: tuple[int, ...]
     pad_token_id: int | None
@@ -38,11 +41,6 @@ class DecodeSpec:
     early_stopping: bool | str = False
     output_scores: bool = False
     output_logits: bool = False
-
-    @property
-    def offset(self) -> int:
-        """Bucket-padding columns before the prompt as passed."""
-        return self.bucket_len - self.prompt_len
 
     @property
     def total_len(self) -> int:
@@ -66,9 +64,10 @@ class Prefilled:
     pad_lengths: jax.Array
 
 
-def prefill(model: GPT2, input_ids: jax.Array, attention_mask: jax.Array, spec: DecodeSpec, expand: int) -> Prefilled:
+def prefill(model: GPT2, input_ids: jax.Array, attention_mask: jax.Array, prompt_len: jax.Array, spec: DecodeSpec,
+            expand: int) -> Prefilled:
     """One forward over ``input_ids: int32[batch, P]``; every row then repeated ``expand`` times
-    (consecutive copies, as transformers' ``repeat_interleave``)."""
+    (consecutive copies, as transformers' ``repeat_interleave``). ``prompt_len``: int32[], L."""
     batch = input_ids.shape[0]
     mask = attention_mask.astype(bool)
     kv_mask = jnp.concatenate([mask, jnp.ones((batch, spec.max_new_tokens), bool)], axis=1)
@@ -76,7 +75,7 @@ def prefill(model: GPT2, input_ids: jax.Array, attention_mask: jax.Array, spec: 
     cache = model.init_cache(batch, spec.total_len)
     hidden, cache = forward(model, input_ids, positions, kv_mask, cache, 0)
     logits = lm_head(model, hidden[:, -1])
-    pad_lengths = spec.prompt_len - attention_mask[:, spec.offset:].sum(-1).astype(jnp.int32)
+    pad_lengths = prompt_len - attention_mask.sum(-1).astype(jnp.int32)
     out = Prefilled(logits, cache, kv_mask, positions[:, -1] + 1, pad_lengths)
     return jax.tree.map(lambda x: jnp.repeat(x, expand, axis=0), out) if expand > 1 else out
 
@@ -88,13 +87,10 @@ def decode_step(model: GPT2, tokens: jax.Array, positions: jax.Array, kv_mask: j
     return lm_head(model, hidden[:, 0]), cache
 
 
-def context(sequences: jax.Array, step: jax.Array, pad_lengths: jax.Array, spec: DecodeSpec) -> ProcessorContext:
-    """The processor view of the buffer before token ``step`` is chosen."""
-    return ProcessorContext(sequences, spec.prompt_len + step, pad_lengths, spec.offset)
-
-
-def process(processors, scores: jax.Array, sequences, step, pad_lengths, spec: DecodeSpec) -> jax.Array:
-    return apply(processors, scores, context(sequences, step, pad_lengths, spec))
+def process(processors, scores: jax.Array, sequences, step, prompt_len, pad_lengths, spec: DecodeSpec) -> jax.Array:
+    """Runs the processors on ``scores: float32[rows, V]`` before token ``step`` is chosen."""
+    ctx = ProcessorContext(sequences, prompt_len + step, pad_lengths, spec.bucket_len - prompt_len)
+    return apply(processors, scores, ctx)
 
 
 def score_buffer(enabled: bool, spec: DecodeSpec, rows: int, vocab: int) -> jax.Array | None:

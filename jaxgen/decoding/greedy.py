@@ -46,9 +46,9 @@ def select_token(scores: jax.Array, key: jax.Array | None, step: jax.Array, do_s
     return jax.random.categorical(jax.random.fold_in(key, step), scores, axis=-1).astype(jnp.int32)
 
 
-def decode(model: GPT2, input_ids, attention_mask, processors, key, spec: DecodeSpec) -> GenerateOutput:
+def decode(model: GPT2, input_ids, attention_mask, prompt_len, processors, key, spec: DecodeSpec) -> GenerateOutput:
     """Greedy / sampling decode of ``input_ids: int32[batch, P]`` (left-padded to the bucket)."""
-    pre = engine.prefill(model, input_ids, attention_mask, spec, spec.num_return_sequences)
+    pre = engine.prefill(model, input_ids, attention_mask, prompt_len, spec, spec.num_return_sequences)
     rows, vocab = pre.logits.shape
     state = TokenState(
         step=jnp.zeros((), jnp.int32),
@@ -64,7 +64,7 @@ def decode(model: GPT2, input_ids, attention_mask, processors, key, spec: Decode
     )
 
     def body(s: TokenState) -> TokenState:
-        scores = engine.process(processors, s.logits, s.sequences, s.step, pre.pad_lengths, spec)
+        scores = engine.process(processors, s.logits, s.sequences, s.step, prompt_len, pre.pad_lengths, spec)
         tokens = select_token(scores, key, s.step, spec.do_sample)
         if spec.eos_token_ids:
             tokens = jnp.where(s.unfinished, tokens, spec.pad_token_id)
@@ -83,5 +83,5 @@ def decode(model: GPT2, input_ids, attention_mask, processors, key, spec: Decode
     return GenerateOutput(
         sequences=final.sequences, num_steps=final.step, scores=final.scores, logits=final.raw_logits,
         sequences_scores=None, beam_indices=None,
-        prompt_len=spec.prompt_len, offset=spec.offset, output_scores=spec.output_scores,
+        prompt_len=prompt_len, bucket_len=spec.bucket_len, output_scores=spec.output_scores,
     )

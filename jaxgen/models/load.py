@@ -155,6 +155,14 @@ def _hub_fetcher(repo_id: str, revision, cache_dir, local_files_only) -> Fetcher
             return Path(hf_hub_download(
                 repo_id, filename, revision=revision, cache_dir=cache_dir, local_files_only=offline
             ))
+        except LocalEntryNotFoundError:  # (a subclass of EntryNotFoundError)
+            if not required:
+                return None
+            raise CheckpointError(
+                f"cannot load {repo_id!r}: it is not in the local Hugging Face cache and the hub "
+                "cannot be reached (offline?). Download it where there is network "
+                f"(`hf download {repo_id}`) or pass the path of a local copy."
+            ) from None
         except EntryNotFoundError:
             if required:
                 raise CheckpointError(f"hub repository {repo_id!r} has no {filename}") from None
@@ -162,14 +170,6 @@ def _hub_fetcher(repo_id: str, revision, cache_dir, local_files_only) -> Fetcher
         except RepositoryNotFoundError:
             raise CheckpointError(
                 f"{repo_id!r} is neither a local directory nor a model on the Hugging Face hub"
-            ) from None
-        except LocalEntryNotFoundError:
-            if not required:
-                return None
-            raise CheckpointError(
-                f"cannot load {repo_id!r}: it is not in the local Hugging Face cache and the hub "
-                "cannot be reached (offline?). Download it where there is network "
-                f"(`hf download {repo_id}`) or pass the path of a local copy."
             ) from None
         except OSError as e:  # connection errors and friends
             raise CheckpointError(f"cannot fetch {filename} of {repo_id!r} from the hub: {e}") from None

@@ -1,0 +1,249 @@
+"""Greedy and beam search against transformers 5.x generate on the same weights."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxgen
+from jaxgen.decoding import api
+from tests.conftest import (EOS, EOS_MODEL, PAD, TUTORIAL_IDS, TUTORIAL_MASK, assert_same_generation, hf_generate,
+                            left_padded_batch)
+
+GPT2_EOS = 50256
+
+
+# --- the tutorial scenario -------------------------------------------------------------------
+
+
+def test_tutorial_greedy(gpt2_vocab_model):
+    torch_model, model = gpt2_vocab_model
+    kw = dict(max_new_tokens=5, eos_token_id=GPT2_EOS, pad_token_id=GPT2_EOS)
+    ref = hf_generate(torch_model, TUTORIAL_IDS, TUTORIAL_MASK, do_sample=False, **kw)
+    out = jaxgen.greedy_search(model, TUTORIAL_IDS, TUTORIAL_MASK, output_scores=True, **kw).trim()
+    assert_same_generation(out, ref)
+    assert out.sequences.shape == (3, 8) and out.beam_indices is None and out.sequences_scores is None
+
+
+def test_tutorial_beam_search_and_transition_scores(gpt2_vocab_model):
+    torch_model, model = gpt2_vocab_model
+    kw = dict(max_new_tokens=5, num_beams=5, num_return_sequences=4, eos_token_id=GPT2_EOS, pad_token_id=GPT2_EOS)
+    ref = hf_generate(torch_model, TUTORIAL_IDS, TUTORIAL_MASK, do_sample=False, **kw)
+    out = jaxgen.beam_search(model, TUTORIAL_IDS, TUTORIAL_MASK, output_scores=True, **kw).trim()
+    assert_same_generation(out, ref, beams=True)
+    assert out.sequences.shape == (12, 8)
+
+    ts = np.asarray(jaxgen.compute_transition_scores(out.sequences, out.scores, out.beam_indices))
+    ref_ts = torch_model.compute_transition_scores(ref.sequences, ref.scores, ref.beam_indices).numpy()
+    np.testing.assert_allclose(ts, ref_ts, atol=1e-4)
+    generated = (out.beam_indices != -1).sum(1)
+    np.testing.assert_allclose(ts.sum(1) / generated**1.0, out.sequences_scores, atol=1e-4)
+
+
+def test_transition_scores_normalized_greedy(gpt2_vocab_model):
+    torch_model, model = gpt2_vocab_model
+    kw = dict(max_new_tokens=4, eos_token_id=GPT2_EOS, pad_token_id=GPT2_EOS)
+    ref = hf_generate(torch_model, TUTORIAL_IDS, TUTORIAL_MASK, do_sample=False, **kw)
+    out = jaxgen.greedy_search(model, TUTORIAL_IDS, TUTORIAL_MASK, output_scores=True, **kw).trim()
+    ts = np.asarray(jaxgen.compute_transition_scores(out.sequences, out.scores, normalize_logits=True))
+    ref_ts = torch_model.compute_transition_scores(ref.sequences, ref.scores, normalize_logits=True).numpy()
+    np.testing.assert_allclose(ts, ref_ts, atol=1e-4)
+    assert (ts < 0).all()
+
+
+# --- the matrix ------------------------------------------------------------------------------
+
+# (num_beams, early_stopping) x length penalties; the other knobs vary with the case index so
+# that every value appears: num_return_sequences up to num_beams, EOS lists, min_new_tokens,
+# batch sizes 1 and 7.
+MATRIX = list(itertools.product(range(1, 6), [True, False, "never"]))
+
+
+@pytest.mark.parametrize("num_beams, early_stopping", MATRIX)
+def test_matrix_against_transformers(eos_model, num_beams, early_stopping):
+    torch_model, model = eos_model
+    case = MATRIX.index((num_beams, early_stopping))
+    batch = 1 if case % 4 == 3 else 7
+    eos = [EOS, 7] if case % 3 == 1 else EOS
+    min_new = 3 if case % 5 == 2 else None
+    nrs = 1 + case % num_beams
+    rng = np.random.default_rng(case)
+    pads = rng.integers(0, 5, size=batch) if batch > 1 else [2]
+    ids, mask = left_padded_batch(rng, batch, 6, EOS_MODEL["vocab_size"], pads)
+    for length_penalty in (-1.0, 0.0, 1.0, 2.0):
+        kw = dict(max_new_tokens=9, num_beams=num_beams, eos_token_id=eos, pad_token_id=PAD,
+                  min_new_tokens=min_new)
+        if num_beams > 1:
+            kw.update(num_return_sequences=nrs, length_penalty=length_penalty, early_stopping=early_stopping)
+        ref = hf_generate(torch_model, ids, mask, do_sample=False, **kw)
+        out = jaxgen.generate(model, ids, mask, output_scores=True, **kw).trim()
+        assert_same_generation(out, ref, beams=num_beams > 1)
+        if num_beams == 1:
+            break  # length_penalty / early_stopping do not apply
+
+
+def test_matrix_model_really_finishes_rows_at_different_steps(eos_model):
+    """Guards the matrix: on its batches, greedy rows hit EOS at many different steps, and some
+    rows never do (so finished rows are padded while others run on)."""
+    _, model = eos_model
+    finish_steps, unfinished_rows = set(), 0
+    for case in range(len(MATRIX)):
+        rng = np.random.default_rng(case)
+        ids, mask = left_padded_batch(rng, 7, 6, EOS_MODEL["vocab_size"], rng.integers(0, 5, size=7))
+        out = jaxgen.greedy_search(model, ids, mask, max_new_tokens=9, eos_token_id=EOS, pad_token_id=PAD).trim()
+        for row in out.sequences[:, 6:]:
+            if (row == EOS).any():
+                finish_steps.add(int(np.argmax(row == EOS)))
+            else:
+                unfinished_rows += 1
+    assert len(finish_steps) >= 4, finish_steps
+    assert unfinished_rows > 0
+
+
+def test_min_length_and_max_length(eos_model):
+    torch_model, model = eos_model
+    ids, mask = left_padded_batch(np.random.default_rng(5), 3, 5, EOS_MODEL["vocab_size"], [0, 1, 3])
+    for kw in (dict(max_length=12, min_length=9), dict(max_length=11, num_beams=3, min_length=8)):
+        kw.update(eos_token_id=EOS, pad_token_id=PAD)
+        ref = hf_generate(torch_model, ids, mask, do_sample=False, **kw)
+        out = jaxgen.generate(model, ids, mask, output_scores=True, **kw).trim()
+        assert_same_generation(out, ref, beams="num_beams" in kw)
+
+
+def test_output_logits(eos_model):
+    torch_model, model = eos_model
+    ids, mask = left_padded_batch(np.random.default_rng(6), 2, 4, EOS_MODEL["vocab_size"], [0, 2])
+    for kw in (dict(), dict(num_beams=3)):
+        kw.update(max_new_tokens=6, eos_token_id=EOS, pad_token_id=PAD)
+        ref = hf_generate(torch_model, ids, mask, do_sample=False, output_logits=True, **kw)
+        out = jaxgen.generate(model, ids, mask, output_logits=True, **kw).trim()
+        assert out.scores is None and len(out.logits) == len(ref.logits)
+        for a, b in zip(out.logits, ref.logits):
+            np.testing.assert_allclose(a, b.numpy(), atol=1e-4)
+
+
+# --- buckets and compilation ------------------------------------------------------------------
+
+
+def test_bucket_does_not_change_results(eos_model):
+    _, model = eos_model
+    ids, mask = left_padded_batch(np.random.default_rng(7), 3, 6, EOS_MODEL["vocab_size"], [0, 2, 4])
+    kw = dict(max_new_tokens=7, num_beams=3, num_return_sequences=2, eos_token_id=EOS, pad_token_id=PAD,
+              output_scores=True)
+    base = jaxgen.generate(model, ids, mask, prompt_bucket=None, **kw).trim()
+    for bucket in (8, 64):
+        out = jaxgen.generate(model, ids, mask, prompt_bucket=bucket, **kw).trim()
+        np.testing.assert_array_equal(out.sequences, base.sequences)
+        np.testing.assert_array_equal(out.beam_indices, base.beam_indices)
+        np.testing.assert_allclose(out.sequences_scores, base.sequences_scores, atol=1e-5)
+        for a, b in zip(out.scores, base.scores):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_same_bucket_compiles_once(eos_model):
+    _, model = eos_model
+    rng = np.random.default_rng(8)
+    kw = dict(max_new_tokens=5, num_beams=2, eos_token_id=EOS, pad_token_id=PAD, prompt_bucket=16, length_penalty=1.0)
+    ids, mask = left_padded_batch(rng, 2, 5, EOS_MODEL["vocab_size"], [0, 1])
+    jaxgen.generate(model, ids, mask, **kw).sequences.block_until_ready()
+    before = api._decode._cache_size()
+    for length in (7, 12, 16):  # other prompt lengths of the same bucket
+        ids, mask = left_padded_batch(rng, 2, length, EOS_MODEL["vocab_size"], [0, 3])
+        jaxgen.generate(model, ids, mask, **{**kw, "length_penalty": 0.5}).sequences.block_until_ready()
+    assert api._decode._cache_size() == before
+    ids, mask = left_padded_batch(rng, 2, 17, EOS_MODEL["vocab_size"], [0, 3])  # next bucket
+    jaxgen.generate(model, ids, mask, **kw)
+    assert api._decode._cache_size() == before + 1
+
+
+def test_output_scores_false_allocates_no_score_buffer(gpt2_vocab_model):
+    _, model = gpt2_vocab_model
+    from jaxgen.decoding import args
+    shape = "5x15x50257xf32"  # [steps, batch * beams, vocab]
+    for output_scores in (True, False):
+        req = args.parse(model, TUTORIAL_IDS, TUTORIAL_MASK, dict(
+            max_new_tokens=5, num_beams=5, eos_token_id=GPT2_EOS, pad_token_id=GPT2_EOS, output_scores=output_scores))
+        hlo = api._decode.lower(model, req.input_ids, req.attention_mask, req.prompt_len, req.processors,
+                                req.key, req.length_penalty, spec=req.spec).as_text()
+        assert (shape in hlo) == output_scores
+
+
+def test_usable_inside_users_jit(eos_model):
+    """Decoders run under the caller's jax.jit with the model as a traced argument (concrete-value
+    checks such as token ranges are skipped for tracers; shape checks still run)."""
+    _, model = eos_model
+    ids, mask = left_padded_batch(np.random.default_rng(9), 3, 6, EOS_MODEL["vocab_size"], [0, 2, 4])
+    kw = dict(max_new_tokens=6, eos_token_id=EOS, pad_token_id=PAD)
+
+    @jax.jit
+    def user_program(m, i, a):
+        greedy = jaxgen.greedy_search(m, i, a, **kw)
+        beams = jaxgen.beam_search(m, i, a, num_beams=3, **kw)
+        return greedy, beams
+
+    greedy, beams = user_program(model, jnp.asarray(ids), jnp.asarray(mask))
+    np.testing.assert_array_equal(greedy.trim().sequences, jaxgen.greedy_search(model, ids, mask, **kw).trim().sequences)
+    np.testing.assert_array_equal(beams.trim().sequences,
+                                  jaxgen.beam_search(model, ids, mask, num_beams=3, **kw).trim().sequences)
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+BAD_CALLS = [
+    (dict(num_beams=2, num_return_sequences=3), "num_return_sequences=3.*<= num_beams=2"),
+    (dict(num_beams=0), "num_beams=0"),
+    (dict(max_new_tokens=60), "exceeds the model's n_positions=64"),
+    (dict(max_new_tokens=0), "max_new_tokens=0"),
+    (dict(max_new_tokens=3, max_length=9), "either max_new_tokens"),
+    (dict(pad_token_id=None), "pad_token_id is missing"),
+    (dict(early_stopping="always", num_beams=2), "early_stopping='always'"),
+    (dict(early_stopping=1, num_beams=2), "early_stopping=1"),
+    (dict(eos_token_id=[2, 999]), r"eos_token_id=\[2, 999\].*\[0, 48\)"),
+    (dict(temperature=0.5), "only apply when sampling"),
+    (dict(num_return_sequences=2), "greedy search returns one sequence"),
+    (dict(max_time=3.0), "max_time is not supported"),
+    (dict(stop_strings=["\n"]), "stop_strings is not supported"),
+    (dict(num_beam=3), "unknown generate argument 'num_beam' .*did you mean 'num_beams'"),
+    (dict(length_penalty="big", num_beams=2), "length_penalty='big'"),
+    (dict(suppress_tokens=list(range(48))), "ban every token"),
+    (dict(return_dict_in_generate=False), "return_dict_in_generate=False"),
+]
+
+
+@pytest.mark.parametrize("kwargs, message", BAD_CALLS, ids=[m[:24] for _, m in BAD_CALLS])
+def test_bad_arguments_raise_before_tracing(eos_model, kwargs, message):
+    _, model = eos_model
+    ids, mask = left_padded_batch(np.random.default_rng(0), 2, 5, EOS_MODEL["vocab_size"], [0, 1])
+    kw = dict(max_new_tokens=4, eos_token_id=EOS, pad_token_id=PAD)
+    kw.update(kwargs)
+    kw = {k: v for k, v in kw.items() if v is not None or k != "pad_token_id"}
+    with pytest.raises(ValueError, match=message):
+        jaxgen.generate(model, ids, mask, **kw)
+
+
+def test_bad_inputs(eos_model):
+    _, model = eos_model
+    kw = dict(max_new_tokens=4, eos_token_id=EOS, pad_token_id=PAD)
+    ids = np.array([[5, 6, 7], [8, 9, 10]])
+    with pytest.raises(ValueError, match="right-padded"):
+        jaxgen.generate(model, ids, np.array([[1, 1, 0], [1, 1, 1]]), **kw)
+    with pytest.raises(ValueError, match=r"input_ids.*\[0, 48\)"):
+        jaxgen.generate(model, np.array([[5, 48]]), **kw)
+    with pytest.raises(ValueError, match=r"input_ids.*\[0, 48\)"):
+        jaxgen.generate(model, np.array([[-1, 5]]), **kw)
+    with pytest.raises(ValueError, match="attention_mask.*shape"):
+        jaxgen.generate(model, ids, np.ones((2, 4)), **kw)
+    with pytest.raises(ValueError, match="input_ids.*integer array"):
+        jaxgen.generate(model, np.ones((2, 3)), **kw)
+    with pytest.raises(ValueError, match="input_ids.*integer array"):
+        jaxgen.generate(model, np.array([1, 2, 3]), **kw)
+    with pytest.raises(ValueError, match="beam_search needs num_beams"):
+        jaxgen.beam_search(model, ids, **kw)
+    with pytest.raises(ValueError, match="greedy_search runs with num_beams=1"):
+        jaxgen.greedy_search(model, ids, num_beams=3, **kw)
+    with pytest.raises(ValueError, match="model must be a jaxgen GPT2"):
+        jaxgen.generate("gpt2", ids, **kw)

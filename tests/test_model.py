@@ -1,0 +1,233 @@
+"""The JAX GPT-2 against transformers' GPT2LMHeadModel, and the checkpoint loader."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers import GPT2Model, LlamaConfig, LlamaForCausalLM
+
+import jaxgen
+from jaxgen.models.gpt2 import forward, lm_head, positions_from_mask
+from tests.conftest import build_checkpoint, left_padded_batch
+
+BASE = dict(vocab_size=80, n_positions=48, n_embd=32, n_layer=2, n_head=4, initializer_range=0.2,
+            bos_token_id=1, eos_token_id=2)
+CONFIGS = {
+    "defaults": {},
+    "inner_gelu_eps_layer_scaling": dict(n_inner=40, activation_function="gelu", layer_norm_epsilon=1e-3,
+                                         scale_attn_by_inverse_layer_idx=True),
+    "upcast_unscaled_relu": dict(reorder_and_upcast_attn=True, scale_attn_weights=False,
+                                 activation_function="relu", n_layer=3),
+    "untied_head_silu": dict(tie_word_embeddings=False, activation_function="silu", n_head=2,
+                             scale_attn_by_inverse_layer_idx=True, reorder_and_upcast_attn=True),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def pair(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    torch_model = build_checkpoint(path, seed=1, **{**BASE, **CONFIGS[request.param]})
+    return torch_model, jaxgen.from_pretrained(path), path
+
+
+def _torch_logits(torch_model, ids, mask):
+    pos = torch.tensor(np.asarray(positions_from_mask(jnp.asarray(mask))))
+    with torch.no_grad():
+        return torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=pos).logits.numpy()
+
+
+def test_logits_match_pytorch_on_left_padded_batch(pair):
+    torch_model, model, _ = pair
+    ids, mask = left_padded_batch(np.random.default_rng(0), 4, 11, BASE["vocab_size"], pads=[0, 3, 7, 1], low=0)
+    ours = np.asarray(model(ids, mask))
+    ref = _torch_logits(torch_model, ids, mask)
+    real = mask.astype(bool)
+    assert ours.dtype == np.float32 and ours.shape == (4, 11, BASE["vocab_size"])
+    np.testing.assert_allclose(ours[real], ref[real], atol=1e-4, rtol=0)
+    assert np.abs(ref[real]).max() > 1.0  # non-trivial logits
+
+
+def test_untied_head_is_really_untied(tmp_path):
+    build_checkpoint(tmp_path, seed=1, **{**BASE, "tie_word_embeddings": False})
+    params = jaxgen.from_pretrained(tmp_path).params
+    assert "lm_head" in params and not np.allclose(params["lm_head"], params["wte"])
+
+
+def test_prefill_then_cached_steps_equal_full_forward(pair):
+    _, model, _ = pair
+    ids, mask = left_padded_batch(np.random.default_rng(1), 3, 16, BASE["vocab_size"], pads=[0, 2, 5], low=0)
+    prompt = 6
+    full = np.asarray(model(ids, mask))
+    positions = positions_from_mask(jnp.asarray(mask))
+    kv_mask = jnp.asarray(mask, bool)
+    cache = model.init_cache(3, 16)
+    hidden, cache = forward(model, jnp.asarray(ids[:, :prompt]), positions[:, :prompt], kv_mask, cache, 0)
+    np.testing.assert_allclose(np.asarray(lm_head(model, hidden))[:, -1], full[:, prompt - 1], atol=1e-4)
+    step = jax.jit(forward)
+    for t in range(prompt, prompt + 10):
+        hidden, cache = step(model, jnp.asarray(ids[:, t:t + 1]), positions[:, t:t + 1], kv_mask, cache, t)
+        np.testing.assert_allclose(np.asarray(lm_head(model, hidden))[:, 0], full[:, t], atol=1e-4,
+                                   err_msg=f"cached step at position {t}")
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.bfloat16, 0.04), (jnp.float16, 0.005)])
+def test_half_precision_stays_within_documented_tolerance(pair, dtype, tol):
+    """bfloat16 / float16 params and activations; softmax, LayerNorm and logits in float32.
+    Documented tolerance: max |logit error| <= tol * max |logit| (4% bf16, 0.5% fp16;
+    measured 0.8-1.7% and 0.13-0.25% on these configs)."""
+    torch_model, _, path = pair
+    model = jaxgen.from_pretrained(path, dtype=dtype)
+    assert model.params["wte"].dtype == dtype
+    ids, mask = left_padded_batch(np.random.default_rng(2), 2, 9, BASE["vocab_size"], pads=[0, 4], low=0)
+    ours = np.asarray(model(ids, mask))
+    assert ours.dtype == np.float32
+    ref = _torch_logits(torch_model, ids, mask)
+    real = mask.astype(bool)
+    err = np.abs(ours[real] - ref[real]).max()
+    assert err <= tol * np.abs(ref[real]).max(), err
+    assert (ours[real].argmax(-1) == ref[real].argmax(-1)).mean() > 0.8
+
+
+def _params_equal(a, b):
+    leaves_a, tree_a = jax.tree.flatten(a.params)
+    leaves_b, tree_b = jax.tree.flatten(b.params)
+    assert tree_a == tree_b
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_safetensors_sharded_bin_and_prefixless_give_identical_params(tmp_path):
+    torch_model = build_checkpoint(tmp_path / "single", seed=3, **BASE)
+    reference = jaxgen.from_pretrained(tmp_path / "single")
+
+    torch_model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    _params_equal(reference, jaxgen.from_pretrained(tmp_path / "sharded"))
+
+    (tmp_path / "bin").mkdir()
+    shutil.copy(tmp_path / "single" / "config.json", tmp_path / "bin")
+    torch.save(torch_model.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    _params_equal(reference, jaxgen.from_pretrained(tmp_path / "bin"))
+
+    # Base-model checkpoint: no "transformer." prefix and no lm_head (tied).
+    base = GPT2Model(torch_model.config)
+    base.load_state_dict(torch_model.transformer.state_dict())
+    base.save_pretrained(tmp_path / "base")
+    _params_equal(reference, jaxgen.from_pretrained(tmp_path / "base"))
+
+
+def test_model_is_a_pytree_usable_under_jit(tmp_path):
+    build_checkpoint(tmp_path, seed=0, **BASE)
+    model = jaxgen.from_pretrained(tmp_path)
+    leaves = jax.tree.leaves(model)
+    assert len(leaves) == 4 + 12 * BASE["n_layer"]
+    doubled = jax.tree.map(lambda x: x * 1, model)
+    assert doubled.config == model.config
+    ids = np.arange(6)[None] % BASE["vocab_size"]
+    np.testing.assert_allclose(np.asarray(jax.jit(lambda m, i: m(i))(model, ids)), np.asarray(model(ids)), atol=1e-5)
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+
+def _copy_config(src, dst, **changes):
+    dst.mkdir(exist_ok=True)
+    config = json.loads((src / "config.json").read_text())
+    config.update(changes)
+    (dst / "config.json").write_text(json.dumps(config))
+
+
+@pytest.fixture(scope="module")
+def good_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("good")
+    build_checkpoint(path, seed=0, **BASE)
+    return path
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(jaxgen.CheckpointError, match="does not exist"):
+        jaxgen.from_pretrained(tmp_path / "nope")
+
+
+def test_directory_without_weights(tmp_path, good_dir):
+    _copy_config(good_dir, tmp_path / "empty")
+    with pytest.raises(jaxgen.CheckpointError, match="no weights file"):
+        jaxgen.from_pretrained(tmp_path / "empty")
+
+
+def test_directory_without_config(tmp_path):
+    (tmp_path / "x").mkdir()
+    with pytest.raises(jaxgen.CheckpointError, match="no config.json"):
+        jaxgen.from_pretrained(tmp_path / "x")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "bad_header"])
+def test_corrupted_safetensors(tmp_path, good_dir, damage):
+    bad = tmp_path / "bad"
+    _copy_config(good_dir, bad)
+    data = (good_dir / "model.safetensors").read_bytes()
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "garbage":
+        data = b"\x00\x01" * 100
+    else:
+        data = data[:8] + b"{not json" + data[17:]
+    (bad / "model.safetensors").write_bytes(data)
+    with pytest.raises(jaxgen.CheckpointError, match="not a valid safetensors file"):
+        jaxgen.from_pretrained(bad)
+
+
+def test_shapes_disagreeing_with_config(tmp_path, good_dir):
+    bad = tmp_path / "bad"
+    _copy_config(good_dir, bad, n_embd=64)
+    shutil.copy(good_dir / "model.safetensors", bad)
+    with pytest.raises(jaxgen.CheckpointError, match=r"has shape .* config.json implies"):
+        jaxgen.from_pretrained(bad)
+
+
+def test_llama_checkpoint_is_rejected(tmp_path):
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    with pytest.raises(jaxgen.CheckpointError, match="model_type='llama'.*GPT-2 checkpoints only"):
+        jaxgen.from_pretrained(tmp_path)
+
+
+def test_unsupported_config_options(tmp_path, good_dir):
+    _copy_config(good_dir, tmp_path / "a", activation_function="mish")
+    with pytest.raises(jaxgen.CheckpointError, match="activation_function='mish'"):
+        jaxgen.from_pretrained(tmp_path / "a")
+    _copy_config(good_dir, tmp_path / "b", add_cross_attention=True)
+    with pytest.raises(jaxgen.CheckpointError, match="add_cross_attention"):
+        jaxgen.from_pretrained(tmp_path / "b")
+
+
+def test_bad_dtype(good_dir):
+    with pytest.raises(ValueError, match="dtype="):
+        jaxgen.from_pretrained(good_dir, dtype=jnp.int8)
+
+
+def test_hub_id_offline_gives_one_clear_sentence(tmp_path, monkeypatch):
+    """A hub id that is not cached, with the hub unreachable, fails with advice, not a traceback."""
+    with pytest.raises(jaxgen.CheckpointError, match="local Hugging Face cache.*local copy"):
+        jaxgen.from_pretrained("gpt2", cache_dir=tmp_path, local_files_only=True)
+
+
+def test_hub_id_resolves_through_the_local_cache(tmp_path, good_dir):
+    """The real hub path: a snapshot in the huggingface_hub cache layout loads offline."""
+    repo = tmp_path / "models--someone--tiny-gpt2"
+    commit = "0" * 40
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(good_dir / name, snap / name)
+    model = jaxgen.from_pretrained("someone/tiny-gpt2", cache_dir=tmp_path, local_files_only=True)
+    _params_equal(model, jaxgen.from_pretrained(good_dir))

@@ -206,7 +206,9 @@ BAD_CALLS = [
     (dict(temperature=0.5), "only apply when sampling"),
     (dict(num_return_sequences=2), "greedy search returns one sequence"),
     (dict(max_time=3.0), "max_time is not supported"),
-    (dict(stop_strings=["\n"]), "stop_strings is not supported"),
+    (dict(stop_strings=["\n"]), "stop_strings is not supported.*stop_sequences"),
+    (dict(stop_sequences=[[]]), "stop_sequences"),
+    (dict(stop_sequences=[[3, 99]]), r"stop_sequences.*\[0, 48\)"),
     (dict(num_beam=3), "unknown generate argument 'num_beam' .*did you mean 'num_beams'"),
     (dict(length_penalty="big", num_beams=2), "length_penalty='big'"),
     (dict(suppress_tokens=list(range(48))), "ban every token"),
@@ -247,3 +249,36 @@ def test_bad_inputs(eos_model):
         jaxgen.greedy_search(model, ids, num_beams=3, **kw)
     with pytest.raises(ValueError, match="model must be a jaxgen GPT2"):
         jaxgen.generate("gpt2", ids, **kw)
+
+
+def test_stop_sequences_equal_a_transformers_stopping_criterion(eos_model):
+    """stop_sequences (token-level stop strings) behave as a transformers StoppingCriteria that
+    matches the end of input_ids, for greedy and beam search."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    torch_model, model = eos_model
+    ids, mask = left_padded_batch(np.random.default_rng(4), 5, 6, EOS_MODEL["vocab_size"], [0, 2, 4, 1, 3])
+    free = jaxgen.greedy_search(model, ids, mask, max_new_tokens=10, eos_token_id=EOS, pad_token_id=PAD).trim()
+    generated = free.sequences[:, 6:]
+    # Stop on bigrams / single tokens that really occur, so that several rows stop early.
+    stops = [[int(generated[0, 1]), int(generated[0, 2])], [int(generated[3, 4])]]
+
+    class EndsWith(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+            for stop in stops:
+                done |= (input_ids[:, -len(stop):] == torch.tensor(stop)).all(-1)
+            return done
+
+    for extra in (dict(), dict(num_beams=3, num_return_sequences=2)):
+        kw = dict(max_new_tokens=10, eos_token_id=EOS, pad_token_id=PAD, **extra)
+        ref = hf_generate(torch_model, ids, mask, do_sample=False, stopping_criteria=StoppingCriteriaList([EndsWith()]),
+                          **kw)
+        out = jaxgen.generate(model, ids, mask, stop_sequences=stops, output_scores=True, **kw).trim()
+        assert_same_generation(out, ref, beams=bool(extra))
+    stopped = jaxgen.greedy_search(model, ids, mask, max_new_tokens=10, eos_token_id=EOS, pad_token_id=PAD,
+                                   stop_sequences=stops).trim()
+    width = free.sequences.shape[1]
+    padded = np.pad(stopped.sequences, ((0, 0), (0, width - stopped.sequences.shape[1])), constant_values=PAD)
+    assert (padded[:, 6:] == PAD).sum() > (free.sequences[:, 6:] == PAD).sum()  # rows were cut early

@@ -33,7 +33,7 @@ DEFAULTS: dict[str, Any] = {
     "exponential_decay_length_penalty": None, "renormalize_logits": False,
     "remove_invalid_values": False, "logits_processor": (),
     "output_scores": False, "output_logits": False, "return_dict_in_generate": True,
-    "prompt_bucket": 64, "key": None,
+    "stop_sequences": None, "prompt_bucket": 64, "key": None,
 }
 HF_MAX_LENGTH = 20
 HF_TOP_K = 50
@@ -42,7 +42,7 @@ HOST_SIDE = {
     "max_time": "max_time is a wall-clock criterion checked on the host between steps; a compiled "
                 "while_loop cannot stop on time. Bound the work with max_new_tokens instead",
     "stop_strings": "stop_strings needs the tokenizer at every step; pass the token ids of the stop "
-                    "text as eos_token_id (a list is allowed) instead",
+                    "texts as stop_sequences=[[ids...], ...] instead (matched on token ids)",
     "streamer": "streaming is not supported by the decoders yet",
     "stopping_criteria": "custom stopping criteria are host-side Python; use eos_token_id",
 }
@@ -194,9 +194,16 @@ def parse(model: GPT2, input_ids, attention_mask, kwargs: dict[str, Any], beam_s
         if len(pad) != 1:
             _fail("pad_token_id", kw["pad_token_id"], "expected a single token id")
         pad = pad[0]
-    elif eos_ids:
+    stops = kw["stop_sequences"]
+    if stops is not None:
+        if (not isinstance(stops, (list, tuple)) or not stops
+                or not all(isinstance(s, (list, tuple)) and s for s in stops)):
+            _fail("stop_sequences", stops, "expected a non-empty list of non-empty lists of token ids")
+        stops = tuple(_token_ids("stop_sequences", list(s), vocab) for s in stops)
+    if pad is None and (eos_ids or stops):
         raise ValueError(
-            f"pad_token_id is missing, but rows can finish early at eos_token_id={list(eos_ids)}; pass "
+            f"pad_token_id is missing, but rows can finish early (eos_token_id={list(eos_ids)}, "
+            f"stop_sequences={[list(s) for s in stops or ()]}); pass "
             "pad_token_id (for GPT-2, pad_token_id=eos_token_id, which transformers would pick with a warning)"
         )
 
@@ -278,9 +285,14 @@ def parse(model: GPT2, input_ids, attention_mask, kwargs: dict[str, Any], beam_s
         _fail("return_dict_in_generate", kw["return_dict_in_generate"],
               "jaxgen always returns the output object; use out.sequences")
 
-    always_banned = set(suppress or ()) | {w[0] for w in bad_words or () if len(w) == 1 and w[0] not in eos_ids}
-    if len(always_banned) >= vocab:
-        raise ValueError("suppress_tokens / bad_words_ids ban every token of the vocabulary; nothing can be generated")
+    banned = set(suppress or ()) | {w[0] for w in bad_words or () if len(w) == 1 and w[0] not in eos_ids}
+    if (min_new_tokens or 0) > 0 or (min_length or 0) > prompt_len:
+        banned |= set(eos_ids)  # EOS is banned at the first step too
+    if len(banned) >= vocab:
+        raise ValueError(
+            "suppress_tokens / bad_words_ids (with min_new_tokens / min_length banning EOS) ban every token "
+            "of the vocabulary; nothing can be generated"
+        )
 
     bucket = kw["prompt_bucket"]
     if bucket is not None and (isinstance(bucket, bool) or not isinstance(bucket, int) or bucket < 1):
@@ -299,7 +311,7 @@ def parse(model: GPT2, input_ids, attention_mask, kwargs: dict[str, Any], beam_s
     )
     spec = DecodeSpec(
         bucket_len=bucket_len, max_new_tokens=max_new_tokens,
-        eos_token_ids=eos_ids, pad_token_id=pad, do_sample=do_sample, num_beams=num_beams,
+        eos_token_ids=eos_ids, pad_token_id=pad, stop_sequences=stops or (), do_sample=do_sample, num_beams=num_beams,
         beam_search=beam_search, num_return_sequences=nrs, early_stopping=early_stopping,
         output_scores=kw["output_scores"], output_logits=kw["output_logits"],
     )

@@ -127,7 +127,7 @@ def decode(model: GPT2, input_ids, attention_mask, prompt_len, processors, key, 
         tokens = (topk_idx % vocab).astype(jnp.int32)
         topk_sequences = _set_column(_gather(s.running_sequences, src_beam), column, tokens)
         topk_beam_indices = _set_column(_gather(s.running_beam_indices, src_beam), s.step, src_beam + batch_offset)
-        hits = engine.is_eos(tokens, spec.eos_token_ids) | (s.step + 1 >= n)  # [batch, keep]
+        hits = engine.hits_stop(topk_sequences, column, spec.bucket_len - prompt_len, spec) | (s.step + 1 >= n)
 
         # Beams that keep running.
         topk_running_log_probs = topk_log_probs + hits.astype(jnp.float32) * BIG

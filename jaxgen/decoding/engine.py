@@ -34,6 +34,7 @@ class DecodeSpec:
     max_new_tokens: int  # N
     eos_token_ids: tuple[int, ...]
     pad_token_id: int | None
+    stop_sequences: tuple[tuple[int, ...], ...] = ()
     do_sample: bool = False
     num_beams: int = 1
     beam_search: bool = False
@@ -102,11 +103,20 @@ def record(buffer: jax.Array | None, step: jax.Array, value: jax.Array) -> jax.A
     return None if buffer is None else jax.lax.dynamic_update_index_in_dim(buffer, value, step, 0)
 
 
-def is_eos(tokens: jax.Array, eos_token_ids: tuple[int, ...]) -> jax.Array:
-    """bool[...]: token is one of the EOS ids (all False without EOS)."""
-    if not eos_token_ids:
-        return jnp.zeros(tokens.shape, bool)
-    return jnp.isin(tokens, jnp.asarray(eos_token_ids, tokens.dtype))
+def hits_stop(sequences: jax.Array, column: jax.Array, first_column: jax.Array, spec: DecodeSpec) -> jax.Array:
+    """bool[...]: the token just written at ``column`` ends the row: it is an EOS id, or the
+    tokens ending there match one of ``spec.stop_sequences`` (transformers' EOS criterion and a
+    token-level ``StopStringCriteria``). ``sequences: int32[..., S]``; matches may not reach
+    before ``first_column`` (bucket padding)."""
+    tokens = jax.lax.dynamic_index_in_dim(sequences, column, axis=-1, keepdims=False)
+    hit = jnp.zeros(tokens.shape, bool)
+    if spec.eos_token_ids:
+        hit = jnp.isin(tokens, jnp.asarray(spec.eos_token_ids, tokens.dtype))
+    for stop in spec.stop_sequences:
+        start = column + 1 - len(stop)
+        tail = jax.lax.dynamic_slice_in_dim(sequences, jnp.maximum(start, 0), len(stop), axis=-1)
+        hit |= (tail == jnp.asarray(stop, tail.dtype)).all(-1) & (start >= first_column)
+    return hit
 
 
 def initial_sequences(input_ids: jax.Array, spec: DecodeSpec, fill: int) -> jax.Array:

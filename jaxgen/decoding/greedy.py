@@ -66,11 +66,11 @@ def decode(model: GPT2, input_ids, attention_mask, prompt_len, processors, key, 
     def body(s: TokenState) -> TokenState:
         scores = engine.process(processors, s.logits, s.sequences, s.step, prompt_len, pre.pad_lengths, spec)
         tokens = select_token(scores, key, s.step, spec.do_sample)
-        if spec.eos_token_ids:
+        if spec.eos_token_ids or spec.stop_sequences:
             tokens = jnp.where(s.unfinished, tokens, spec.pad_token_id)
         column = spec.bucket_len + s.step
         sequences = jax.lax.dynamic_update_index_in_dim(s.sequences, tokens, column, 1)
-        unfinished = s.unfinished & ~engine.is_eos(tokens, spec.eos_token_ids)
+        unfinished = s.unfinished & ~engine.hits_stop(sequences, column, spec.bucket_len - prompt_len, spec)
         done = ~jnp.any(unfinished) | (s.step + 1 >= spec.max_new_tokens)
         logits, cache = engine.decode_step(model, tokens, s.positions, pre.kv_mask, s.cache, column)
         return TokenState(

@@ -1,0 +1,135 @@
+"""Sampling and beam sampling: reproducibility, exclusions, and the sampled distribution."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+import jaxgen
+from tests.conftest import EOS, EOS_MODEL, PAD, left_padded_batch
+
+KW = dict(eos_token_id=EOS, pad_token_id=PAD)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return left_padded_batch(np.random.default_rng(0), 3, 6, EOS_MODEL["vocab_size"], [0, 2, 4])
+
+
+def test_same_key_same_output_other_key_other_output(eos_model, batch):
+    _, model = eos_model
+    ids, mask = batch
+    kw = dict(max_new_tokens=10, temperature=1.3, num_return_sequences=4, **KW)
+    a = jaxgen.sample(model, ids, mask, key=jax.random.key(0), **kw).trim()
+    b = jaxgen.sample(model, ids, mask, key=jax.random.key(0), **kw).trim()
+    c = jaxgen.sample(model, ids, mask, key=jax.random.key(1), **kw).trim()
+    np.testing.assert_array_equal(a.sequences, b.sequences)
+    assert a.sequences.shape[0] == 12  # rows expanded as transformers: batch * num_return_sequences
+    np.testing.assert_array_equal(a.sequences[::4, :6], ids)  # consecutive copies of each prompt
+    assert a.sequences.shape != c.sequences.shape or (a.sequences != c.sequences).any()
+
+
+def test_top_k_1_equals_greedy(eos_model, batch):
+    _, model = eos_model
+    ids, mask = batch
+    greedy = jaxgen.greedy_search(model, ids, mask, max_new_tokens=9, **KW).trim()
+    sampled = jaxgen.sample(model, ids, mask, key=jax.random.key(3), top_k=1, max_new_tokens=9, **KW).trim()
+    np.testing.assert_array_equal(sampled.sequences, greedy.sequences)
+
+
+@pytest.mark.parametrize("warper", [dict(top_k=5), dict(top_p=0.6, top_k=0), dict(min_p=0.2, top_k=0),
+                                    dict(typical_p=0.5, top_k=0), dict(top_k=8, top_p=0.7, temperature=0.6)])
+def test_never_emits_an_excluded_token(eos_model, batch, warper):
+    """Over many draws, every sampled token had a finite processed score in its row."""
+    _, model = eos_model
+    ids, mask = batch
+    out = jaxgen.sample(model, ids, mask, key=jax.random.key(7), max_new_tokens=8, num_return_sequences=64,
+                        output_scores=True, **warper, **KW).trim()
+    generated = out.sequences[:, ids.shape[1]:]
+    running = np.ones(generated.shape[0], bool)
+    excluded_counts = []
+    for step, scores in enumerate(out.scores):
+        tokens = generated[:, step]
+        assert np.isfinite(scores[np.arange(len(tokens)), tokens])[running].all(), f"step {step}"
+        excluded_counts.append(np.isneginf(scores[running]).sum())
+        running &= tokens != EOS
+    assert sum(excluded_counts) > 0  # the warper really excluded something
+
+
+def _chi2_critical(df, z=3.09):
+    """Wilson-Hilferty approximation of the chi-square quantile (z=3.09: the 99.9% point)."""
+    return df * (1 - 2 / (9 * df) + z * np.sqrt(2 / (9 * df))) ** 3
+
+
+@pytest.mark.parametrize("warper", [dict(top_k=0), dict(temperature=0.7, top_k=20, top_p=0.95)])
+def test_token_frequencies_match_processed_softmax(eos_model, warper):
+    """One step, 4000 draws (one key, 4000 rows): chi-square against softmax(processed scores)."""
+    _, model = eos_model
+    ids, mask = left_padded_batch(np.random.default_rng(1), 1, 5, EOS_MODEL["vocab_size"], [0])
+    draws = 4000
+    out = jaxgen.sample(model, ids, mask, key=jax.random.key(11), max_new_tokens=1, num_return_sequences=draws,
+                        output_scores=True, **warper, **KW).trim()
+    scores = out.scores[0][0]
+    probs = np.exp(scores - scores.max())
+    probs /= probs.sum()
+    counts = np.bincount(out.sequences[:, -1], minlength=len(probs))
+    assert counts[probs == 0].sum() == 0
+    expected = probs * draws
+    big = expected >= 5
+    observed = np.append(counts[big], counts[~big].sum())
+    expected = np.append(expected[big], expected[~big].sum())
+    if expected[-1] < 5:  # fold a tiny remainder bin into the smallest kept bin
+        observed, expected = observed[:-1], expected[:-1]
+        observed[np.argmin(expected)] += counts[~big].sum()
+        expected[np.argmin(expected)] += (probs[~big] * draws).sum()
+    stat = ((observed - expected) ** 2 / expected).sum()
+    df = len(expected) - 1
+    assert df >= 5
+    assert stat < _chi2_critical(df), (stat, df)
+
+
+def test_beam_sampling(eos_model, batch):
+    _, model = eos_model
+    ids, mask = batch
+    kw = dict(num_beams=4, num_return_sequences=3, max_new_tokens=8, output_scores=True, **KW)
+    a = jaxgen.sample(model, ids, mask, key=jax.random.key(5), **kw).trim()
+    b = jaxgen.generate(model, ids, mask, do_sample=True, key=jax.random.key(5), **kw).trim()
+    c = jaxgen.sample(model, ids, mask, key=jax.random.key(6), **kw).trim()
+    np.testing.assert_array_equal(a.sequences, b.sequences)
+    assert a.sequences.shape[0] == 9 and a.beam_indices.shape[0] == 9
+    assert a.sequences.shape != c.sequences.shape or (a.sequences != c.sequences).any()
+    # The reported sequence scores are the length-normalised sums of the chosen tokens' scores.
+    ts = np.asarray(jaxgen.compute_transition_scores(a.sequences, a.scores, a.beam_indices))
+    generated = (a.beam_indices != -1).sum(1)
+    np.testing.assert_allclose(ts.sum(1) / generated, a.sequences_scores, atol=1e-4)
+    assert (np.diff(a.sequences_scores.reshape(3, 3), axis=1) <= 1e-6).all()  # best first
+
+
+BAD = [
+    (dict(temperature=0.0), "temperature=0.0"),
+    (dict(temperature=-1.0), "temperature=-1.0"),
+    (dict(top_p=0.0), "top_p=0.0"),
+    (dict(top_p=1.5), "top_p=1.5"),
+    (dict(top_k=-1), "top_k=-1"),
+    (dict(min_p=1.5), "min_p=1.5"),
+    (dict(typical_p=0.0), "typical_p=0.0"),
+    (dict(epsilon_cutoff=1.0), "epsilon_cutoff=1.0"),
+    (dict(key=None), "explicit PRNG key"),
+    (dict(top_kk=3), "unknown generate argument 'top_kk'.*did you mean 'top_k'"),
+    (dict(bad_words_ids=[[i] for i in range(48)], suppress_tokens=[EOS]), "ban every token"),
+    (dict(bad_words_ids=[[i] for i in range(48)], min_new_tokens=1), "ban every token"),
+    (dict(bad_words_ids=[[]]), "bad_words_ids"),
+    (dict(sequence_bias={(1, 99): 1.0}), "sequence_bias"),
+    (dict(repetition_penalty=0.0), "repetition_penalty=0.0"),
+]
+
+
+@pytest.mark.parametrize("kwargs, message", BAD, ids=[m[:20] for _, m in BAD])
+def test_bad_sampling_arguments(eos_model, batch, kwargs, message):
+    _, model = eos_model
+    ids, mask = batch
+    kw = dict(key=jax.random.key(0), max_new_tokens=3, **KW)
+    kw.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        jaxgen.sample(model, ids, mask, **kw)

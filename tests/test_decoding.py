@@ -167,8 +167,7 @@ def test_output_scores_false_allocates_no_score_buffer(gpt2_vocab_model):
     for output_scores in (True, False):
         req = args.parse(model, TUTORIAL_IDS, TUTORIAL_MASK, dict(
             max_new_tokens=5, num_beams=5, eos_token_id=GPT2_EOS, pad_token_id=GPT2_EOS, output_scores=output_scores))
-        hlo = api._decode.lower(model, req.input_ids, req.attention_mask, req.prompt_len, req.processors,
-                                req.key, req.length_penalty, spec=req.spec).as_text()
+        hlo = api._decode.lower(model, *api._operands(req), spec=req.spec).as_text()
         assert (shape in hlo) == output_scores
 
 
@@ -282,3 +281,55 @@ def test_stop_sequences_equal_a_transformers_stopping_criterion(eos_model):
     width = free.sequences.shape[1]
     padded = np.pad(stopped.sequences, ((0, 0), (0, width - stopped.sequences.shape[1])), constant_values=PAD)
     assert (padded[:, 6:] == PAD).sum() > (free.sequences[:, 6:] == PAD).sum()  # rows were cut early
+
+
+class Collector:
+    """A transformers-style streamer that records what it is given."""
+
+    def __init__(self):
+        self.puts, self.ended = [], False
+
+    def put(self, value):
+        assert not self.ended
+        self.puts.append(np.asarray(value))
+
+    def end(self):
+        self.ended = True
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_streamer_receives_every_token_in_order(eos_model, do_sample):
+    _, model = eos_model
+    ids, mask = left_padded_batch(np.random.default_rng(10), 2, 5, EOS_MODEL["vocab_size"], [0, 2])
+    kw = dict(max_new_tokens=8, eos_token_id=EOS, pad_token_id=PAD, do_sample=do_sample)
+    if do_sample:
+        kw["key"] = jax.random.key(4)
+    plain = jaxgen.generate(model, ids, mask, **kw)
+    before = api._decode._cache_size()
+    for _ in range(2):  # a new streamer object reuses the compiled streaming program
+        streamer = Collector()
+        out = jaxgen.generate(model, ids, mask, streamer=streamer, **kw).trim()
+        assert streamer.ended
+        np.testing.assert_array_equal(out.sequences, plain.trim().sequences)
+        np.testing.assert_array_equal(streamer.puts[0], ids)
+        np.testing.assert_array_equal(np.stack(streamer.puts[1:], axis=1), out.sequences[:, 5:])
+    assert api._decode._cache_size() == before + 1
+
+
+def test_streamer_with_beams_is_rejected(eos_model):
+    _, model = eos_model
+    with pytest.raises(ValueError, match="streamer.*not beam search"):
+        jaxgen.generate(model, np.array([[3, 4]]), num_beams=2, max_new_tokens=2, eos_token_id=EOS, pad_token_id=PAD,
+                        streamer=Collector())
+    with pytest.raises(ValueError, match="streamer.*put"):
+        jaxgen.generate(model, np.array([[3, 4]]), max_new_tokens=2, eos_token_id=EOS, pad_token_id=PAD, streamer=print)
+
+
+def test_compile_generate_runs_the_same_program(eos_model):
+    _, model = eos_model
+    ids, mask = left_padded_batch(np.random.default_rng(11), 2, 5, EOS_MODEL["vocab_size"], [0, 2])
+    kw = dict(max_new_tokens=6, num_beams=2, eos_token_id=EOS, pad_token_id=PAD, output_scores=True)
+    run = api.compile_generate(model, ids, mask, **kw)
+    a, b = run().trim(), jaxgen.generate(model, ids, mask, **kw).trim()
+    np.testing.assert_array_equal(a.sequences, b.sequences)
+    np.testing.assert_allclose(a.sequences_scores, b.sequences_scores)

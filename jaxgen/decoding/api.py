@@ -3,33 +3,60 @@
 Each call validates its arguments on the host (`args.parse`), left-pads the prompt to its bucket,
 and runs one jitted program keyed on the static `DecodeSpec`: a second call with the same
 shapes and flags (another prompt of the same bucket, new float knobs) reuses it.
+`compile_generate` splits a call into compile and run, for status lines and benchmarks.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import jax
+import numpy as np
 
-from jaxgen.decoding import args, beam, greedy
+from jaxgen.decoding import args, beam, engine, greedy
 from jaxgen.decoding.engine import DecodeSpec
 from jaxgen.models.gpt2 import GPT2
 from jaxgen.outputs import GenerateOutput
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
-def _decode(model, input_ids, attention_mask, prompt_len, processors, key, length_penalty, *,
+def _decode(model, input_ids, attention_mask, prompt_len, processors, key, length_penalty, streamer_id, *,
             spec: DecodeSpec) -> GenerateOutput:
     if spec.beam_search:
         return beam.decode(model, input_ids, attention_mask, prompt_len, processors, key, length_penalty, spec)
-    return greedy.decode(model, input_ids, attention_mask, prompt_len, processors, key, spec)
+    return greedy.decode(model, input_ids, attention_mask, prompt_len, processors, key, streamer_id, spec)
+
+
+def _operands(req: args.Request):
+    return (req.input_ids, req.attention_mask, req.prompt_len, req.processors, req.key, req.length_penalty,
+            req.streamer_id)
+
+
+def _streaming(req: args.Request, input_ids, run: Callable[[], GenerateOutput]) -> GenerateOutput:
+    """Runs ``run`` with ``req.streamer`` registered: ``put(prompt)``, ``put(tokens)`` per step
+    from inside the loop, ``end()`` once the result is ready (transformers' streamer protocol)."""
+    if req.streamer is None:
+        return run()
+    with engine.registered(req.streamer) as streamer_id:
+        req.streamer_id = streamer_id
+        req.streamer.put(np.asarray(input_ids))
+        out = jax.block_until_ready(run())
+    req.streamer.end()
+    return out
 
 
 def _run(model, input_ids, attention_mask, kwargs, beam_search=None) -> GenerateOutput:
     req = args.parse(model, input_ids, attention_mask, kwargs, beam_search)
-    return _decode(model, req.input_ids, req.attention_mask, req.prompt_len, req.processors, req.key,
-                   req.length_penalty, spec=req.spec)
+    return _streaming(req, input_ids, lambda: _decode(model, *_operands(req), spec=req.spec))
+
+
+def compile_generate(model: GPT2, input_ids, attention_mask=None, **kwargs) -> Callable[[], GenerateOutput]:
+    """Validates and compiles a `generate` call without running it; returns a function that
+    runs the compiled program (the same one `generate` would use) and returns its output."""
+    req = args.parse(model, input_ids, attention_mask, kwargs)
+    compiled = _decode.lower(model, *_operands(req), spec=req.spec).compile()
+    return lambda: _streaming(req, input_ids, lambda: compiled(model, *_operands(req)))
 
 
 def _fixed(kwargs: dict[str, Any], fn: str, **fixed) -> dict[str, Any]:

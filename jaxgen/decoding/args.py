@@ -33,7 +33,7 @@ DEFAULTS: dict[str, Any] = {
     "exponential_decay_length_penalty": None, "renormalize_logits": False,
     "remove_invalid_values": False, "logits_processor": (),
     "output_scores": False, "output_logits": False, "return_dict_in_generate": True,
-    "stop_sequences": None, "prompt_bucket": 64, "key": None,
+    "stop_sequences": None, "streamer": None, "prompt_bucket": 64, "key": None,
 }
 HF_MAX_LENGTH = 20
 HF_TOP_K = 50
@@ -43,7 +43,6 @@ HOST_SIDE = {
                 "while_loop cannot stop on time. Bound the work with max_new_tokens instead",
     "stop_strings": "stop_strings needs the tokenizer at every step; pass the token ids of the stop "
                     "texts as stop_sequences=[[ids...], ...] instead (matched on token ids)",
-    "streamer": "streaming is not supported by the decoders yet",
     "stopping_criteria": "custom stopping criteria are host-side Python; use eos_token_id",
 }
 
@@ -59,6 +58,8 @@ class Request:
     processors: tuple
     key: Any
     length_penalty: Any
+    streamer: Any = None  # host object with put(np.ndarray) and end()
+    streamer_id: Any = np.int32(0)  # int32[], its id while registered
 
 
 def _is_concrete(x) -> bool:
@@ -294,6 +295,13 @@ def parse(model: GPT2, input_ids, attention_mask, kwargs: dict[str, Any], beam_s
             "of the vocabulary; nothing can be generated"
         )
 
+    streamer = kw["streamer"]
+    if streamer is not None:
+        if not (callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))):
+            _fail("streamer", streamer, "expected an object with put(token_ids) and end() (e.g. transformers.TextStreamer)")
+        if beam_search:
+            _fail("streamer", streamer, "streaming is for greedy search and sampling, not beam search (as transformers)")
+
     bucket = kw["prompt_bucket"]
     if bucket is not None and (isinstance(bucket, bool) or not isinstance(bucket, int) or bucket < 1):
         _fail("prompt_bucket", bucket, "expected None or an int >= 1 (prompts are left-padded to a multiple of it)")
@@ -313,10 +321,10 @@ def parse(model: GPT2, input_ids, attention_mask, kwargs: dict[str, Any], beam_s
         bucket_len=bucket_len, max_new_tokens=max_new_tokens,
         eos_token_ids=eos_ids, pad_token_id=pad, stop_sequences=stops or (), do_sample=do_sample, num_beams=num_beams,
         beam_search=beam_search, num_return_sequences=nrs, early_stopping=early_stopping,
-        output_scores=kw["output_scores"], output_logits=kw["output_logits"],
+        output_scores=kw["output_scores"], output_logits=kw["output_logits"], stream=streamer is not None,
     )
     ids, mask = _left_pad(ids, mask, bucket_len, pad if pad is not None else 0)
-    return Request(spec, ids, mask, jnp.int32(prompt_len), processors, key, jnp.float32(length_penalty))
+    return Request(spec, ids, mask, jnp.int32(prompt_len), processors, key, jnp.float32(length_penalty), streamer)
 
 
 def _left_pad(ids, mask, length: int, pad: int):

@@ -13,10 +13,14 @@ Shapes (``rows`` = batch x beams or batch x return sequences, ``P`` = bucketed p
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import io_callback
 
 from jaxgen.models.gpt2 import GPT2, KVCache, forward, lm_head, positions_from_mask
 from jaxgen.processors import ProcessorContext, apply
@@ -42,6 +46,7 @@ class DecodeSpec:
     early_stopping: bool | str = False
     output_scores: bool = False
     output_logits: bool = False
+    stream: bool = False  # call the registered streamer's put() from inside the loop
 
     @property
     def total_len(self) -> int:
@@ -124,3 +129,28 @@ def initial_sequences(input_ids: jax.Array, spec: DecodeSpec, fill: int) -> jax.
     rows = input_ids.shape[0]
     tail = jnp.full((rows, spec.max_new_tokens), fill, jnp.int32)
     return jnp.concatenate([input_ids.astype(jnp.int32), tail], axis=1)
+
+
+# Streamers live on the host; the compiled loop only carries an int32 id, so a new streamer
+# object does not recompile the program.
+_STREAMERS: dict[int, object] = {}
+_streamer_ids = itertools.count(1)
+
+
+@contextlib.contextmanager
+def registered(streamer):
+    streamer_id = next(_streamer_ids)
+    _STREAMERS[streamer_id] = streamer
+    try:
+        yield np.int32(streamer_id)
+    finally:
+        del _STREAMERS[streamer_id]
+
+
+def _put(streamer_id, tokens):
+    _STREAMERS[int(streamer_id)].put(np.asarray(tokens))
+
+
+def stream(streamer_id: jax.Array, tokens: jax.Array) -> None:
+    """Hands ``tokens: int32[rows]`` to the registered streamer, in step order."""
+    io_callback(_put, None, streamer_id, tokens, ordered=True)

@@ -46,7 +46,8 @@ def select_token(scores: jax.Array, key: jax.Array | None, step: jax.Array, do_s
     return jax.random.categorical(jax.random.fold_in(key, step), scores, axis=-1).astype(jnp.int32)
 
 
-def decode(model: GPT2, input_ids, attention_mask, prompt_len, processors, key, spec: DecodeSpec) -> GenerateOutput:
+def decode(model: GPT2, input_ids, attention_mask, prompt_len, processors, key, streamer_id,
+           spec: DecodeSpec) -> GenerateOutput:
     """Greedy / sampling decode of ``input_ids: int32[batch, P]`` (left-padded to the bucket)."""
     pre = engine.prefill(model, input_ids, attention_mask, prompt_len, spec, spec.num_return_sequences)
     rows, vocab = pre.logits.shape
@@ -69,6 +70,8 @@ def decode(model: GPT2, input_ids, attention_mask, prompt_len, processors, key, 
         if spec.eos_token_ids or spec.stop_sequences:
             tokens = jnp.where(s.unfinished, tokens, spec.pad_token_id)
         column = spec.bucket_len + s.step
+        if spec.stream:
+            engine.stream(streamer_id, tokens)
         sequences = jax.lax.dynamic_update_index_in_dim(s.sequences, tokens, column, 1)
         unfinished = s.unfinished & ~engine.hits_stop(sequences, column, spec.bucket_len - prompt_len, spec)
         done = ~jnp.any(unfinished) | (s.step + 1 >= spec.max_new_tokens)

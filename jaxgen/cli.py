@@ -1,0 +1,222 @@
+"""The ``jaxgen`` command (also ``python -m jaxgen``).
+
+    jaxgen generate "The meaning of life is" --num-beams 4 --num-return-sequences 2 --show-scores
+
+Prompts are tokenized with left padding; outputs are decoded without pad tokens. Without
+``--model`` the small GPT-2 shipped in ``jaxgen/demo_model`` is used, so the command works
+offline. Status lines (load, compile, generation speed) go to stderr; ``--json`` prints only
+JSON on stdout. Bad input exits with status 2 and one ``jaxgen: error: ...`` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        raise _UsageError(message)
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _bool_or_never(value: str):
+    table = {"true": True, "false": False, "never": "never"}
+    if value.lower() not in table:
+        raise argparse.ArgumentTypeError(f"expected true, false or never, got {value!r}")
+    return table[value.lower()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="jaxgen", description="Text generation with jaxgen (Hugging Face generate() in JAX).")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    g = sub.add_parser("generate", help="continue one or more prompts")
+    g.add_argument("prompts", nargs="+", metavar="PROMPT")
+    g.add_argument("--model", default=str(DEMO_MODEL),
+                   help="hub id or local directory (default: the demo model shipped with jaxgen)")
+    g.add_argument("--max-new-tokens", type=int, default=30)
+    g.add_argument("--num-beams", type=int, default=1)
+    g.add_argument("--num-return-sequences", type=int, default=1)
+    g.add_argument("--length-penalty", type=float, default=1.0)
+    g.add_argument("--early-stopping", type=_bool_or_never, default=False, metavar="{true,false,never}")
+    g.add_argument("--do-sample", action="store_true")
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling")
+    g.add_argument("--repetition-penalty", type=float)
+    g.add_argument("--no-repeat-ngram-size", type=int)
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    g.add_argument("--show-scores", action="store_true", help="per-token log-probabilities")
+    g.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    return parser
+
+
+class _Status:
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+
+    def __call__(self, message: str):
+        if not self.quiet:
+            print(f"jaxgen: {message}", file=sys.stderr, flush=True)
+
+
+class _PrintStreamer:
+    """Prints the decoded text of a single row as tokens arrive (transformers' streamer protocol)."""
+
+    def __init__(self, tokenizer, stop_ids):
+        self.tokenizer, self.stop_ids = tokenizer, set(stop_ids)
+        self.ids: list[int] = []
+        self.printed = 0
+        self.done = False
+
+    def put(self, value):
+        import numpy as np
+
+        value = np.asarray(value).reshape(-1)
+        if self.done:
+            return
+        self.ids.extend(int(t) for t in value)
+        if len(value) == 1 and int(value[0]) in self.stop_ids:
+            self.done = True
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        print(text[self.printed:], end="", flush=True)
+        self.printed = len(text)
+
+    def end(self):
+        print(flush=True)
+
+
+def _generated_lengths(generated, stop_ids):
+    """Tokens each row really generated: up to and including the first EOS."""
+    lengths = []
+    for row in generated:
+        hits = [i for i, t in enumerate(row) if int(t) in stop_ids]
+        lengths.append(hits[0] + 1 if hits else len(row))
+    return lengths
+
+
+def run_generate(args) -> int:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import jaxgen
+    from jaxgen.decoding.api import compile_generate
+
+    status = _Status(args.json)
+    if not all(p.strip() for p in args.prompts):
+        raise ValueError("a prompt is empty; give at least one non-blank prompt text")
+    if args.stream and (len(args.prompts) > 1 or args.num_beams > 1 or args.num_return_sequences > 1):
+        raise ValueError("--stream prints one sequence: use one prompt, no beams, --num-return-sequences 1")
+    if args.stream and args.json:
+        raise ValueError("--stream and --json cannot be combined")
+
+    t0 = time.perf_counter()
+    model = jaxgen.from_pretrained(args.model, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.model, padding_side="left")
+    except Exception as e:  # transformers raises OSError, ValueError, ...
+        raise ValueError(f"cannot load the tokenizer of {args.model!r}: {str(e).splitlines()[0]}") from None
+    status(f"loaded {args.model} ({sum(x.size for x in jax.tree.leaves(model.params)) / 1e6:.1f}M params, "
+           f"{args.dtype}) in {time.perf_counter() - t0:.1f}s")
+
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token_id = pad
+    batch = tokenizer(args.prompts, return_tensors="np", padding=True)
+    kwargs = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+                  num_return_sequences=args.num_return_sequences, eos_token_id=eos, pad_token_id=pad,
+                  output_scores=True, repetition_penalty=args.repetition_penalty,
+                  no_repeat_ngram_size=args.no_repeat_ngram_size)
+    if args.num_beams > 1:
+        kwargs.update(length_penalty=args.length_penalty, early_stopping=args.early_stopping)
+    if args.do_sample:
+        kwargs.update(do_sample=True, key=jax.random.key(args.seed), temperature=args.temperature,
+                      top_k=args.top_k, top_p=args.top_p)
+    elif any(v is not None for v in (args.temperature, args.top_k, args.top_p)):
+        raise ValueError("--temperature / --top-k / --top-p need --do-sample")
+    if args.stream:
+        kwargs["streamer"] = _PrintStreamer(tokenizer, [eos])
+
+    t0 = time.perf_counter()
+    run = compile_generate(model, batch.input_ids, batch.attention_mask, **kwargs)
+    status(f"compiled in {time.perf_counter() - t0:.1f}s")
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(run()).trim()
+    seconds = time.perf_counter() - t0
+
+    prompt_len = batch.input_ids.shape[1]
+    generated = out.sequences[:, prompt_len:]
+    lengths = _generated_lengths(generated, {eos})
+    status(f"generated {sum(lengths)} tokens in {seconds:.2f}s ({sum(lengths) / max(seconds, 1e-9):.1f} tokens/s)")
+
+    beams = args.num_beams > 1
+    transition = np.asarray(jaxgen.compute_transition_scores(
+        out.sequences, out.scores, out.beam_indices, normalize_logits=not beams))
+    per_prompt = args.num_return_sequences
+    results = []
+    for p, prompt in enumerate(args.prompts):
+        completions = []
+        for r in range(per_prompt):
+            row = p * per_prompt + r
+            ids = [int(t) for t in generated[row, :lengths[row]]]
+            real_prompt = [int(t) for t, m in zip(batch.input_ids[p], batch.attention_mask[p]) if m]
+            tokens = [{"id": t, "text": tokenizer.decode([t]), "logprob": float(transition[row, i]),
+                       "prob": float(np.exp(transition[row, i]))} for i, t in enumerate(ids)]
+            completions.append({
+                "text": tokenizer.decode(real_prompt + ids, skip_special_tokens=True),
+                "generated_text": tokenizer.decode(ids, skip_special_tokens=True),
+                "token_ids": ids,
+                "sequence_score": float(out.sequences_scores[row]) if beams else None,
+                "tokens": tokens,
+            })
+        results.append({"prompt": prompt, "completions": completions})
+
+    if args.json:
+        print(json.dumps({"model": args.model, "results": results}, indent=1))
+        return 0
+    for result in results:
+        grouped = len(result["completions"]) > 1 or beams
+        if grouped:
+            print(f"=== {result['prompt']!r}")
+        for r, c in enumerate(result["completions"]):
+            if grouped:
+                score = f"  score {c['sequence_score']:.4f}" if beams else ""
+                print(f"[{r + 1}]{score}  {c['text']}")
+            elif not args.stream:
+                print(c["text"])
+            if args.show_scores:
+                print(f"    {'token':>6}  {'text':<16} {'log-prob':>9} {'prob':>8}")
+                for t in c["tokens"]:
+                    print(f"    {t['id']:>6}  {t['text']!r:<16} {t['logprob']:>9.4f} {t['prob']:>8.2%}")
+                if beams:
+                    print(f"    sequence score: {c['sequence_score']:.4f}")
+    return 0
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return run_generate(args)
+    except (_UsageError, ValueError) as e:
+        print(f"jaxgen: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

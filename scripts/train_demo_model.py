@@ -1,0 +1,174 @@
+"""Trains the small GPT-2 that ships inside jaxgen (``jaxgen/demo_model``), on the CPU.
+
+Corpus: the fortune cookies of Debian's ``fortunes`` and ``fortunes-min`` packages (fortune-mod,
+BSD licence; ``apt-get install fortunes``), read from /usr/share/games/fortunes, without the
+ASCII-art files and without the offensive ``off/`` collection. Each fortune is one document,
+separated by ``<|endoftext|>``.
+
+Tokenizer: a byte-level BPE (``tokenizers``) with 4096 tokens, saved as a transformers GPT-2
+tokenizer. Model: jaxgen's own GPT-2 (``jaxgen.models.gpt2.forward``) trained with optax AdamW
+on 128-token windows; saved in Hugging Face layout (``config.json``, ``model.safetensors``
+with transformers' names), so that PyTorch ``GPT2LMHeadModel.from_pretrained`` loads it
+unchanged. Everything is seeded: the same machine and versions give the same files.
+
+    apt-get install fortunes && python scripts/train_demo_model.py --out jaxgen/demo_model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import safetensors.numpy
+
+from jaxgen.models.gpt2 import GPT2, GPT2Config, expected_shapes, forward, lm_head, positions_from_mask, unflatten_params
+
+EOT = "<|endoftext|>"
+FORTUNE_DIR = Path("/usr/share/games/fortunes")
+SKIP = {"ascii-art", "art", "translate-me"}
+
+
+def read_corpus(root: Path) -> list[str]:
+    if not root.is_dir():
+        sys.exit(f"{root} not found: install the corpus with `apt-get install fortunes`")
+    docs = []
+    for path in sorted(root.iterdir()):
+        if path.is_file() and "." not in path.name and path.name not in SKIP:
+            text = path.read_text(encoding="latin-1")
+            docs += [d.strip() for d in text.split("\n%\n") if d.strip()]
+    return docs
+
+
+def train_tokenizer(docs: list[str], vocab_size: int, out: Path):
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2TokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(docs, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOT])
+    tok = GPT2TokenizerFast(tokenizer_object=bpe, bos_token=EOT, eos_token=EOT, unk_token=EOT,
+                            model_max_length=256)
+    tok.save_pretrained(out)
+    return tok
+
+
+def init_params(config: GPT2Config, key) -> dict:
+    """GPT-2's initialisation: normal(0.02) weights, residual projections scaled by 1/sqrt(2 n_layer)."""
+    flat = {}
+    shapes = expected_shapes(config)
+    keys = jax.random.split(key, len(shapes))
+    for k, (name, shape) in zip(keys, sorted(shapes.items())):
+        if name.endswith(("scale",)):
+            flat[name] = jnp.ones(shape)
+        elif name.endswith("bias"):
+            flat[name] = jnp.zeros(shape)
+        else:
+            std = 0.02 / (2 * config.n_layer) ** 0.5 if name.endswith("c_proj.kernel") else 0.02
+            flat[name] = std * jax.random.normal(k, shape)
+    return unflatten_params(flat, config.n_layer)
+
+
+def to_hf_state_dict(params: dict, config: GPT2Config) -> dict[str, np.ndarray]:
+    """jaxgen params -> transformers' GPT2LMHeadModel names (Conv1D weights stay [in, out])."""
+    out = {"transformer.wte.weight": params["wte"], "transformer.wpe.weight": params["wpe"],
+           "transformer.ln_f.weight": params["ln_f"]["scale"], "transformer.ln_f.bias": params["ln_f"]["bias"]}
+    for i, block in enumerate(params["h"]):
+        p = f"transformer.h.{i}."
+        for ln in ("ln_1", "ln_2"):
+            out[p + ln + ".weight"], out[p + ln + ".bias"] = block[ln]["scale"], block[ln]["bias"]
+        for group, names in (("attn", ("c_attn", "c_proj")), ("mlp", ("c_fc", "c_proj"))):
+            for name in names:
+                out[f"{p}{group}.{name}.weight"] = block[group][name]["kernel"]
+                out[f"{p}{group}.{name}.bias"] = block[group][name]["bias"]
+    return {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in out.items()}
+
+
+def write_config(config: GPT2Config, out: Path):
+    from transformers import GPT2Config as HFConfig
+
+    hf = HFConfig(vocab_size=config.vocab_size, n_positions=config.n_positions, n_embd=config.n_embd,
+                  n_layer=config.n_layer, n_head=config.n_head, bos_token_id=config.bos_token_id,
+                  eos_token_id=config.eos_token_id, architectures=["GPT2LMHeadModel"])
+    hf.save_pretrained(out)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("jaxgen/demo_model"))
+    ap.add_argument("--steps", type=int, default=2500)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--n-embd", type=int, default=192)
+    ap.add_argument("--n-layer", type=int, default=4)
+    ap.add_argument("--n-head", type=int, default=6)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--corpus", type=Path, default=FORTUNE_DIR)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    docs = read_corpus(args.corpus)
+    tok = train_tokenizer(docs, args.vocab, args.out)
+    eot = tok.convert_tokens_to_ids(EOT)
+    encoded = tok.backend_tokenizer.encode_batch(docs)  # no length limit: documents are split into windows
+    stream = np.concatenate([np.asarray(e.ids + [eot], np.int32) for e in encoded])
+    print(f"{len(docs)} fortunes, {len(stream)} tokens, vocab {len(tok)}", flush=True)
+
+    config = GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=args.n_embd, n_layer=args.n_layer,
+                        n_head=args.n_head, bos_token_id=eot, eos_token_id=eot)
+    params = init_params(config, jax.random.key(args.seed))
+    warmup = min(100, args.steps // 10)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, warmup, args.steps, args.lr / 20)
+    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.05))
+    opt_state = opt.init(params)
+    holdout = len(stream) // 50  # the last 2% for validation
+
+    def loss_fn(p, batch):
+        model = GPT2(p, config)
+        mask = jnp.ones(batch.shape, jnp.int32)
+        hidden, _ = forward(model, batch[:, :-1], positions_from_mask(mask[:, :-1]), mask[:, :-1])
+        logits = lm_head(model, hidden)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
+
+    @jax.jit
+    def train_step(p, s, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(p, batch)
+        updates, s = opt.update(grads, s, p)
+        return optax.apply_updates(p, updates), s, loss
+
+    rng = np.random.default_rng(args.seed)
+    train = stream[:-holdout]
+    start = time.time()
+    for step in range(args.steps):
+        offsets = rng.integers(0, len(train) - args.seq - 1, size=args.batch)
+        batch = jnp.asarray(np.stack([train[o:o + args.seq + 1] for o in offsets]))
+        params, opt_state, loss = train_step(params, opt_state, batch)
+        if step % 100 == 0 or step == args.steps - 1:
+            print(f"step {step:5d}  loss {float(loss):.3f}  {time.time() - start:6.0f}s", flush=True)
+    valid = stream[-holdout:]
+    windows = np.stack([valid[i:i + args.seq + 1] for i in range(0, len(valid) - args.seq - 1, args.seq)])
+    val_loss = float(jax.jit(loss_fn)(params, jnp.asarray(windows)))
+    print(f"validation loss {val_loss:.3f} (perplexity {np.exp(val_loss):.1f})", flush=True)
+
+    safetensors.numpy.save_file(to_hf_state_dict(params, config), str(args.out / "model.safetensors"),
+                                metadata={"format": "pt"})
+    write_config(config, args.out)
+    card = (Path(__file__).with_name("demo_model_card.md").read_text()
+            .replace("{steps}", str(args.steps)).replace("{tokens}", str(len(stream)))
+            .replace("{docs}", str(len(docs))).replace("{val_loss}", f"{val_loss:.3f}")
+            .replace("{minutes}", f"{(time.time() - start) / 60:.0f}"))
+    (args.out / "README.md").write_text(card)
+    (args.out / "training.json").write_text(json.dumps({**vars(args), "out": str(args.out),
+                                                        "corpus": str(args.corpus), "val_loss": val_loss}, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -84,8 +84,9 @@ def to_hf_state_dict(params: dict, config: GPT2Config) -> dict[str, np.ndarray]:
             out[p + ln + ".weight"], out[p + ln + ".bias"] = block[ln]["scale"], block[ln]["bias"]
         for group, names in (("attn", ("c_attn", "c_proj")), ("mlp", ("c_fc", "c_proj"))):
             for name in names:
-                out[f"{p}{group}.{name}.weight"] = block[group][name]["kernel"]
-                out[f"{p}{group}.{name}.bias"] = block[group][name]["bias"]
+                kernel, bias = block[group][name]["kernel"], block[group][name]["bias"]
+                out[f"{p}{group}.{name}.weight"] = kernel.reshape(kernel.shape[0], -1)  # c_attn: [d, 3, d]
+                out[f"{p}{group}.{name}.bias"] = bias.reshape(-1)
     return {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in out.items()}
 
 

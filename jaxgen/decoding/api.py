@@ -14,6 +14,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from jaxgen import sharding
 from jaxgen.decoding import args, beam, engine, greedy
 from jaxgen.decoding.engine import DecodeSpec
 from jaxgen.models.gpt2 import GPT2
@@ -46,8 +47,23 @@ def _streaming(req: args.Request, input_ids, run: Callable[[], GenerateOutput]) 
     return out
 
 
+def _place(model: GPT2, req: args.Request) -> GPT2:
+    """With a mesh: params onto it (if `jaxgen.shard` was not called) and the batch split along
+    the data axis (concrete inputs; traced ones are pinned inside the program)."""
+    spec = req.spec
+    if spec.mesh is None:
+        return model
+    if not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(model)) and not sharding.is_on(model, spec.mesh):
+        model = sharding.shard(model, spec.mesh, data_axis=spec.data_axis, model_axis=spec.model_axis)
+    if not isinstance(req.input_ids, jax.core.Tracer):
+        rows = sharding.rows_sharding(spec.mesh, spec.data_axis, 2)
+        req.input_ids, req.attention_mask = jax.device_put((req.input_ids, req.attention_mask), rows)
+    return model
+
+
 def _run(model, input_ids, attention_mask, kwargs, beam_search=None) -> GenerateOutput:
     req = args.parse(model, input_ids, attention_mask, kwargs, beam_search)
+    model = _place(model, req)
     return _streaming(req, input_ids, lambda: _decode(model, *_operands(req), spec=req.spec))
 
 
@@ -55,6 +71,7 @@ def compile_generate(model: GPT2, input_ids, attention_mask=None, **kwargs) -> C
     """Validates and compiles a `generate` call without running it; returns a function that
     runs the compiled program (the same one `generate` would use) and returns its output."""
     req = args.parse(model, input_ids, attention_mask, kwargs)
+    model = _place(model, req)
     compiled = _decode.lower(model, *_operands(req), spec=req.spec).compile()
     return lambda: _streaming(req, input_ids, lambda: compiled(model, *_operands(req)))
 

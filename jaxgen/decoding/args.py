@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgen import sharding
 from jaxgen.decoding.engine import DecodeSpec
 from jaxgen.models.gpt2 import GPT2
 from jaxgen.processors import build_processors
@@ -34,6 +35,7 @@ DEFAULTS: dict[str, Any] = {
     "remove_invalid_values": False, "logits_processor": (),
     "output_scores": False, "output_logits": False, "return_dict_in_generate": True,
     "stop_sequences": None, "streamer": None, "prompt_bucket": 64, "key": None,
+    "mesh": None, "data_axis": "data", "model_axis": "model",
 }
 HF_MAX_LENGTH = 20
 HF_TOP_K = 50
@@ -302,6 +304,17 @@ def parse(model: GPT2, input_ids, attention_mask, kwargs: dict[str, Any], beam_s
         if beam_search:
             _fail("streamer", streamer, "streaming is for greedy search and sampling, not beam search (as transformers)")
 
+    mesh, data_axis, model_axis = kw["mesh"], kw["data_axis"], kw["model_axis"]
+    if mesh is not None:
+        sharding.check_mesh(mesh, data_axis, model_axis)
+        d = sharding.axis_size(mesh, data_axis)
+        if batch % d:
+            _fail("input_ids", f"<batch {batch}>",
+                  f"the batch must be divisible by the {d} devices of data_axis={data_axis!r}; pad it with "
+                  "extra prompts (and drop their outputs)")
+    else:
+        data_axis = model_axis = None
+
     bucket = kw["prompt_bucket"]
     if bucket is not None and (isinstance(bucket, bool) or not isinstance(bucket, int) or bucket < 1):
         _fail("prompt_bucket", bucket, "expected None or an int >= 1 (prompts are left-padded to a multiple of it)")
@@ -322,6 +335,7 @@ def parse(model: GPT2, input_ids, attention_mask, kwargs: dict[str, Any], beam_s
         eos_token_ids=eos_ids, pad_token_id=pad, stop_sequences=stops or (), do_sample=do_sample, num_beams=num_beams,
         beam_search=beam_search, num_return_sequences=nrs, early_stopping=early_stopping,
         output_scores=kw["output_scores"], output_logits=kw["output_logits"], stream=streamer is not None,
+        mesh=mesh, data_axis=data_axis, model_axis=model_axis,
     )
     ids, mask = _left_pad(ids, mask, bucket_len, pad if pad is not None else 0)
     return Request(spec, ids, mask, jnp.int32(prompt_len), processors, key, jnp.float32(length_penalty), streamer)

@@ -150,9 +150,10 @@ def decode(model: GPT2, input_ids, attention_mask, prompt_len, processors, key, 
         beam_indices = _gather(jnp.concatenate([s.beam_indices, topk_beam_indices], 1), best)
         is_sent_finished = _gather(jnp.concatenate([s.is_sent_finished, did_finish], 1), best)
 
-        # Reorder the cache to the surviving beams.
-        source_rows = jax.lax.dynamic_index_in_dim(running_beam_indices, s.step, axis=2, keepdims=False)
-        cache = s.cache.map_batch(lambda x: jnp.take(x, source_rows.reshape(-1), axis=0))
+        # Reorder the cache to the surviving beams: a gather along the beam axis within each
+        # batch row, so that a batch-sharded cache is reordered without communication.
+        source = jax.lax.dynamic_index_in_dim(running_beam_indices, s.step, axis=2, keepdims=False) - batch_offset
+        cache = s.cache.map_batch(lambda x: _gather(x.reshape(batch, beams, *x.shape[1:]), source).reshape(x.shape))
 
         # Early-stop heuristic (transformers' _check_early_stop_heuristic), with cur_len + 1.
         generated = (s.step + 1).astype(jnp.float32)
@@ -166,6 +167,7 @@ def decode(model: GPT2, input_ids, attention_mask, prompt_len, processors, key, 
 
         next_tokens = jax.lax.dynamic_index_in_dim(running_sequences, column, axis=2, keepdims=False)
         logits, cache = engine.decode_step(model, next_tokens.reshape(-1), s.positions, pre.kv_mask, cache, column)
+        cache = engine.pin_cache(cache, spec)
         return BeamState(
             step=s.step + 1, running_sequences=running_sequences, running_scores=running_scores,
             running_beam_indices=running_beam_indices, sequences=sequences, beam_scores=beam_scores,

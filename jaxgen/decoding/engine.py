@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
+from jaxgen import sharding
 from jaxgen.models.gpt2 import GPT2, KVCache, forward, lm_head, positions_from_mask
 from jaxgen.processors import ProcessorContext, apply
 
@@ -47,6 +48,9 @@ class DecodeSpec:
     output_scores: bool = False
     output_logits: bool = False
     stream: bool = False  # call the registered streamer's put() from inside the loop
+    mesh: jax.sharding.Mesh | None = None  # rows split along data_axis, heads along model_axis
+    data_axis: str | None = None
+    model_axis: str | None = None
 
     @property
     def total_len(self) -> int:
@@ -75,15 +79,29 @@ def prefill(model: GPT2, input_ids: jax.Array, attention_mask: jax.Array, prompt
     """One forward over ``input_ids: int32[batch, P]``; every row then repeated ``expand`` times
     (consecutive copies, as transformers' ``repeat_interleave``). ``prompt_len``: int32[], L."""
     batch = input_ids.shape[0]
+    input_ids, attention_mask = pin_rows(input_ids, spec), pin_rows(attention_mask, spec)
     mask = attention_mask.astype(bool)
     kv_mask = jnp.concatenate([mask, jnp.ones((batch, spec.max_new_tokens), bool)], axis=1)
     positions = positions_from_mask(attention_mask)
-    cache = model.init_cache(batch, spec.total_len)
+    cache = pin_cache(model.init_cache(batch, spec.total_len), spec)
     hidden, cache = forward(model, input_ids, positions, kv_mask, cache, 0)
     logits = lm_head(model, hidden[:, -1])
     pad_lengths = prompt_len - attention_mask.sum(-1).astype(jnp.int32)
     out = Prefilled(logits, cache, kv_mask, positions[:, -1] + 1, pad_lengths)
-    return jax.tree.map(lambda x: jnp.repeat(x, expand, axis=0), out) if expand > 1 else out
+    if expand > 1:
+        out = jax.tree.map(lambda x: jnp.repeat(x, expand, axis=0), out)
+    return Prefilled(pin_rows(out.logits, spec), pin_cache(out.cache, spec), pin_rows(out.kv_mask, spec),
+                     out.positions, out.pad_lengths)
+
+
+def pin_cache(cache: KVCache, spec: DecodeSpec) -> KVCache:
+    """Keeps the cache split by rows (data axis) and heads (model axis) on a mesh."""
+    return sharding.constrain_cache(cache, spec.mesh, spec.data_axis, spec.model_axis)
+
+
+def pin_rows(x: jax.Array, spec: DecodeSpec) -> jax.Array:
+    """Keeps a ``[rows, ...]`` array split by rows on a mesh."""
+    return sharding.constrain_rows(x, spec.mesh, spec.data_axis)
 
 
 def decode_step(model: GPT2, tokens: jax.Array, positions: jax.Array, kv_mask: jax.Array, cache: KVCache,

@@ -76,6 +76,7 @@ def decode(model: GPT2, input_ids, attention_mask, prompt_len, processors, key, 
         unfinished = s.unfinished & ~engine.hits_stop(sequences, column, spec.bucket_len - prompt_len, spec)
         done = ~jnp.any(unfinished) | (s.step + 1 >= spec.max_new_tokens)
         logits, cache = engine.decode_step(model, tokens, s.positions, pre.kv_mask, s.cache, column)
+        cache = engine.pin_cache(cache, spec)
         return TokenState(
             step=s.step + 1, sequences=sequences, logits=logits, cache=cache, positions=s.positions + 1,
             unfinished=unfinished, done=done,

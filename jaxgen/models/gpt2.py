@@ -4,7 +4,7 @@ The whole network is a handful of pure functions over a params pytree::
 
     params = {
         "wte": [vocab, d], "wpe": [n_positions, d],
-        "h": [ {"ln_1": {"scale", "bias"}, "attn": {"c_attn": {"kernel": [d, 3d], "bias"},
+        "h": [ {"ln_1": {"scale", "bias"}, "attn": {"c_attn": {"kernel": [d, 3, d], "bias": [3, d]},
                                                      "c_proj": {"kernel": [d, d], "bias"}},
                 "ln_2": {...}, "mlp": {"c_fc": {"kernel": [d, inner], ...},
                                        "c_proj": {"kernel": [inner, d], ...}}} ] * n_layer,
@@ -12,7 +12,9 @@ The whole network is a handful of pure functions over a params pytree::
         "lm_head": [vocab, d]          # only when the checkpoint does not tie it to wte
     }
 
-Kernels keep Hugging Face's Conv1D layout ``[in, out]``. The model object `GPT2` is a
+Kernels keep Hugging Face's Conv1D layout ``[in, out]``; the fused q/k/v projection is stored
+``[in, 3, out]`` (transformers' ``[in, 3 * out]`` reshaped) so that a sharding can split it by
+heads (`jaxgen.shard`). The model object `GPT2` is a
 ``flax.struct`` dataclass: params are pytree leaves, the config is static, so a model can be
 passed through ``jax.jit``, ``device_put`` with a sharding or ``jax.tree.map``.
 
@@ -212,8 +214,9 @@ def forward(
     new_keys, new_values = [], []
     for i, block in enumerate(p["h"]):
         h = _layer_norm(block["ln_1"], x, c.layer_norm_epsilon)
-        q, k, v = jnp.split(_dense(block["attn"]["c_attn"], h), 3, axis=-1)
-        q, k, v = (_split_heads(t, c.n_head) for t in (q, k, v))
+        c_attn = block["attn"]["c_attn"]
+        qkv = jnp.einsum("bsd,dke->bske", h, c_attn["kernel"]) + c_attn["bias"]  # [b, s, 3, d]
+        q, k, v = (_split_heads(qkv[:, :, j], c.n_head) for j in range(3))
         if cache is not None:
             start = (0, 0, cache_index, 0)
             k = jax.lax.dynamic_update_slice(cache.keys[i], k.astype(dtype), start)
@@ -242,7 +245,8 @@ def _jitted_logits(model, input_ids, attention_mask, position_ids):
 
 
 def expected_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
-    """Flat ``{"h.0.attn.c_attn.kernel": shape, ...}`` of every parameter ``config`` implies."""
+    """Flat ``{"h.0.attn.c_attn.kernel": shape, ...}``: every parameter ``config`` implies, in the
+    shapes of a Hugging Face checkpoint (``unflatten_params`` then reshapes the fused q/k/v)."""
     d, inner, v = config.n_embd, config.inner_dim, config.vocab_size
     shapes = {"wte": (v, d), "wpe": (config.n_positions, d), "ln_f.scale": (d,), "ln_f.bias": (d,)}
     for i in range(config.n_layer):
@@ -260,9 +264,13 @@ def expected_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
 
 
 def unflatten_params(flat: dict[str, Any], n_layer: int) -> dict[str, Any]:
-    """``{"h.0.attn.c_attn.kernel": x, ...}`` -> the nested params pytree of this module."""
+    """``{"h.0.attn.c_attn.kernel": x, ...}`` (checkpoint shapes) -> the nested params pytree."""
     params: dict[str, Any] = {"h": [{} for _ in range(n_layer)]}
     for key, value in flat.items():
+        if key.endswith("attn.c_attn.kernel"):
+            value = value.reshape(value.shape[0], 3, -1)
+        elif key.endswith("attn.c_attn.bias"):
+            value = value.reshape(3, -1)
         parts = key.split(".")
         node = params["h"][int(parts[1])] if parts[0] == "h" else params
         for part in (parts[2:-1] if parts[0] == "h" else parts[:-1]):

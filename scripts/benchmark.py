@@ -1,0 +1,344 @@
+"""jaxgen against transformers generate(), side by side in one process.
+
+    python scripts/benchmark.py                       # GPT-2 124M architecture, random weights
+    python scripts/benchmark.py --model path/to/gpt2 --new-tokens 32 --workloads greedy-1 beam4-8
+
+For each workload both libraries decode the same left-padded prompts (``--prompt-len`` tokens,
+``--new-tokens`` new tokens, every step run: ``min_new_tokens`` keeps EOS away), alternating
+repetition by repetition after a warm-up, with the same number of threads. Before any speed is
+reported the outputs are compared (greedy and beam sequences must be equal). Reported: the first
+call (trace + compile + run), steady-state ms per generated step (median; prefill included),
+tokens/s, peak memory of one call (measured in a fresh process per library and workload: peak
+RSS growth over the loaded, warmed-up model on CPU; device peak on a GPU), the jaxgen /
+transformers speed ratio, and a roofline
+bound per workload from this machine's measured memory bandwidth and matmul throughput (weights
++ KV cache bytes per step over bandwidth, or FLOPs over throughput, whichever is larger).
+Optional: transformers with its static cache and ``torch.compile`` (``--torch-compile``).
+Writes a markdown table to stdout and JSON to ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+import jaxgen
+from jaxgen.decoding.api import compile_generate
+
+WORKLOADS = {  # name: (strategy, batch)
+    "greedy-1": ("greedy", 1), "greedy-8": ("greedy", 8), "beam4-1": ("beam4", 1), "beam4-8": ("beam4", 8),
+    "sample-8": ("sample", 8),
+}
+
+
+# --- machine limits ------------------------------------------------------------------------------
+
+
+def measure_machine() -> dict:
+    """Read bandwidth (a jitted sum over 1 GiB) and float32 matmul throughput (2048^3)."""
+    x = jnp.ones((256 * 1024 * 1024,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()
+    t = _best_of(lambda: total(x).block_until_ready(), 5)
+    bandwidth = x.nbytes / t
+    a = jnp.ones((2048, 2048), jnp.float32)
+    with jax.default_matmul_precision("highest"):
+        mm = jax.jit(lambda a: a @ a)
+        mm(a).block_until_ready()
+        t_mm = _best_of(lambda: mm(a).block_until_ready(), 5)
+    del x
+    return {"bandwidth_GBps": bandwidth / 1e9, "matmul_GFLOPs": 2 * 2048**3 / t_mm / 1e9}
+
+
+def _best_of(fn, n):
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def step_bound(config, rows: int, prompt: int, new: int, machine: dict, dtype_bytes=4) -> float:
+    """Seconds per decoding step at the roofline: max(bytes / bandwidth, flops / throughput)."""
+    d, layers, vocab = config.n_embd, config.n_layer, config.vocab_size
+    block = 12 * d * d + 13 * d  # c_attn + c_proj + c_fc + c_proj (+ biases)
+    weights = layers * block + vocab * d  # the LM head reads all of wte
+    avg_ctx = prompt + new / 2
+    kv = rows * layers * 2 * avg_ctx * d
+    flops = 2 * rows * weights + rows * layers * 4 * avg_ctx * d
+    return max((weights + kv) * dtype_bytes / (machine["bandwidth_GBps"] * 1e9),
+               flops / (machine["matmul_GFLOPs"] * 1e9))
+
+
+# --- memory ------------------------------------------------------------------------------------
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_memory(fn) -> int:
+    """Peak growth (bytes) during ``fn()``: device stats on a GPU, sampled RSS on CPU."""
+    if torch.cuda.is_available() and jax.default_backend() == "gpu":
+        torch.cuda.reset_peak_memory_stats()
+        before_t = torch.cuda.memory_allocated()
+        dev = jax.devices()[0]
+        before_j = dev.memory_stats().get("bytes_in_use", 0)
+        fn()
+        torch_peak = torch.cuda.max_memory_allocated() - before_t
+        jax_peak = dev.memory_stats().get("peak_bytes_in_use", 0) - before_j
+        return max(torch_peak, jax_peak)
+    base, peak, stop = _rss(), [0], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.0005)
+
+    thread = threading.Thread(target=sample)
+    thread.start()
+    try:
+        fn()
+    finally:
+        stop.set()
+        thread.join()
+    return max(peak[0], _rss()) - base
+
+
+# --- the two libraries -------------------------------------------------------------------------
+
+
+def default_checkpoint(cache: Path) -> Path:
+    """GPT-2 124M architecture (``GPT2Config()``) with random weights, saved once.
+
+    initializer_range=0.1 (not 0.02) so that next-token distributions are peaked enough for
+    greedy and beam outputs of both libraries to agree exactly (no float-noise near-ties)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    path = cache / "gpt2-124M-random"
+    if not (path / "model.safetensors").exists():
+        torch.manual_seed(0)
+        GPT2LMHeadModel(GPT2Config(initializer_range=0.1)).save_pretrained(path)
+    return path
+
+
+def hf_kwargs(strategy: str, new: int, pad: int) -> dict:
+    kw = dict(max_new_tokens=new, min_new_tokens=new, pad_token_id=pad, eos_token_id=pad)
+    if strategy == "beam4":
+        kw.update(num_beams=4)
+    elif strategy == "sample":
+        kw.update(do_sample=True, top_k=50, top_p=0.9, temperature=0.8)
+    else:
+        kw.update(do_sample=False)
+    return kw
+
+
+def prompts(batch: int, length: int, vocab: int, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, size=(batch, length))
+    mask = np.ones_like(ids)
+    for row in range(1, batch):  # some left padding, as real batches have
+        pad = int(rng.integers(0, length // 4))
+        ids[row, :pad], mask[row, :pad] = 0, 0
+    return ids, mask
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="GPT-2 checkpoint (default: random GPT-2 124M saved to --cache)")
+    ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "jaxgen-bench")
+    ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--torch-compile", action="store_true", help="also time transformers static cache + torch.compile")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--json", type=Path, default=Path("bench-results/benchmark.json"))
+    ap.add_argument("--memory-probe", nargs=2, metavar=("LIBRARY", "WORKLOAD"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.memory_probe:
+        return memory_probe(args, *args.memory_probe)
+
+    from transformers import GPT2LMHeadModel
+
+    torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    path = args.model or default_checkpoint(args.cache)
+    torch_dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    torch_model = GPT2LMHeadModel.from_pretrained(path, dtype=torch_dtype).to(device).eval()
+    model = jaxgen.from_pretrained(path, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+    pad = model.config.eos_token_id
+    machine = measure_machine()
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} "
+          f"on {jax.devices()[0].device_kind}, torch {torch.__version__} on {device} ({args.threads} threads); "
+          f"read bandwidth {machine['bandwidth_GBps']:.1f} GB/s, matmul {machine['matmul_GFLOPs']:.0f} GFLOP/s",
+          flush=True)
+
+    results = []
+    with jax.default_matmul_precision("highest"):
+        for name in args.workloads:
+            results.append(run_workload(name, args, model, torch_model, device, pad, machine))
+    print_table(results, args)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"machine": machine, "args": {k: str(v) for k, v in vars(args).items()},
+                                     "results": results}, indent=1))
+    print(f"\nJSON: {args.json}")
+
+
+def run_workload(name, args, model, torch_model, device, pad, machine) -> dict:
+    strategy, batch = WORKLOADS[name]
+    new = args.new_tokens
+    ids, mask = prompts(batch, args.prompt_len, model.config.vocab_size)
+    kw = hf_kwargs(strategy, new, pad)
+    t_ids, t_mask = torch.tensor(ids, device=device), torch.tensor(mask, device=device)
+
+    def run_torch(model_kwargs=None):
+        with torch.no_grad():
+            out = torch_model.generate(t_ids, attention_mask=t_mask, **kw, **(model_kwargs or {}))
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    jkw = dict(kw, key=jax.random.key(0)) if strategy == "sample" else kw
+    t0 = time.perf_counter()
+    run_jax = compile_generate(model, ids, mask, **jkw)
+    first_out = jax.block_until_ready(run_jax())
+    jax_first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    torch_out = run_torch()
+    torch_first = time.perf_counter() - t0
+
+    rows = {"workload": name, "batch": batch, "new_tokens": new}
+    if strategy != "sample":
+        ours = first_out.trim().sequences
+        same = ours.shape == tuple(torch_out.shape) and (ours == torch_out.cpu().numpy()).all()
+        rows["outputs_equal"] = bool(same)
+        if not same:
+            print(f"{name}: outputs differ between jaxgen and transformers; speed not reported", flush=True)
+            return rows
+
+    jax_times, torch_times = [], []
+    for _ in range(args.reps):  # alternate, so that machine noise hits both alike
+        t0 = time.perf_counter()
+        run_torch()
+        torch_times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        jax.block_until_ready(run_jax())
+        jax_times.append(time.perf_counter() - t0)
+    jax_t, torch_t = statistics.median(jax_times), statistics.median(torch_times)
+    bound = step_bound(model.config, batch * (4 if strategy == "beam4" else 1), args.prompt_len, new, machine,
+                       2 if args.dtype == "bfloat16" else 4)
+    rows.update(
+        jax_first_s=jax_first, torch_first_s=torch_first,
+        jax_ms_per_step=1e3 * jax_t / new, torch_ms_per_step=1e3 * torch_t / new,
+        jax_tokens_per_s=batch * new / jax_t, torch_tokens_per_s=batch * new / torch_t,
+        speedup=torch_t / jax_t, bound_ms_per_step=1e3 * bound, jax_of_bound=bound * new / jax_t,
+        jax_peak_MB=probe_in_subprocess(args, "jaxgen", name), torch_peak_MB=probe_in_subprocess(args, "torch", name),
+    )
+    if args.torch_compile:
+        rows.update(torch_compiled(run_torch, new, args.reps))
+    print(f"{name}: jaxgen {rows['jax_ms_per_step']:.1f} ms/step, transformers {rows['torch_ms_per_step']:.1f} "
+          f"ms/step, x{rows['speedup']:.2f}", flush=True)
+    return rows
+
+
+def probe_in_subprocess(args, library: str, workload: str) -> float:
+    """Peak MB of one call, measured in a fresh process (allocator caches of earlier runs
+    would otherwise hide it)."""
+    cmd = [sys.executable, __file__, "--memory-probe", library, workload, "--prompt-len", str(args.prompt_len),
+           "--new-tokens", str(args.new_tokens), "--dtype", args.dtype, "--threads", str(args.threads),
+           "--cache", str(args.cache)] + (["--model", args.model] if args.model else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def memory_probe(args, library: str, workload: str):
+    """Loads one library's model (and compiles the jaxgen program, without running it), returns
+    freed memory to the OS, then prints the peak MB of the first call over the memory in use."""
+    from transformers import GPT2LMHeadModel
+
+    strategy, batch = WORKLOADS[workload]
+    torch.set_num_threads(args.threads)
+    path = args.model or default_checkpoint(args.cache)
+    ids, mask = prompts(batch, args.prompt_len, 50257)
+    if library == "jaxgen":
+        model = jaxgen.from_pretrained(path, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+        kw = hf_kwargs(strategy, args.new_tokens, model.config.eos_token_id)
+        kw = dict(kw, key=jax.random.key(0)) if strategy == "sample" else kw
+        run_jax = compile_generate(model, ids % model.config.vocab_size, mask, **kw)
+        fn = lambda: jax.block_until_ready(run_jax())  # noqa: E731
+    else:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+        model = GPT2LMHeadModel.from_pretrained(path, dtype=dtype).to(device).eval()
+        kw = hf_kwargs(strategy, args.new_tokens, model.config.eos_token_id)
+        t_ids = torch.tensor(ids % model.config.vocab_size, device=device)
+        t_mask = torch.tensor(mask, device=device)
+
+        def fn():
+            with torch.no_grad():
+                model.generate(t_ids, attention_mask=t_mask, **kw)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    print(peak_memory(fn) / 2**20)
+
+
+def torch_compiled(run_torch, new, reps) -> dict:
+    """transformers with a static cache and torch.compile (auto-compiled by generate)."""
+    extra = dict(cache_implementation="static")
+    try:
+        t0 = time.perf_counter()
+        run_torch(extra)
+        first = time.perf_counter() - t0
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            run_torch(extra)
+            times.append(time.perf_counter() - t0)
+        return {"torch_compiled_first_s": first, "torch_compiled_ms_per_step": 1e3 * statistics.median(times) / new}
+    except Exception as e:  # torch.compile needs a working toolchain; report, do not fail
+        return {"torch_compiled_error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
+
+
+def print_table(results, args):
+    print(f"\nprompt {args.prompt_len} tokens, {args.new_tokens} new tokens, {args.dtype}, median of {args.reps}\n")
+    cols = ["workload", "first call jaxgen / hf (s)", "ms/step jaxgen", "ms/step hf", "tokens/s jaxgen",
+            "tokens/s hf", "speedup", "bound ms/step", "jaxgen % of bound", "peak MB jaxgen / hf"]
+    if args.torch_compile:
+        cols.append("ms/step hf static+compile")
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in results:
+        if "speedup" not in r:
+            print(f"| {r['workload']} | outputs differ | " + " | ".join([""] * (len(cols) - 2)) + " |")
+            continue
+        cells = [r["workload"], f"{r['jax_first_s']:.1f} / {r['torch_first_s']:.1f}", f"{r['jax_ms_per_step']:.1f}",
+                 f"{r['torch_ms_per_step']:.1f}", f"{r['jax_tokens_per_s']:.0f}", f"{r['torch_tokens_per_s']:.0f}",
+                 f"{r['speedup']:.2f}x", f"{r['bound_ms_per_step']:.1f}", f"{100 * r['jax_of_bound']:.0f}%",
+                 f"{r['jax_peak_MB']:.0f} / {r['torch_peak_MB']:.0f}"]
+        if args.torch_compile:
+            cells.append(f"{r['torch_compiled_ms_per_step']:.1f}" if "torch_compiled_ms_per_step" in r
+                         else r.get("torch_compiled_error", "n/a"))
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Runs in a subprocess with 8 CPU devices (see test_sharding.py); prints JSON results.
+
+Not collected by pytest: the device count must be set before jax is imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import tempfile
+
+assert "xla_force_host_platform_device_count=8" in os.environ.get("XLA_FLAGS", "")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh  # noqa: E402
+
+import jaxgen  # noqa: E402
+from jaxgen.decoding import api  # noqa: E402
+from tests.conftest import build_checkpoint, left_padded_batch  # noqa: E402
+
+CONFIG = dict(vocab_size=96, n_positions=64, n_embd=64, n_layer=2, n_head=8, initializer_range=0.4,
+              bos_token_id=1, eos_token_id=2)
+MESHES = {"8x1": (8, 1), "4x2": (4, 2), "1x8": (1, 8)}
+KW = dict(max_new_tokens=8, eos_token_id=2, pad_token_id=0, output_scores=True)
+STRATEGIES = {"greedy": dict(), "beam": dict(num_beams=3, num_return_sequences=2),
+              "sample": dict(do_sample=True, top_k=20)}
+
+
+def mesh_of(shape):
+    return Mesh(np.array(jax.devices()).reshape(shape), ("data", "model"))
+
+
+def summary(out):
+    hf = out.trim()
+    return {"sequences": hf.sequences.tolist(), "scores": [s.tolist() for s in hf.scores],
+            "sequences_scores": None if hf.sequences_scores is None else hf.sequences_scores.tolist()}
+
+
+def main():
+    assert len(jax.devices()) == 8
+    path = tempfile.mkdtemp()
+    build_checkpoint(path, seed=0, eos_boost=2.0, **CONFIG)
+    model = jaxgen.from_pretrained(path)
+    ids, mask = left_padded_batch(np.random.default_rng(0), 8, 6, CONFIG["vocab_size"], [0, 2, 4, 1, 0, 3, 5, 2])
+    results = {"single": {}, "meshes": {}, "param_specs": {}, "all_gathers": [], "errors": {}}
+    for name, extra in STRATEGIES.items():
+        key = {"key": jax.random.key(3)} if extra.get("do_sample") else {}
+        results["single"][name] = summary(jaxgen.generate(model, ids, mask, **KW, **extra, **key))
+    for mesh_name, shape in MESHES.items():
+        mesh = mesh_of(shape)
+        sharded = jaxgen.shard(model, mesh)
+        results["param_specs"][mesh_name] = {
+            "c_attn": str(sharded.params["h"][0]["attn"]["c_attn"]["kernel"].sharding.spec),
+            "c_proj": str(sharded.params["h"][0]["attn"]["c_proj"]["kernel"].sharding.spec),
+            "c_fc": str(sharded.params["h"][0]["mlp"]["c_fc"]["kernel"].sharding.spec),
+            "wte": str(sharded.params["wte"].sharding.spec),
+            "c_attn_shard_shape": list(sharded.params["h"][0]["attn"]["c_attn"]["kernel"]
+                                       .addressable_shards[0].data.shape),
+        }
+        results["meshes"][mesh_name] = {}
+        for name, extra in STRATEGIES.items():
+            key = {"key": jax.random.key(3)} if extra.get("do_sample") else {}
+            out = jaxgen.generate(sharded, ids, mask, mesh=mesh, **KW, **extra, **key)
+            results["meshes"][mesh_name][name] = summary(out)
+            results["meshes"][mesh_name][name]["cache_sharded"] = True
+
+    # The compiled program on the 4x2 mesh: which all-gathers remain, and of what shapes.
+    mesh = mesh_of((4, 2))
+    sharded = jaxgen.shard(model, mesh)
+    for name, extra in (("greedy", STRATEGIES["greedy"]), ("beam", STRATEGIES["beam"])):
+        run = api.compile_generate(sharded, ids, mask, mesh=mesh, **KW, **extra)
+        del run
+    from jaxgen.decoding import args as decode_args
+
+    for name, extra in (("greedy", STRATEGIES["greedy"]), ("beam", STRATEGIES["beam"])):
+        req = decode_args.parse(sharded, ids, mask, dict(KW, mesh=mesh, **extra))
+        api._place(sharded, req)
+        hlo = api._decode.lower(sharded, *api._operands(req), spec=req.spec).compile().as_text()
+        for shape in re.findall(r"= (\w+\[[\d,]*\])[^\n]*? all-gather\(", hlo):
+            results["all_gathers"].append([name, shape])
+
+    # Errors.
+    def error_of(fn):
+        try:
+            fn()
+        except ValueError as e:
+            return str(e)
+        return None
+
+    odd_ids, odd_mask = ids[:6], mask[:6]
+    results["errors"]["batch"] = error_of(lambda: jaxgen.generate(model, odd_ids, odd_mask, mesh=mesh_of((4, 2)), **KW))
+    results["errors"]["heads"] = error_of(lambda: jaxgen.shard(
+        jaxgen.from_pretrained(_three_heads()), mesh_of((2, 4))))
+    results["errors"]["axes"] = error_of(lambda: jaxgen.generate(
+        model, ids, mask, mesh=Mesh(np.array(jax.devices()).reshape(4, 2), ("x", "y")), **KW))
+    results["errors"]["not_a_mesh"] = error_of(lambda: jaxgen.generate(model, ids, mask, mesh="4x2", **KW))
+    json.dump(results, sys.stdout)
+
+
+def _three_heads():
+    path = tempfile.mkdtemp()
+    build_checkpoint(path, seed=0, **{**CONFIG, "n_head": 3, "n_embd": 36})
+    return path
+
+
+if __name__ == "__main__":
+    main()

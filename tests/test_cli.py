@@ -1,0 +1,116 @@
+"""The jaxgen command, driven as a user would (subprocess), on the shipped demo model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import jaxgen
+from jaxgen.cli import DEMO_MODEL
+from tests.conftest import assert_same_generation, hf_generate
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+
+
+def jaxgen_cli(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "jaxgen", "generate", *args], capture_output=True, text=True,
+                          env=ENV, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_greedy_prints_english_like_continuations():
+    proc = jaxgen_cli("The best way to", "A man", "--max-new-tokens", "12")
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("The best way to") and lines[1].startswith("A man")
+    words = " ".join(lines).split()
+    assert len(words) >= 10
+    assert sum(w.strip(".,;:!?\"'()").isalpha() for w in words) / len(words) > 0.6
+    assert "tokens/s" in proc.stderr and "compiled" in proc.stderr
+
+
+def test_beams_grouped_per_prompt_with_scores():
+    proc = jaxgen_cli("Love is", "Never", "--num-beams", "4", "--num-return-sequences", "2", "--max-new-tokens", "8")
+    out = proc.stdout
+    assert out.count("=== ") == 2 and out.count("score ") == 4
+    scores = [float(line.split("score ")[1].split()[0]) for line in out.splitlines() if "score " in line]
+    assert scores[0] >= scores[1] and scores[2] >= scores[3]
+
+
+def test_sampling_is_reproducible_with_a_seed():
+    args = ("Once upon a time", "--do-sample", "--temperature", "0.9", "--top-k", "40", "--max-new-tokens", "15")
+    a = jaxgen_cli(*args, "--seed", "1").stdout
+    b = jaxgen_cli(*args, "--seed", "1").stdout
+    c = jaxgen_cli(*args, "--seed", "2").stdout
+    assert a == b and a != c
+
+
+def test_show_scores_table_matches_json():
+    table = jaxgen_cli("Money", "--max-new-tokens", "5", "--show-scores").stdout
+    doc = json.loads(jaxgen_cli("Money", "--max-new-tokens", "5", "--json").stdout)
+    tokens = doc["results"][0]["completions"][0]["tokens"]
+    assert 1 <= len(tokens) <= 5
+    for t in tokens:
+        assert f"{t['id']:>6}" in table and f"{t['logprob']:.4f}" in table
+        assert t["logprob"] <= 0 and abs(np.exp(t["logprob"]) - t["prob"]) < 1e-6
+
+
+def test_json_is_valid_and_quiet():
+    proc = jaxgen_cli("Time", "Work", "--num-beams", "3", "--num-return-sequences", "2", "--max-new-tokens", "6",
+                      "--json")
+    assert proc.stderr.strip() == ""
+    doc = json.loads(proc.stdout)
+    assert [r["prompt"] for r in doc["results"]] == ["Time", "Work"]
+    for result in doc["results"]:
+        assert len(result["completions"]) == 2
+        for c in result["completions"]:
+            assert c["text"].startswith(result["prompt"]) and isinstance(c["sequence_score"], float)
+            assert len(c["token_ids"]) == len(c["tokens"]) <= 6
+
+
+@pytest.mark.parametrize("extra", [(), ("--do-sample", "--seed", "5")])
+def test_stream_equals_non_streamed(extra):
+    args = ("The secret of", "--max-new-tokens", "20", *extra)
+    assert jaxgen_cli(*args, "--stream").stdout == jaxgen_cli(*args).stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (("x", "--model", "/nonexistent/model"), "does not exist"),
+    (("x", "--num-beams", "2", "--num-return-sequences", "3"), "num_return_sequences=3"),
+    (("x", "--max-new-tokens", "-3"), "max_new_tokens=-3"),
+    (("",), "prompt is empty"),
+    (("x", "--early-stopping", "maybe"), "true, false or never"),
+    (("x", "--temperature", "0.5"), "need --do-sample"),
+    (("x", "--model", "gpt2"), "not in the local Hugging Face cache"),
+])
+def test_bad_input_one_line_no_traceback(args, message):
+    proc = jaxgen_cli(*args, check=False)
+    assert proc.returncode == 2
+    err = proc.stderr.strip()
+    assert len(err.splitlines()) == 1 or "error" in err.splitlines()[-1], err
+    assert message in err.splitlines()[-1] and "Traceback" not in err
+
+
+def test_shipped_model_equals_transformers():
+    """The demo model is also a realistic parity fixture: greedy and beam search on real text."""
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    tok = AutoTokenizer.from_pretrained(DEMO_MODEL, padding_side="left")
+    tok.pad_token_id = tok.eos_token_id
+    batch = tok(["The meaning of life", "Do not", "If you can't be good, be"], return_tensors="np", padding=True)
+    torch_model = GPT2LMHeadModel.from_pretrained(DEMO_MODEL).eval()
+    model = jaxgen.from_pretrained(DEMO_MODEL)
+    eos = tok.eos_token_id
+    for kw in (dict(), dict(num_beams=4, num_return_sequences=2)):
+        kw.update(max_new_tokens=16, eos_token_id=eos, pad_token_id=eos)
+        ref = hf_generate(torch_model, batch.input_ids, batch.attention_mask, do_sample=False, **kw)
+        out = jaxgen.generate(model, batch.input_ids, batch.attention_mask, output_scores=True, **kw).trim()
+        assert_same_generation(out, ref, beams="num_beams" in kw)
+    assert isinstance(torch_model, torch.nn.Module)

@@ -1,0 +1,60 @@
+"""Data- and tensor-parallel decoding on 8 CPU devices (in a subprocess, so that the other tests
+keep one device): meshes 8x1, 4x2, 1x8 give the single-device sequences and scores."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+WEIGHT_SHAPES = {"f32[64,3,64]", "f32[64,192]", "f32[64,64]", "f32[64,256]", "f32[256,64]", "f32[96,64]"}
+
+
+@pytest.fixture(scope="module")
+def results():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "TRANSFORMERS_VERBOSITY": "error"}
+    proc = subprocess.run([sys.executable, "-m", "tests.sharding_worker"], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).resolve().parents[1], timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.parametrize("mesh", ["8x1", "4x2", "1x8"])
+@pytest.mark.parametrize("strategy", ["greedy", "beam", "sample"])
+def test_mesh_equals_single_device(results, mesh, strategy):
+    ours, single = results["meshes"][mesh][strategy], results["single"][strategy]
+    assert ours["sequences"] == single["sequences"]
+    assert len(ours["scores"]) == len(single["scores"])
+    for a, b in zip(ours["scores"], single["scores"]):
+        a, b = np.array(a), np.array(b)
+        assert (np.isneginf(a) == np.isneginf(b)).all()
+        np.testing.assert_allclose(a[np.isfinite(b)], b[np.isfinite(b)], atol=1e-4)
+    if strategy == "beam":
+        np.testing.assert_allclose(ours["sequences_scores"], single["sequences_scores"], atol=1e-4)
+
+
+def test_params_are_really_split(results):
+    specs = results["param_specs"]
+    assert specs["4x2"]["c_attn"] == "P(None, None, 'model')" and specs["4x2"]["c_proj"] == "P('model', None)"
+    assert specs["4x2"]["c_fc"] == "P(None, 'model')" and specs["4x2"]["wte"] == "P()"
+    assert specs["4x2"]["c_attn_shard_shape"] == [64, 3, 32]  # 4 of 8 heads per device
+    assert specs["1x8"]["c_attn_shard_shape"] == [64, 3, 8]
+    assert specs["8x1"]["c_attn_shard_shape"] == [64, 3, 64]
+
+
+def test_compiled_program_gathers_no_whole_weight(results):
+    gathered = {shape for _, shape in results["all_gathers"]}
+    assert not gathered & WEIGHT_SHAPES, gathered
+
+
+def test_clear_errors(results):
+    errors = results["errors"]
+    assert "divisible by the 4 devices of data_axis='data'" in errors["batch"]
+    assert "n_head=3" in errors["heads"] and "divisible" in errors["heads"]
+    assert "not an axis of the mesh" in errors["axes"]
+    assert "must be a jax.sharding.Mesh" in errors["not_a_mesh"]

@@ -333,3 +333,13 @@ def test_compile_generate_runs_the_same_program(eos_model):
     a, b = run().trim(), jaxgen.generate(model, ids, mask, **kw).trim()
     np.testing.assert_array_equal(a.sequences, b.sequences)
     np.testing.assert_allclose(a.sequences_scores, b.sequences_scores)
+
+
+def test_first_argmax_breaks_ties_like_argmax():
+    from jaxgen.decoding.greedy import first_argmax
+
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 4, size=(64, 50)).astype(np.float32)  # many ties
+    scores[3] = -np.inf
+    scores[4, 7] = np.inf
+    np.testing.assert_array_equal(np.asarray(first_argmax(jnp.asarray(scores))), scores.argmax(-1))

@@ -58,3 +58,12 @@ def test_clear_errors(results):
     assert "n_head=3" in errors["heads"] and "divisible" in errors["heads"]
     assert "not an axis of the mesh" in errors["axes"]
     assert "must be a jax.sharding.Mesh" in errors["not_a_mesh"]
+
+
+def test_multihost_example_script_runs_on_one_host_with_8_devices():
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "TRANSFORMERS_VERBOSITY": "error"}
+    proc = subprocess.run([sys.executable, "scripts/multihost_generate.py", "--model-parallel", "2",
+                           "--max-new-tokens", "6"], capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("The meaning of life is")

@@ -55,7 +55,7 @@ def _place(model: GPT2, req: args.Request) -> GPT2:
         return model
     if not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(model)) and not sharding.is_on(model, spec.mesh):
         model = sharding.shard(model, spec.mesh, data_axis=spec.data_axis, model_axis=spec.model_axis)
-    if not isinstance(req.input_ids, jax.core.Tracer):
+    if args._is_concrete(req.input_ids):  # traced / multi-host global arrays are pinned in the program
         rows = sharding.rows_sharding(spec.mesh, spec.data_axis, 2)
         req.input_ids, req.attention_mask = jax.device_put((req.input_ids, req.attention_mask), rows)
     return model

@@ -2,7 +2,8 @@
 
 Every check raises ``ValueError`` naming the argument, its value and what is allowed. Checks that
 need concrete values (token ids in range, left padding) run when the inputs are concrete and are
-skipped for tracers (a decoder called inside the user's own ``jax.jit``).
+skipped for tracers (a decoder called inside the user's own ``jax.jit``) and for global arrays
+that span several hosts (each host sees only its own rows).
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ class Request:
 
 
 def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
+    """Values readable on this host: not a tracer, not a multi-host global array."""
+    return not isinstance(x, jax.core.Tracer) and getattr(x, "is_fully_addressable", True)
 
 
 def _fail(name: str, value: Any, allowed: str):

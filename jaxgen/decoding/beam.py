@@ -114,7 +114,7 @@ def decode(model: GPT2, input_ids, attention_mask, prompt_len, processors, key, 
     top_num_beam_mask = jnp.arange(keep) < beams
     batch_offset = jnp.arange(batch, dtype=jnp.int32)[:, None] * beams
 
-    def body(s: BeamState) -> BeamState:
+    def choose(s: BeamState) -> BeamState:
         column = spec.bucket_len + s.step
         flat_running = s.running_sequences.reshape(batch * beams, -1)
         log_probs = jax.nn.log_softmax(s.logits, axis=-1)
@@ -150,11 +150,6 @@ def decode(model: GPT2, input_ids, attention_mask, prompt_len, processors, key, 
         beam_indices = _gather(jnp.concatenate([s.beam_indices, topk_beam_indices], 1), best)
         is_sent_finished = _gather(jnp.concatenate([s.is_sent_finished, did_finish], 1), best)
 
-        # Reorder the cache to the surviving beams: a gather along the beam axis within each
-        # batch row, so that a batch-sharded cache is reordered without communication.
-        source = jax.lax.dynamic_index_in_dim(running_beam_indices, s.step, axis=2, keepdims=False) - batch_offset
-        cache = s.cache.map_batch(lambda x: _gather(x.reshape(batch, beams, *x.shape[1:]), source).reshape(x.shape))
-
         # Early-stop heuristic (transformers' _check_early_stop_heuristic), with cur_len + 1.
         generated = (s.step + 1).astype(jnp.float32)
         if spec.early_stopping == "never":
@@ -165,18 +160,24 @@ def decode(model: GPT2, input_ids, attention_mask, prompt_len, processors, key, 
         exists_open_beam = ~(jnp.all(is_sent_finished) & (spec.early_stopping is True))
         done = ~(jnp.any(improvable) & exists_open_beam & ~jnp.all(hits))
 
-        next_tokens = jax.lax.dynamic_index_in_dim(running_sequences, column, axis=2, keepdims=False)
-        logits, cache = engine.decode_step(model, next_tokens.reshape(-1), s.positions, pre.kv_mask, cache, column)
-        cache = engine.pin_cache(cache, spec)
-        return BeamState(
-            step=s.step + 1, running_sequences=running_sequences, running_scores=running_scores,
+        return dataclasses.replace(
+            s, step=s.step + 1, running_sequences=running_sequences, running_scores=running_scores,
             running_beam_indices=running_beam_indices, sequences=sequences, beam_scores=beam_scores,
             beam_indices=beam_indices, is_sent_finished=is_sent_finished, improvable=improvable, done=done,
-            logits=logits, cache=cache, positions=s.positions + 1,
             scores=engine.record(s.scores, s.step, log_probs), raw_logits=engine.record(s.raw_logits, s.step, s.logits),
         )
 
-    final = jax.lax.while_loop(lambda s: ~s.done, body, state)
+    def advance(s: BeamState) -> BeamState:
+        """Reorders the cache to the surviving beams (a gather along the beam axis within each
+        batch row: no communication when the batch is sharded), then feeds their new tokens."""
+        step, column = s.step - 1, spec.bucket_len + s.step - 1
+        source = jax.lax.dynamic_index_in_dim(s.running_beam_indices, step, axis=2, keepdims=False) - batch_offset
+        cache = s.cache.map_batch(lambda x: _gather(x.reshape(batch, beams, *x.shape[1:]), source).reshape(x.shape))
+        tokens = jax.lax.dynamic_index_in_dim(s.running_sequences, column, axis=2, keepdims=False).reshape(-1)
+        logits, cache = engine.decode_step(model, tokens, s.positions, pre.kv_mask, cache, column, spec)
+        return dataclasses.replace(s, logits=logits, cache=cache, positions=s.positions + 1)
+
+    final = engine.run_loop(state, choose, advance, n)
     r = spec.num_return_sequences
     return GenerateOutput(
         sequences=final.sequences[:, :r].reshape(batch * r, -1),

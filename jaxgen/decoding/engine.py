@@ -105,10 +105,25 @@ def pin_rows(x: jax.Array, spec: DecodeSpec) -> jax.Array:
 
 
 def decode_step(model: GPT2, tokens: jax.Array, positions: jax.Array, kv_mask: jax.Array, cache: KVCache,
-                slot: jax.Array) -> tuple[jax.Array, KVCache]:
+                slot: jax.Array, spec: DecodeSpec) -> tuple[jax.Array, KVCache]:
     """Feeds ``tokens: int32[rows]`` at cache slot ``slot``; returns float32[rows, V] logits."""
     hidden, cache = forward(model, tokens[:, None], positions[:, None], kv_mask, cache, slot)
-    return lm_head(model, hidden[:, 0]), cache
+    return lm_head(model, hidden[:, 0]), pin_cache(cache, spec)
+
+
+def run_loop(state, choose, advance, max_new_tokens: int):
+    """Decodes until ``state.done``: ``choose`` picks the tokens of step ``state.step`` from
+    ``state.logits`` (and increments ``step``), ``advance`` feeds them through the model.
+
+    The last step only chooses: its forward pass would compute logits nobody reads (1 of
+    ``max_new_tokens`` forwards saved). The cache does not enter that final ``lax.cond``.
+    """
+    state = jax.lax.while_loop(lambda s: ~s.done & (s.step < max_new_tokens - 1),
+                               lambda s: advance(choose(s)), state)
+    cache = state.cache
+    rest = dataclasses.replace(state, cache=None)
+    rest = jax.lax.cond(rest.done, lambda s: s, choose, rest)
+    return dataclasses.replace(rest, cache=cache)
 
 
 def process(processors, scores: jax.Array, sequences, step, prompt_len, pad_lengths, spec: DecodeSpec) -> jax.Array:

@@ -17,7 +17,8 @@ An axis given as ``None`` (or of size 1) means replication along it.
 from __future__ import annotations
 
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxgen.models.gpt2 import GPT2, KVCache
 

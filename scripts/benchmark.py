@@ -59,7 +59,6 @@ def measure_machine() -> dict:
         mm = jax.jit(lambda a: a @ a)
         mm(a).block_until_ready()
         t_mm = _best_of(lambda: mm(a).block_until_ready(), 5)
-    del x
     return {"bandwidth_GBps": bandwidth / 1e9, "matmul_GFLOPs": 2 * 2048**3 / t_mm / 1e9}
 
 

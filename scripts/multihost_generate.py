@@ -23,7 +23,8 @@ import argparse
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import jaxgen
 from jaxgen.cli import DEMO_MODEL

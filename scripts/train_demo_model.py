@@ -28,7 +28,15 @@ import numpy as np
 import optax
 import safetensors.numpy
 
-from jaxgen.models.gpt2 import GPT2, GPT2Config, expected_shapes, forward, lm_head, positions_from_mask, unflatten_params
+from jaxgen.models.gpt2 import (
+    GPT2,
+    GPT2Config,
+    expected_shapes,
+    forward,
+    lm_head,
+    positions_from_mask,
+    unflatten_params,
+)
 
 EOT = "<|endoftext|>"
 FORTUNE_DIR = Path("/usr/share/games/fortunes")
@@ -164,6 +172,7 @@ def main():
     card = (Path(__file__).with_name("demo_model_card.md").read_text()
             .replace("{steps}", str(args.steps)).replace("{tokens}", str(len(stream)))
             .replace("{docs}", str(len(docs))).replace("{val_loss}", f"{val_loss:.3f}")
+            .replace("{train_loss}", f"{float(loss):.3f}")
             .replace("{minutes}", f"{(time.time() - start) / 60:.0f}"))
     (args.out / "README.md").write_text(card)
     (args.out / "training.json").write_text(json.dumps({**vars(args), "out": str(args.out),

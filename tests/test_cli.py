@@ -28,9 +28,9 @@ def jaxgen_cli(*args, check=True):
 
 def test_greedy_prints_english_like_continuations():
     proc = jaxgen_cli("The best way to", "A man", "--max-new-tokens", "12")
-    lines = proc.stdout.strip().splitlines()
-    assert len(lines) == 2 and lines[0].startswith("The best way to") and lines[1].startswith("A man")
-    words = " ".join(lines).split()
+    out = proc.stdout
+    assert out.startswith("The best way to") and "\nA man" in out  # continuations may span lines
+    words = out.split()
     assert len(words) >= 10
     assert sum(w.strip(".,;:!?\"'()").isalpha() for w in words) / len(words) > 0.6
     assert "tokens/s" in proc.stderr and "compiled" in proc.stderr

@@ -11,8 +11,16 @@ import pytest
 
 import jaxgen
 from jaxgen.decoding import api
-from tests.conftest import (EOS, EOS_MODEL, PAD, TUTORIAL_IDS, TUTORIAL_MASK, assert_same_generation, hf_generate,
-                            left_padded_batch)
+from tests.conftest import (
+    EOS,
+    EOS_MODEL,
+    PAD,
+    TUTORIAL_IDS,
+    TUTORIAL_MASK,
+    assert_same_generation,
+    hf_generate,
+    left_padded_batch,
+)
 
 GPT2_EOS = 50256
 
@@ -185,7 +193,8 @@ def test_usable_inside_users_jit(eos_model):
         return greedy, beams
 
     greedy, beams = user_program(model, jnp.asarray(ids), jnp.asarray(mask))
-    np.testing.assert_array_equal(greedy.trim().sequences, jaxgen.greedy_search(model, ids, mask, **kw).trim().sequences)
+    np.testing.assert_array_equal(greedy.trim().sequences,
+                                  jaxgen.greedy_search(model, ids, mask, **kw).trim().sequences)
     np.testing.assert_array_equal(beams.trim().sequences,
                                   jaxgen.beam_search(model, ids, mask, num_beams=3, **kw).trim().sequences)
 

@@ -39,7 +39,8 @@ def pair(request, tmp_path_factory):
 def _torch_logits(torch_model, ids, mask):
     pos = torch.tensor(np.asarray(positions_from_mask(jnp.asarray(mask))))
     with torch.no_grad():
-        return torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=pos).logits.numpy()
+        out = torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=pos)
+    return out.logits.numpy()
 
 
 def test_logits_match_pytorch_on_left_padded_batch(pair):

@@ -8,10 +8,9 @@ import pytest
 import torch
 from transformers.generation import logits_process as hf
 
+import jaxgen
 from jaxgen.processors import ProcessorContext, build_processors
 from tests.conftest import EOS, EOS_MODEL, PAD, assert_same_generation, hf_generate, left_padded_batch
-
-import jaxgen
 
 VOCAB = 40
 ROWS = 5

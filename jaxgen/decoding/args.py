@@ -221,7 +221,7 @@ def parse(model: GPT2, input_ids, attention_mask, kwargs: dict[str, Any], beam_s
     if num_beams == 1 and not do_sample and nrs != 1:
         _fail("num_return_sequences", nrs, "greedy search returns one sequence per prompt; use beams or sampling")
     early_stopping = kw["early_stopping"]
-    if early_stopping not in (True, False, "never") or isinstance(early_stopping, (int, float)) and not isinstance(early_stopping, bool):
+    if not (early_stopping is True or early_stopping is False or early_stopping == "never"):
         _fail("early_stopping", early_stopping, 'expected True, False or "never"')
     length_penalty = _float(kw, "length_penalty")
     if length_penalty is None:
@@ -271,8 +271,14 @@ def parse(model: GPT2, input_ids, attention_mask, kwargs: dict[str, Any], beam_s
     suppress = None if kw["suppress_tokens"] is None else _token_ids("suppress_tokens", kw["suppress_tokens"], vocab)
     begin_suppress = (None if kw["begin_suppress_tokens"] is None
                       else _token_ids("begin_suppress_tokens", kw["begin_suppress_tokens"], vocab))
-    forced_bos = None if kw["forced_bos_token_id"] is None else _token_ids("forced_bos_token_id", kw["forced_bos_token_id"], vocab)[0]
-    forced_eos = None if kw["forced_eos_token_id"] is None else _token_ids("forced_eos_token_id", kw["forced_eos_token_id"], vocab)
+    forced_bos, forced_eos = kw["forced_bos_token_id"], kw["forced_eos_token_id"]
+    if forced_bos is not None:
+        forced_bos = _token_ids("forced_bos_token_id", forced_bos, vocab)
+        if len(forced_bos) != 1:
+            _fail("forced_bos_token_id", kw["forced_bos_token_id"], "expected a single token id")
+        forced_bos = forced_bos[0]
+    if forced_eos is not None:
+        forced_eos = _token_ids("forced_eos_token_id", forced_eos, vocab)
     decay = kw["exponential_decay_length_penalty"]
     if decay is not None:
         if (not isinstance(decay, (tuple, list)) or len(decay) != 2 or not isinstance(decay[0], (int, np.integer))
@@ -302,9 +308,11 @@ def parse(model: GPT2, input_ids, attention_mask, kwargs: dict[str, Any], beam_s
     streamer = kw["streamer"]
     if streamer is not None:
         if not (callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))):
-            _fail("streamer", streamer, "expected an object with put(token_ids) and end() (e.g. transformers.TextStreamer)")
+            _fail("streamer", streamer,
+                  "expected an object with put(token_ids) and end() (e.g. transformers.TextStreamer)")
         if beam_search:
-            _fail("streamer", streamer, "streaming is for greedy search and sampling, not beam search (as transformers)")
+            _fail("streamer", streamer,
+                  "streaming is for greedy search and sampling, not beam search (as transformers)")
 
     mesh, data_axis, model_axis = kw["mesh"], kw["data_axis"], kw["model_axis"]
     if mesh is not None:

@@ -17,10 +17,9 @@ candidates win, including among near-ties.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from jaxgen.decoding import engine
 from jaxgen.decoding.engine import DecodeSpec
@@ -30,8 +29,7 @@ from jaxgen.outputs import GenerateOutput
 BIG = -1.0e9
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
+@struct.dataclass
 class BeamState:
     """Loop carry. ``S = P + N`` buffer columns.
 
@@ -160,8 +158,8 @@ def decode(model: GPT2, input_ids, attention_mask, prompt_len, processors, key, 
         exists_open_beam = ~(jnp.all(is_sent_finished) & (spec.early_stopping is True))
         done = ~(jnp.any(improvable) & exists_open_beam & ~jnp.all(hits))
 
-        return dataclasses.replace(
-            s, step=s.step + 1, running_sequences=running_sequences, running_scores=running_scores,
+        return s.replace(
+            step=s.step + 1, running_sequences=running_sequences, running_scores=running_scores,
             running_beam_indices=running_beam_indices, sequences=sequences, beam_scores=beam_scores,
             beam_indices=beam_indices, is_sent_finished=is_sent_finished, improvable=improvable, done=done,
             scores=engine.record(s.scores, s.step, log_probs), raw_logits=engine.record(s.raw_logits, s.step, s.logits),
@@ -175,7 +173,7 @@ def decode(model: GPT2, input_ids, attention_mask, prompt_len, processors, key, 
         cache = s.cache.map_batch(lambda x: _gather(x.reshape(batch, beams, *x.shape[1:]), source).reshape(x.shape))
         tokens = jax.lax.dynamic_index_in_dim(s.running_sequences, column, axis=2, keepdims=False).reshape(-1)
         logits, cache = engine.decode_step(model, tokens, s.positions, pre.kv_mask, cache, column, spec)
-        return dataclasses.replace(s, logits=logits, cache=cache, positions=s.positions + 1)
+        return s.replace(logits=logits, cache=cache, positions=s.positions + 1)
 
     final = engine.run_loop(state, choose, advance, n)
     r = spec.num_return_sequences

@@ -20,6 +20,7 @@ import itertools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 from jax.experimental import io_callback
 
 from jaxgen import sharding
@@ -57,8 +58,7 @@ class DecodeSpec:
         return self.bucket_len + self.max_new_tokens
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
+@struct.dataclass
 class Prefilled:
     """The prompt after one forward pass, expanded to ``rows = batch * expand``.
 
@@ -121,9 +121,9 @@ def run_loop(state, choose, advance, max_new_tokens: int):
     state = jax.lax.while_loop(lambda s: ~s.done & (s.step < max_new_tokens - 1),
                                lambda s: advance(choose(s)), state)
     cache = state.cache
-    rest = dataclasses.replace(state, cache=None)
+    rest = state.replace(cache=None)
     rest = jax.lax.cond(rest.done, lambda s: s, choose, rest)
-    return dataclasses.replace(rest, cache=cache)
+    return rest.replace(cache=cache)
 
 
 def process(processors, scores: jax.Array, sequences, step, prompt_len, pad_lengths, spec: DecodeSpec) -> jax.Array:

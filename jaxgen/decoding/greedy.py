@@ -7,10 +7,9 @@ emitting ``pad_token_id``; the loop stops when every row is done or after ``max_
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from jaxgen.decoding import engine
 from jaxgen.decoding.engine import DecodeSpec
@@ -18,8 +17,7 @@ from jaxgen.models.gpt2 import GPT2, KVCache
 from jaxgen.outputs import GenerateOutput
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
+@struct.dataclass
 class TokenState:
     """Loop carry. ``rows`` = batch x num_return_sequences.
 
@@ -87,8 +85,8 @@ def decode(model: GPT2, input_ids, attention_mask, prompt_len, processors, key, 
         sequences = jax.lax.dynamic_update_index_in_dim(s.sequences, tokens, column, 1)
         unfinished = s.unfinished & ~engine.hits_stop(sequences, column, spec.bucket_len - prompt_len, spec)
         done = ~jnp.any(unfinished) | (s.step + 1 >= spec.max_new_tokens)
-        return dataclasses.replace(
-            s, step=s.step + 1, sequences=sequences, unfinished=unfinished, done=done,
+        return s.replace(
+            step=s.step + 1, sequences=sequences, unfinished=unfinished, done=done,
             scores=engine.record(s.scores, s.step, scores), raw_logits=engine.record(s.raw_logits, s.step, s.logits),
         )
 
@@ -96,7 +94,7 @@ def decode(model: GPT2, input_ids, attention_mask, prompt_len, processors, key, 
         column = spec.bucket_len + s.step - 1
         tokens = jax.lax.dynamic_index_in_dim(s.sequences, column, axis=1, keepdims=False)
         logits, cache = engine.decode_step(model, tokens, s.positions, pre.kv_mask, s.cache, column, spec)
-        return dataclasses.replace(s, logits=logits, cache=cache, positions=s.positions + 1)
+        return s.replace(logits=logits, cache=cache, positions=s.positions + 1)
 
     final = engine.run_loop(state, choose, advance, spec.max_new_tokens)
     return GenerateOutput(

@@ -84,7 +84,7 @@ def init_params(config: GPT2Config, key) -> dict:
 
 def to_hf_state_dict(params: dict, config: GPT2Config) -> dict[str, np.ndarray]:
     """jaxgen params -> transformers' GPT2LMHeadModel names (Conv1D weights stay [in, out])."""
-    out = {"transformer.wte.weight": params["wte"], "transformer.wpe.weight": params["wpe"],
+    out = {"transformer.wte.weight": params["wte"].T, "transformer.wpe.weight": params["wpe"],
            "transformer.ln_f.weight": params["ln_f"]["scale"], "transformer.ln_f.bias": params["ln_f"]["bias"]}
     for i, block in enumerate(params["h"]):
         p = f"transformer.h.{i}."

@@ -46,6 +46,10 @@ MAX_LENGTH = 9
 CASES = {
     "temperature": (dict(do_sample=True, temperature=0.7), lambda p: hf.TemperatureLogitsWarper(0.7)),
     "top_k": (dict(do_sample=True, top_k=7), lambda p: hf.TopKLogitsWarper(7)),
+    "top_k_bisection": (dict(do_sample=True, top_k=30), lambda p: hf.TopKLogitsWarper(30)),
+    "top_p_low": (dict(do_sample=True, top_p=0.3), lambda p: hf.TopPLogitsWarper(0.3)),
+    "top_p_beams_keep_2": (dict(do_sample=True, top_p=0.05, num_beams=2),
+                           lambda p: hf.TopPLogitsWarper(0.05, min_tokens_to_keep=2)),
     "top_p": (dict(do_sample=True, top_p=0.8), lambda p: hf.TopPLogitsWarper(0.8)),
     "min_p": (dict(do_sample=True, min_p=0.1), lambda p: hf.MinPLogitsWarper(0.1)),
     "typical_p": (dict(do_sample=True, typical_p=0.6), lambda p: hf.TypicalLogitsWarper(0.6)),
@@ -91,6 +95,20 @@ def test_processor_equals_transformers(name, cur_len):
         assert (np.isneginf(ours) == np.isneginf(ref)).all(), f"-inf pattern differs (seed {seed})"
         finite = np.isfinite(ref)
         np.testing.assert_allclose(ours[finite], ref[finite], atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 5, 17, 33, 40])
+def test_kth_largest_with_ties_and_infinities(k):
+    """The bisection (k > 16) and top_k (k <= 16) paths agree with numpy, ties counted."""
+    from jaxgen.processors import _kth_largest
+
+    rng = np.random.default_rng(k)
+    scores = np.round(rng.standard_normal((6, VOCAB)) * 2).astype(np.float32)  # many ties
+    scores[1, :5] = -np.inf
+    scores[2, 3] = np.inf
+    scores[3] = -np.inf
+    expected = -np.sort(-scores, axis=-1)[:, k - 1]
+    np.testing.assert_array_equal(np.asarray(_kth_largest(jnp.asarray(scores), k))[:, 0], expected)
 
 
 def test_remove_invalid_values():

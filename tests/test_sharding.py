@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-WEIGHT_SHAPES = {"f32[64,3,64]", "f32[64,192]", "f32[64,64]", "f32[64,256]", "f32[256,64]", "f32[96,64]"}
+WEIGHT_SHAPES = {"f32[64,3,64]", "f32[64,192]", "f32[64,64]", "f32[64,256]", "f32[256,64]", "f32[64,96]"}
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ DEFAULTS: dict[str, Any] = {
     "exponential_decay_length_penalty": None, "renormalize_logits": False,
     "remove_invalid_values": False, "logits_processor": (),
     "output_scores": False, "output_logits": False, "return_dict_in_generate": True,
-    "stop_sequences": None, "streamer": None, "prompt_bucket": 64, "key": None,
+    "stop_sequences": None, "streamer": None, "prompt_bucket": 32, "key": None,
     "mesh": None, "data_axis": "data", "model_axis": "model",
 }
 HF_MAX_LENGTH = 20

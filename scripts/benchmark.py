@@ -301,8 +301,13 @@ def memory_probe(args, library: str, workload: str):
 
 
 def torch_compiled(run_torch, new, reps) -> dict:
-    """transformers with a static cache and torch.compile (auto-compiled by generate)."""
-    extra = dict(cache_implementation="static")
+    """transformers with a static cache and torch.compile (generate's auto-compile; on CPU it
+    must be asked for with ``_compile_all_devices``)."""
+    from transformers import CompileConfig
+
+    config = CompileConfig()
+    config._compile_all_devices = True  # a class attribute, not an __init__ argument
+    extra = dict(cache_implementation="static", compile_config=config)
     try:
         t0 = time.perf_counter()
         run_torch(extra)

@@ -221,6 +221,12 @@ BAD_CALLS = [
     (dict(length_penalty="big", num_beams=2), "length_penalty='big'"),
     (dict(suppress_tokens=list(range(48))), "ban every token"),
     (dict(return_dict_in_generate=False), "return_dict_in_generate=False"),
+    (dict(eos_token_id=2.5), "eos_token_id=2.5.*token id"),
+    (dict(eos_token_id=True), "eos_token_id=True"),
+    (dict(forced_bos_token_id=[1, 3]), "forced_bos_token_id.*single token id"),
+    (dict(min_new_tokens=-1), "min_new_tokens=-1"),
+    (dict(prompt_bucket=0), "prompt_bucket=0"),
+    (dict(mesh="4x2"), "mesh must be a jax.sharding.Mesh"),
 ]
 
 

@@ -78,7 +78,7 @@ def _int(kw, name, minimum=None, allow_none=True):
     v = kw[name]
     if v is None and allow_none:
         return None
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+    if not _is_int(v):
         _fail(name, v, "expected an int" + ("" if minimum is None else f" >= {minimum}"))
     if minimum is not None and v < minimum:
         _fail(name, v, f"expected an int >= {minimum}")
@@ -94,21 +94,23 @@ def _float(kw, name, low=None, high=None, low_open=True, high_open=False):
     ok_low = low is None or (v > low if low_open else v >= low)
     ok_high = high is None or (v < high if high_open else v <= high)
     if not (ok_low and ok_high):
-        lo = "" if low is None else ("(" if low_open else "[") + str(low)
-        hi = "" if high is None else str(high) + (")" if high_open else "]")
-        _fail(name, v, f"expected a number in {lo}, {hi}".replace("in , ", "<= ").replace("in (", "in ("))
+        lo = "-inf" if low is None else str(low)
+        hi = "inf" if high is None else str(high)
+        interval = ("(" if low_open else "[") + f"{lo}, {hi}" + (")" if high_open else "]")
+        _fail(name, v, f"expected a number in {interval}")
     return float(v)
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
 def _token_ids(name, value, vocab, allow_empty=False) -> tuple[int, ...]:
-    ids = [value] if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else value
-    try:
-        ids = tuple(int(t) for t in ids)
-        ok = all(not isinstance(t, bool) for t in (value if isinstance(value, (list, tuple)) else [value]))
-    except TypeError:
-        ok = False
-    if not ok or (not ids and not allow_empty):
+    """An id or a list of ids -> tuple of ints in [0, vocab)."""
+    items = [value] if _is_int(value) else (value.tolist() if isinstance(value, np.ndarray) else value)
+    if not isinstance(items, (list, tuple)) or not all(_is_int(t) for t in items) or (not items and not allow_empty):
         _fail(name, value, "expected a token id or a list of token ids")
+    ids = tuple(int(t) for t in items)
     bad = [t for t in ids if not 0 <= t < vocab]
     if bad:
         _fail(name, value, f"token ids must be in [0, {vocab}) (the model's vocab_size); got {bad}")

@@ -50,9 +50,9 @@ class ProcessorContext:
         return self.offset + self.cur_len
 
     def history_mask(self) -> jax.Array:
-        """bool[rows, total_len]: columns that are part of transformers' input_ids."""
+        """bool[1, total_len]: columns that are part of transformers' input_ids (same for all rows)."""
         col = jnp.arange(self.sequences.shape[1])
-        return ((col >= self.offset) & (col < self.end))[None, :].repeat(self.sequences.shape[0], 0)
+        return ((col >= self.offset) & (col < self.end))[None, :]
 
 
 def _vocab_mask(vocab: int, ids: Sequence[int]) -> jax.Array:

@@ -117,6 +117,21 @@ def _token_ids(name, value, vocab, allow_empty=False) -> tuple[int, ...]:
     return ids
 
 
+def _single_id(name, value, vocab) -> int:
+    ids = _token_ids(name, value, vocab)
+    if len(ids) != 1:
+        _fail(name, value, "expected a single token id")
+    return ids[0]
+
+
+def _id_lists(name, value, vocab) -> tuple[tuple[int, ...], ...]:
+    """A non-empty list of non-empty lists of token ids -> tuple of tuples."""
+    if (not isinstance(value, (list, tuple)) or not value
+            or not all(isinstance(ids, (list, tuple)) and ids for ids in value)):
+        _fail(name, value, "expected a non-empty list of non-empty lists of token ids")
+    return tuple(_token_ids(name, list(ids), vocab) for ids in value)
+
+
 def _bool(kw, name):
     if not isinstance(kw[name], (bool, np.bool_)):
         _fail(name, kw[name], "expected True or False")
@@ -195,18 +210,8 @@ def parse(model: GPT2, input_ids, attention_mask, kwargs: dict[str, Any], beam_s
     # --- special tokens ---------------------------------------------------------------------
     eos = kw["eos_token_id"] if kw["eos_token_id"] is not None else config.eos_token_id
     eos_ids = () if eos is None else _token_ids("eos_token_id", eos, vocab, allow_empty=True)
-    pad = kw["pad_token_id"]
-    if pad is not None:
-        pad = _token_ids("pad_token_id", pad, vocab)
-        if len(pad) != 1:
-            _fail("pad_token_id", kw["pad_token_id"], "expected a single token id")
-        pad = pad[0]
-    stops = kw["stop_sequences"]
-    if stops is not None:
-        if (not isinstance(stops, (list, tuple)) or not stops
-                or not all(isinstance(s, (list, tuple)) and s for s in stops)):
-            _fail("stop_sequences", stops, "expected a non-empty list of non-empty lists of token ids")
-        stops = tuple(_token_ids("stop_sequences", list(s), vocab) for s in stops)
+    pad = None if kw["pad_token_id"] is None else _single_id("pad_token_id", kw["pad_token_id"], vocab)
+    stops = None if kw["stop_sequences"] is None else _id_lists("stop_sequences", kw["stop_sequences"], vocab)
     if pad is None and (eos_ids or stops):
         raise ValueError(
             f"pad_token_id is missing, but rows can finish early (eos_token_id={list(eos_ids)}, "
@@ -254,12 +259,7 @@ def parse(model: GPT2, input_ids, attention_mask, kwargs: dict[str, Any], beam_s
     # --- processors -------------------------------------------------------------------------
     rep = _float(kw, "repetition_penalty", 0.0)
     ngram = _int(kw, "no_repeat_ngram_size", 0)
-    bad_words = kw["bad_words_ids"]
-    if bad_words is not None:
-        if (not isinstance(bad_words, (list, tuple)) or not bad_words
-                or not all(isinstance(w, (list, tuple)) and w for w in bad_words)):
-            _fail("bad_words_ids", bad_words, "expected a non-empty list of non-empty lists of token ids")
-        bad_words = tuple(_token_ids("bad_words_ids", list(w), vocab) for w in bad_words)
+    bad_words = None if kw["bad_words_ids"] is None else _id_lists("bad_words_ids", kw["bad_words_ids"], vocab)
     sequence_bias = kw["sequence_bias"]
     if sequence_bias is not None:
         if isinstance(sequence_bias, (list, tuple)):
@@ -275,10 +275,7 @@ def parse(model: GPT2, input_ids, attention_mask, kwargs: dict[str, Any], beam_s
                       else _token_ids("begin_suppress_tokens", kw["begin_suppress_tokens"], vocab))
     forced_bos, forced_eos = kw["forced_bos_token_id"], kw["forced_eos_token_id"]
     if forced_bos is not None:
-        forced_bos = _token_ids("forced_bos_token_id", forced_bos, vocab)
-        if len(forced_bos) != 1:
-            _fail("forced_bos_token_id", kw["forced_bos_token_id"], "expected a single token id")
-        forced_bos = forced_bos[0]
+        forced_bos = _single_id("forced_bos_token_id", forced_bos, vocab)
     if forced_eos is not None:
         forced_eos = _token_ids("forced_eos_token_id", forced_eos, vocab)
     decay = kw["exponential_decay_length_penalty"]

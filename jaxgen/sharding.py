@@ -8,8 +8,9 @@ Layout (Megatron-style, one reduction per attention and per MLP):
 - embeddings ``wte`` / ``wpe``, the (tied) LM head and LayerNorms are replicated: logits stay
   whole on every model shard, so top-k, sorting and sampling over the vocabulary need no
   collective (for GPT-2 XL this costs 321 MB of ``wte`` per device);
-- the KV cache ``[rows, heads, slots, head_dim]`` is split by rows along ``data_axis`` and by
-  heads along ``model_axis``; every per-row decoder array is split by rows.
+- the KV cache (keys ``[batch, heads, head_dim, slots]``, values ``[batch, heads, slots,
+  head_dim]``) is split by batch along ``data_axis`` and by heads along ``model_axis``; every
+  per-row decoder array is split by rows (a batch row's beams stay on one device).
 
 An axis given as ``None`` (or of size 1) means replication along it.
 """
@@ -85,11 +86,11 @@ def rows_sharding(mesh: Mesh, data_axis: str | None, ndim: int) -> NamedSharding
 
 
 def constrain_cache(cache: KVCache, mesh: Mesh | None, data_axis, model_axis) -> KVCache:
-    """Pins the cache layout ``[rows, heads, slots, head_dim]`` -> (data, model, -, -)."""
+    """Pins the cache layout ``[batch, heads, ...]`` -> (data, model, -, -)."""
     if mesh is None:
         return cache
     sharding = NamedSharding(mesh, P(data_axis, model_axis, None, None))
-    return cache.map_batch(lambda x: jax.lax.with_sharding_constraint(x, sharding))
+    return cache.map_arrays(lambda x: jax.lax.with_sharding_constraint(x, sharding))
 
 
 def constrain_rows(x: jax.Array, mesh: Mesh | None, data_axis) -> jax.Array:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -177,6 +178,22 @@ def test_output_scores_false_allocates_no_score_buffer(gpt2_vocab_model):
             max_new_tokens=5, num_beams=5, eos_token_id=GPT2_EOS, pad_token_id=GPT2_EOS, output_scores=output_scores))
         hlo = api._decode.lower(model, *api._operands(req), spec=req.spec).as_text()
         assert (shape in hlo) == output_scores
+
+
+def test_beam_step_neither_gathers_nor_copies_the_cache(eos_model):
+    """Reordering beams re-points an ancestry table: the compiled program has no gather or copy
+    producing a cache-sized array (a physical reorder gathered, then copied, all of it per step)."""
+    _, model = eos_model
+    from jaxgen.decoding import args
+    ids, mask = left_padded_batch(np.random.default_rng(5), 2, 6, EOS_MODEL["vocab_size"], [0, 2])
+    req = args.parse(model, ids, mask, dict(max_new_tokens=8, num_beams=3, eos_token_id=EOS, pad_token_id=PAD))
+    hlo = api._decode.lower(model, *api._operands(req), spec=req.spec).compile().as_text()
+    c, slots = model.config, req.spec.total_len * 3
+    shapes = (f"f32[2,{c.n_head},{c.head_dim},{slots}]", f"f32[2,{c.n_head},{slots},{c.head_dim}]")
+    assert all(f"= {shape}" in hlo for shape in shapes)  # the cache arrays are where this looks
+    moves = [line for line in hlo.splitlines()
+             if re.search(r" (copy|gather)\(", line) and any(f"= {shape}" in line for shape in shapes)]
+    assert not moves, moves[:2]
 
 
 def test_usable_inside_users_jit(eos_model):

@@ -77,6 +77,42 @@ def test_prefill_then_cached_steps_equal_full_forward(pair):
                                    err_msg=f"cached step at position {t}")
 
 
+def test_grouped_cache_rows_read_their_ancestors_slots(pair):
+    """Beam search's cache: each row of a group writes its own slots and reads every slot from
+    the row ``kv_mask`` names; with random ancestries, each row's logits equal a full forward
+    over the sequence it stands for."""
+    _, model, _ = pair
+    rng = np.random.default_rng(4)
+    batch, group, prompt, steps, vocab = 2, 3, 5, 4, BASE["vocab_size"]
+    ids, mask = left_padded_batch(rng, batch, prompt, vocab, pads=[0, 2], low=0)
+    total = prompt + steps
+    kv_mask = np.concatenate([mask, np.ones((batch, steps), mask.dtype)], 1).astype(bool)
+    positions = positions_from_mask(jnp.asarray(mask))
+    _, cache = forward(model, jnp.asarray(ids), positions, jnp.asarray(kv_mask), model.init_cache(batch, total), 0)
+    cache = cache.grouped(group)
+    seqs, seq_mask = np.repeat(ids, group, 0), np.repeat(mask, group, 0)  # what each row stands for
+    ancestry = np.zeros((batch, group, total), np.int64)  # the prompt lives in row 0
+    next_pos = np.repeat(np.asarray(positions[:, -1]) + 1, group)
+    step = jax.jit(forward)
+    for t in range(steps):
+        parents = rng.integers(0, group, (batch, group))
+        tokens = rng.integers(0, vocab, batch * group)
+        ancestry = np.take_along_axis(ancestry, parents[:, :, None], 1)
+        ancestry[:, :, prompt + t] = np.arange(group)
+        parent_rows = (np.arange(batch)[:, None] * group + parents).reshape(-1)
+        seqs = np.concatenate([seqs[parent_rows], tokens[:, None]], 1)
+        seq_mask = np.concatenate([seq_mask[parent_rows], np.ones((batch * group, 1), mask.dtype)], 1)
+        reads = kv_mask[:, None, :, None] & (ancestry[..., None] == np.arange(group))  # [batch, g, slot, r]
+        hidden, cache = step(model, jnp.asarray(tokens[:, None]), jnp.asarray(next_pos[:, None]),
+                             jnp.asarray(reads.reshape(batch * group, total, group)), cache, prompt + t)
+        next_pos += 1
+        np.testing.assert_allclose(np.asarray(lm_head(model, hidden))[:, 0], np.asarray(model(seqs, seq_mask))[:, -1],
+                                   atol=1e-4, err_msg=f"step {t}")
+    with pytest.raises(ValueError, match="group=3 needs kv_mask"):
+        forward(model, jnp.asarray(tokens[:, None]), jnp.asarray(next_pos[:, None]), jnp.ones((6, total), bool),
+                cache, total - 1)
+
+
 @pytest.mark.parametrize("dtype, tol", [(jnp.bfloat16, 0.04), (jnp.float16, 0.005)])
 def test_half_precision_stays_within_documented_tolerance(pair, dtype, tol):
     """bfloat16 / float16 params and activations; softmax, LayerNorm and logits in float32.

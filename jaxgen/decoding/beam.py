@@ -9,7 +9,8 @@ Beams are laid out ``[batch, num_beams, ...]``. Each step:
 4. candidates among the top ``num_beams`` that hit EOS / max length are scored
    ``sum_logprobs / generated_len ** length_penalty`` and merged into the finished beams
    (unless the row can no longer improve, or is full with ``early_stopping=True``);
-5. the KV cache rows are gathered along the beam axis; the early-stop heuristic is updated.
+5. the early-stop heuristic is updated; the surviving beams' histories are re-pointed: the KV
+   cache itself never moves (see ``BeamState.ancestry``).
 
 Every constant (-1e9 fillers, the order of float operations) is transformers', so that the same
 candidates win, including among near-ties.
@@ -37,7 +38,11 @@ class BeamState:
     log-probs; running_beam_indices: int32[batch, beams, N]; sequences / beam_scores /
     beam_indices: the finished hypotheses, same shapes; is_sent_finished: bool[batch, beams];
     improvable: bool[batch, 1] (transformers' ``is_early_stop_heuristic_unsatisfied``);
-    logits: float32[batch * beams, V]; positions: int32[batch * beams].
+    logits: float32[batch * beams, V]; positions: int32[batch * beams]; cache: ``batch`` groups
+    of ``beams`` rows; ancestry: int32[batch, beams, S], for each running beam and slot the row
+    of its group whose cache holds that slot of the beam's history (the prompt lives in row 0).
+    Reordering beams gathers this small table instead of copying the whole cache every step
+    (``[batch * beams, S, d]`` per layer, the largest cost of a beam step at batch 8).
     """
 
     step: jax.Array
@@ -52,6 +57,7 @@ class BeamState:
     done: jax.Array
     logits: jax.Array
     cache: KVCache
+    ancestry: jax.Array
     positions: jax.Array
     scores: jax.Array | None
     raw_logits: jax.Array | None
@@ -84,7 +90,7 @@ def decode(model: GPT2, input_ids, attention_mask, prompt_len, processors, key, 
     """Beam search over ``input_ids: int32[batch, P]`` (left-padded to the bucket)."""
     batch, beams, n = input_ids.shape[0], spec.num_beams, spec.max_new_tokens
     keep = max(2, 1 + len(spec.eos_token_ids)) * beams
-    pre = engine.prefill(model, input_ids, attention_mask, prompt_len, spec, beams)
+    pre = engine.prefill(model, input_ids, attention_mask, prompt_len, spec, beams, share_prompt=True)
     vocab = pre.logits.shape[-1]
     if spec.eos_token_ids:
         fill = spec.pad_token_id or spec.eos_token_ids[0]
@@ -105,6 +111,7 @@ def decode(model: GPT2, input_ids, attention_mask, prompt_len, processors, key, 
         done=jnp.zeros((), bool),
         logits=pre.logits,
         cache=pre.cache,
+        ancestry=jnp.zeros((batch, beams, spec.total_len), jnp.int32),
         positions=pre.positions,
         scores=engine.score_buffer(spec.output_scores, spec, batch * beams, vocab),
         raw_logits=engine.score_buffer(spec.output_logits, spec, batch * beams, vocab),
@@ -166,14 +173,18 @@ def decode(model: GPT2, input_ids, attention_mask, prompt_len, processors, key, 
         )
 
     def advance(s: BeamState) -> BeamState:
-        """Reorders the cache to the surviving beams (a gather along the beam axis within each
-        batch row: no communication when the batch is sharded), then feeds their new tokens."""
+        """Feeds the surviving beams' new tokens; each beam reads its history from the rows its
+        ancestors computed it in (a gather of ``ancestry`` within each batch row: no
+        communication when the batch is sharded) and writes the new slot into its own row."""
         step, column = s.step - 1, spec.bucket_len + s.step - 1
         source = jax.lax.dynamic_index_in_dim(s.running_beam_indices, step, axis=2, keepdims=False) - batch_offset
-        cache = s.cache.map_batch(lambda x: _gather(x.reshape(batch, beams, *x.shape[1:]), source).reshape(x.shape))
+        own_row = jnp.broadcast_to(jnp.arange(beams, dtype=jnp.int32), (batch, beams))
+        ancestry = _set_column(_gather(s.ancestry, source), column, own_row)
+        reads = pre.kv_mask[:, None, :, None] & (ancestry[..., None] == jnp.arange(beams))  # [batch, beams, S, beams]
         tokens = jax.lax.dynamic_index_in_dim(s.running_sequences, column, axis=2, keepdims=False).reshape(-1)
-        logits, cache = engine.decode_step(model, tokens, s.positions, pre.kv_mask, cache, column, spec)
-        return s.replace(logits=logits, cache=cache, positions=s.positions + 1)
+        logits, cache = engine.decode_step(model, tokens, s.positions, reads.reshape(batch * beams, -1, beams),
+                                           s.cache, column, spec)
+        return s.replace(logits=logits, cache=cache, ancestry=ancestry, positions=s.positions + 1)
 
     final = engine.run_loop(state, choose, advance, n)
     r = spec.num_return_sequences

@@ -5,7 +5,8 @@ Shapes (``rows`` = batch x beams or batch x return sequences, ``P`` = bucketed p
 
 - the token buffer ``sequences: int32[rows, P + N]``: prompt in ``[:P]``, step ``i``'s token at
   column ``P + i``;
-- the KV cache: ``P + N`` slots per row, slot ``j`` holding the token of buffer column ``j``;
+- the KV cache: ``P + N`` slots per row, slot ``j`` holding the token of buffer column ``j``
+  (beam search: of the row that computed it; see `jaxgen.models.gpt2.KVCache`);
 - ``kv_mask: bool[rows, P + N]``: prompt mask, then ones (transformers keeps attending to
   generated tokens, pads of finished rows included);
 - position ids continue from the prompt's last real position, one per generated token.
@@ -62,9 +63,11 @@ class DecodeSpec:
 class Prefilled:
     """The prompt after one forward pass, expanded to ``rows = batch * expand``.
 
-    logits: float32[rows, V] for the first generated token; cache: the filled KV cache;
-    kv_mask: bool[rows, P + N]; positions: int32[rows], position id of the next token;
-    pad_lengths: int32[rows], left padding of each prompt as passed.
+    logits: float32[rows, V] for the first generated token; cache: the filled KV cache, either
+    ``rows`` rows of one (``share_prompt=False``) or ``batch`` groups of ``expand`` rows, the
+    prompt written once in the first row of each group (``share_prompt=True``); kv_mask:
+    bool[rows, P + N] (bool[batch, P + N] when shared); positions: int32[rows], position id of
+    the next token; pad_lengths: int32[rows], left padding of each prompt as passed.
     """
 
     logits: jax.Array
@@ -75,9 +78,11 @@ class Prefilled:
 
 
 def prefill(model: GPT2, input_ids: jax.Array, attention_mask: jax.Array, prompt_len: jax.Array, spec: DecodeSpec,
-            expand: int) -> Prefilled:
+            expand: int, share_prompt: bool = False) -> Prefilled:
     """One forward over ``input_ids: int32[batch, P]``; every row then repeated ``expand`` times
-    (consecutive copies, as transformers' ``repeat_interleave``). ``prompt_len``: int32[], L."""
+    (consecutive copies, as transformers' ``repeat_interleave``) or, with ``share_prompt``, the
+    cache grouped by ``expand`` rows that all read the prompt from their group's first row.
+    ``prompt_len``: int32[], L."""
     batch = input_ids.shape[0]
     input_ids, attention_mask = pin_rows(input_ids, spec), pin_rows(attention_mask, spec)
     mask = attention_mask.astype(bool)
@@ -89,7 +94,11 @@ def prefill(model: GPT2, input_ids: jax.Array, attention_mask: jax.Array, prompt
     pad_lengths = prompt_len - attention_mask.sum(-1).astype(jnp.int32)
     out = Prefilled(logits, cache, kv_mask, positions[:, -1] + 1, pad_lengths)
     if expand > 1:
-        out = jax.tree.map(lambda x: jnp.repeat(x, expand, axis=0), out)
+        def rows(x):
+            return jnp.repeat(x, expand, axis=0)
+
+        out = Prefilled(rows(out.logits), cache.grouped(expand) if share_prompt else cache.map_arrays(rows),
+                        out.kv_mask if share_prompt else rows(out.kv_mask), rows(out.positions), rows(out.pad_lengths))
     return Prefilled(pin_rows(out.logits, spec), pin_cache(out.cache, spec), pin_rows(out.kv_mask, spec),
                      out.positions, out.pad_lengths)
 

@@ -87,22 +87,49 @@ class GPT2Config:
 
 @struct.dataclass
 class KVCache:
-    """Keys and values of every layer, one array each: ``dtype[batch, n_head, max_len, head_dim]``.
+    """Keys and values of every layer, one array each per layer (no stacking, so that a step
+    updates each in place with ``lax.dynamic_update_slice``):
 
-    Separate arrays per layer (no stacking) so that a decode step updates each in place with
-    ``lax.dynamic_update_slice``.
+    - keys ``dtype[batch, n_head, head_dim, max_len * group]``, stored transposed: a decode
+      step's ``q . k`` then reduces over a major axis and vectorises along the slots;
+    - values ``dtype[batch, n_head, max_len * group, head_dim]``.
+
+    Rows come in groups (``rows = batch * group``, row ``b * group + r``) that may read each
+    other's slots: index ``t * group + r`` holds slot ``t`` of row ``r`` of a group. Beam search
+    keeps each beam's keys in the row that computed them and tells every beam, per slot, which
+    row holds its history (`forward`'s ``kv_mask``), so reordering beams never moves the cache
+    (a gather plus a copy of the whole cache per step, the largest cost of a beam step at batch 8
+    before). Slot-major order keeps a step's write one contiguous slice and the attention one
+    contraction over ``max_len * group`` keys. Greedy search and sampling use ``group == 1``.
     """
 
     keys: tuple[jax.Array, ...]
     values: tuple[jax.Array, ...]
+    group: int = struct.field(pytree_node=False, default=1)
 
     @property
     def max_len(self) -> int:
-        return self.keys[0].shape[2]
+        return self.values[0].shape[2] // self.group
 
-    def map_batch(self, fn) -> "KVCache":
-        """Applies ``fn`` to every cache array (e.g. a gather along the batch axis for beams)."""
-        return KVCache(tuple(fn(k) for k in self.keys), tuple(fn(v) for v in self.values))
+    def map_arrays(self, fn) -> "KVCache":
+        """Applies ``fn`` to every cache array."""
+        return KVCache(tuple(map(fn, self.keys)), tuple(map(fn, self.values)), self.group)
+
+    def grouped(self, group: int) -> "KVCache":
+        """A ``group == 1`` cache as the first row of groups of ``group`` rows (the others empty)."""
+        if self.group != 1:
+            raise ValueError(f"grouped() needs a cache with group == 1, got group={self.group}")
+        keys = tuple(_widen(k, 3, group) for k in self.keys)
+        return KVCache(keys, tuple(_widen(v, 2, group) for v in self.values), group)
+
+
+def _widen(x: jax.Array, axis: int, group: int) -> jax.Array:
+    """Inserts ``group - 1`` zero slots after every slot along ``axis``."""
+    x = jnp.expand_dims(x, axis + 1)
+    pad = [(0, 0)] * x.ndim
+    pad[axis + 1] = (0, group - 1)
+    shape = x.shape[:axis] + (x.shape[axis] * group,) + x.shape[axis + 2:]
+    return jnp.pad(x, pad).reshape(shape)
 
 
 @struct.dataclass
@@ -131,12 +158,13 @@ class GPT2:
             position_ids = positions_from_mask(attention_mask)
         return _jitted_logits(self, input_ids, attention_mask, jnp.asarray(position_ids))
 
-    def init_cache(self, batch_size: int, max_len: int) -> KVCache:
-        """An empty cache: ``batch_size`` rows of ``max_len`` slots in every layer."""
+    def init_cache(self, batch_size: int, max_len: int, group: int = 1) -> KVCache:
+        """An empty cache: ``batch_size`` groups of ``group`` rows of ``max_len`` slots in every layer."""
         c = self.config
-        shape = (batch_size, c.n_head, max_len, c.head_dim)
-        zeros = tuple(jnp.zeros(shape, self.dtype) for _ in range(c.n_layer))
-        return KVCache(zeros, tuple(jnp.zeros(shape, self.dtype) for _ in range(c.n_layer)))
+        slots = max_len * group
+        keys = tuple(jnp.zeros((batch_size, c.n_head, c.head_dim, slots), self.dtype) for _ in range(c.n_layer))
+        values = tuple(jnp.zeros((batch_size, c.n_head, slots, c.head_dim), self.dtype) for _ in range(c.n_layer))
+        return KVCache(keys, values, group)
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
@@ -161,23 +189,48 @@ def _dense(p, x):
     return x @ p["kernel"] + p["bias"]
 
 
-def _attention(config, layer_idx, q, k, v, mask):
-    """q: [b, h, s, hd]; k, v: [b, h, t, hd]; mask: bool[b, 1 or h, s, t] -> [b, s, h*hd]."""
+def _attention(config, layer_idx, q, kt, v, mask):
+    """Attention of a chunk's queries over their group's keys.
+
+    q: [b, g, s, h, hd] (``g`` rows per group); kt: [b, h, hd, kv] (keys, transposed);
+    v: [b, h, kv, hd]; mask: bool[b, g, s, kv] -> [b * g, s, h * hd].
+    """
+    b, g, s, h, hd = q.shape
+    q = q.transpose(0, 3, 1, 2, 4).reshape(b, h, g * s, hd)
     scale = config.attention_scale(layer_idx)
     if config.reorder_and_upcast_attn:  # scale before the matmul, in float32
-        scores = jnp.einsum("bhsd,bhtd->bhst", q.astype(jnp.float32) * scale, k.astype(jnp.float32))
-    else:
-        scores = jnp.einsum("bhsd,bhtd->bhst", q, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        q, kt, scale = q.astype(jnp.float32) * scale, kt.astype(jnp.float32), 1.0
+    few_rows = g > 1 and s == 1  # a beam search step
+    scores = _matmul(q, kt, few_rows) * scale
+    scores = jnp.where(mask.reshape(b, 1, g * s, -1), scores, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhst,bhtd->bshd", weights, v)
-    return out.reshape(out.shape[0], out.shape[1], -1)
+    out = _matmul(weights, v, few_rows).astype(v.dtype)
+    return out.reshape(b, h, g, s, hd).transpose(0, 2, 3, 1, 4).reshape(b * g, s, h * hd)
 
 
-def _split_heads(x, n_head):
-    """[b, s, d] -> [b, h, s, d / h]."""
-    b, s, d = x.shape
-    return x.reshape(b, s, n_head, d // n_head).transpose(0, 2, 1, 3)
+def _matmul(x, y, few_rows: bool):
+    """x: [b, h, m, k] @ y: [b, h, k, n] -> float32 [b, h, m, n].
+
+    ``few_rows`` (the beams of one step): as a broadcast multiply and a sum; XLA:CPU runs
+    these ``[beams, 64] x [64, slots]`` products 3-5x slower as matmuls. (One row, XLA rewrites
+    the matmul itself, and better than this: greedy batch 8 would step 3x slower.)
+    """
+    if few_rows:
+        return (x[..., :, :, None].astype(jnp.float32) * y[..., None, :, :].astype(jnp.float32)).sum(-2)
+    return jnp.einsum("bhmk,bhkn->bhmn", x, y, preferred_element_type=jnp.float32)
+
+
+def _grouped_heads(x, n_head, group):
+    """[b * g, s, d] -> [b, g, s, h, d / h]."""
+    rows, s, d = x.shape
+    return x.reshape(rows // group, group, s, n_head, d // n_head)
+
+
+def _cache_layout(x, n_head, group, keys: bool):
+    """[b * g, s, d] -> slot-major (``t * g + r``) keys [b, h, d / h, s * g] or values [b, h, s * g, d / h]."""
+    x = _grouped_heads(x, n_head, group).transpose(0, 3, 2, 1, 4)  # [b, h, s, g, hd]
+    x = x.reshape(*x.shape[:2], -1, x.shape[-1])
+    return jnp.swapaxes(x, 2, 3) if keys else x
 
 
 def forward(
@@ -191,39 +244,48 @@ def forward(
     """Runs the blocks over a chunk of tokens; returns the final hidden states and the cache.
 
     Args:
-      input_ids: int[batch, seq], the chunk.
-      position_ids: int[batch, seq].
-      kv_mask: bool[batch, kv_len]: which key slots hold real tokens. Without a cache
-        ``kv_len == seq``; with one ``kv_len == cache.max_len`` and slots past the chunk are
-        ignored by the causal mask anyway.
+      input_ids: int[rows, seq], the chunk; ``rows = batch * cache.group`` (``batch`` without a
+        cache).
+      position_ids: int[rows, seq].
+      kv_mask: which key slots each row may read (the causal mask is added here):
+        bool[rows, kv_len, group]: row ``b * group + g`` reads slot ``t`` of row
+        ``b * group + r`` where ``kv_mask[b * group + g, t, r]`` (beam search: a beam's history
+        lies in the rows where its ancestors computed it); with ``group == 1`` also
+        bool[rows, kv_len]. ``kv_len`` is ``seq`` without a cache, ``cache.max_len`` with one.
       cache: if given, the chunk's keys/values are written at slots
-        ``[cache_index, cache_index + seq)`` and the queries read the whole cache.
+        ``[cache_index, cache_index + seq)`` of each row's own cache row, then read as above.
       cache_index: int scalar (may be traced), first slot of the chunk.
 
     Returns:
-      hidden: dtype[batch, seq, n_embd] after the final LayerNorm; the updated cache (or None).
+      hidden: dtype[rows, seq, n_embd] after the final LayerNorm; the updated cache (or None).
     """
     c, p = model.config, model.params
     dtype = model.dtype
     seq = input_ids.shape[1]
-    tokens = jnp.moveaxis(jnp.take(p["wte"], input_ids, axis=1), 0, -1)  # [batch, seq, d]
+    tokens = jnp.moveaxis(jnp.take(p["wte"], input_ids, axis=1), 0, -1)  # [rows, seq, d]
     x = (tokens + p["wpe"][position_ids]).astype(dtype)
 
+    group = 1 if cache is None else cache.group
     kv_len = seq if cache is None else cache.max_len
+    if kv_mask.ndim == 2:
+        if group != 1:
+            raise ValueError(f"a cache with group={group} needs kv_mask: bool[rows, kv_len, group]")
+        kv_mask = kv_mask[:, :, None]
     query_slot = cache_index + jnp.arange(seq)
     causal = jnp.arange(kv_len)[None, :] <= query_slot[:, None]  # [seq, kv_len]
-    mask = causal[None, None] & kv_mask.astype(bool)[:, None, None, :]
+    mask = kv_mask.astype(bool).reshape(-1, group, 1, kv_len, group) & causal[:, :, None]  # [batch, g, seq, kv_len, r]
+    mask = mask.reshape(*mask.shape[:3], kv_len * group)
 
     new_keys, new_values = [], []
     for i, block in enumerate(p["h"]):
         h = _layer_norm(block["ln_1"], x, c.layer_norm_epsilon)
         c_attn = block["attn"]["c_attn"]
-        qkv = jnp.einsum("bsd,dke->bske", h, c_attn["kernel"]) + c_attn["bias"]  # [b, s, 3, d]
-        q, k, v = (_split_heads(qkv[:, :, j], c.n_head) for j in range(3))
+        qkv = jnp.einsum("bsd,dke->bske", h, c_attn["kernel"]) + c_attn["bias"]  # [rows, s, 3, d]
+        q = _grouped_heads(qkv[:, :, 0], c.n_head, group)
+        k, v = (_cache_layout(qkv[:, :, j].astype(dtype), c.n_head, group, keys=j == 1) for j in (1, 2))
         if cache is not None:
-            start = (0, 0, cache_index, 0)
-            k = jax.lax.dynamic_update_slice(cache.keys[i], k.astype(dtype), start)
-            v = jax.lax.dynamic_update_slice(cache.values[i], v.astype(dtype), start)
+            k = jax.lax.dynamic_update_slice(cache.keys[i], k, (0, 0, 0, cache_index * group))
+            v = jax.lax.dynamic_update_slice(cache.values[i], v, (0, 0, cache_index * group, 0))
             new_keys.append(k)
             new_values.append(v)
         x = x + _dense(block["attn"]["c_proj"], _attention(c, i, q, k, v, mask))
@@ -231,7 +293,7 @@ def forward(
         act = ACTIVATIONS[c.activation_function]
         x = x + _dense(block["mlp"]["c_proj"], act(_dense(block["mlp"]["c_fc"], h)))
     x = _layer_norm(p["ln_f"], x, c.layer_norm_epsilon)
-    new_cache = None if cache is None else KVCache(tuple(new_keys), tuple(new_values))
+    new_cache = None if cache is None else KVCache(tuple(new_keys), tuple(new_values), group)
     return x, new_cache
 
 

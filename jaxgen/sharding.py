@@ -2,9 +2,10 @@
 
 Layout (Megatron-style, one reduction per attention and per MLP):
 
-- attention: the fused q/k/v kernel ``[d, 3, d]`` is split along its output features, i.e. by
-  heads (column-parallel); ``c_proj`` ``[d, d]`` along its input features (row-parallel);
-- MLP: ``c_fc`` ``[d, inner]`` column-parallel, ``c_proj`` ``[inner, d]`` row-parallel;
+- attention: the fused q/k/v kernel ``[3, d, d]`` (``[out, in]``) is split along its output
+  features, i.e. by heads (column-parallel); ``c_proj`` ``[d, d]`` along its input features
+  (row-parallel);
+- MLP: ``c_fc`` ``[inner, d]`` column-parallel, ``c_proj`` ``[d, inner]`` row-parallel;
 - embeddings ``wte`` / ``wpe``, the (tied) LM head and LayerNorms are replicated: logits stay
   whole on every model shard, so top-k, sorting and sampling over the vocabulary need no
   collective (for GPT-2 XL this costs 321 MB of ``wte`` per device);
@@ -23,9 +24,9 @@ from jax.sharding import PartitionSpec as P
 
 from jaxgen.models.gpt2 import GPT2, KVCache
 
-_COLUMN = {("attn", "c_attn", "kernel"): P(None, None, "M"), ("attn", "c_attn", "bias"): P(None, "M"),
-           ("mlp", "c_fc", "kernel"): P(None, "M"), ("mlp", "c_fc", "bias"): P("M")}
-_ROW = {("attn", "c_proj", "kernel"): P("M", None), ("mlp", "c_proj", "kernel"): P("M", None)}
+_COLUMN = {("attn", "c_attn", "kernel"): P(None, "M", None), ("attn", "c_attn", "bias"): P(None, "M"),
+           ("mlp", "c_fc", "kernel"): P("M", None), ("mlp", "c_fc", "bias"): P("M")}
+_ROW = {("attn", "c_proj", "kernel"): P(None, "M"), ("mlp", "c_proj", "kernel"): P(None, "M")}
 
 
 def axis_size(mesh: Mesh, axis: str | None) -> int:

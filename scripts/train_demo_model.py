@@ -32,6 +32,7 @@ from jaxgen.models.gpt2 import (
     GPT2,
     GPT2Config,
     expected_shapes,
+    flatten_params,
     forward,
     lm_head,
     positions_from_mask,
@@ -83,18 +84,12 @@ def init_params(config: GPT2Config, key) -> dict:
 
 
 def to_hf_state_dict(params: dict, config: GPT2Config) -> dict[str, np.ndarray]:
-    """jaxgen params -> transformers' GPT2LMHeadModel names (Conv1D weights stay [in, out])."""
-    out = {"transformer.wte.weight": params["wte"].T, "transformer.wpe.weight": params["wpe"],
-           "transformer.ln_f.weight": params["ln_f"]["scale"], "transformer.ln_f.bias": params["ln_f"]["bias"]}
-    for i, block in enumerate(params["h"]):
-        p = f"transformer.h.{i}."
-        for ln in ("ln_1", "ln_2"):
-            out[p + ln + ".weight"], out[p + ln + ".bias"] = block[ln]["scale"], block[ln]["bias"]
-        for group, names in (("attn", ("c_attn", "c_proj")), ("mlp", ("c_fc", "c_proj"))):
-            for name in names:
-                kernel, bias = block[group][name]["kernel"], block[group][name]["bias"]
-                out[f"{p}{group}.{name}.weight"] = kernel.reshape(kernel.shape[0], -1)  # c_attn: [d, 3, d]
-                out[f"{p}{group}.{name}.bias"] = bias.reshape(-1)
+    """jaxgen params -> transformers' GPT2LMHeadModel names and shapes (Conv1D weights [in, out])."""
+    out = {}
+    for name, value in flatten_params(params).items():
+        name = name.replace(".kernel", ".weight").replace(".scale", ".weight")
+        name = "lm_head.weight" if name == "lm_head" else "transformer." + (name + ".weight" if "." not in name else name)
+        out[name] = value
     return {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in out.items()}
 
 

@@ -40,11 +40,11 @@ def test_mesh_equals_single_device(results, mesh, strategy):
 
 def test_params_are_really_split(results):
     specs = results["param_specs"]
-    assert specs["4x2"]["c_attn"] == "P(None, None, 'model')" and specs["4x2"]["c_proj"] == "P('model', None)"
-    assert specs["4x2"]["c_fc"] == "P(None, 'model')" and specs["4x2"]["wte"] == "P()"
-    assert specs["4x2"]["c_attn_shard_shape"] == [64, 3, 32]  # 4 of 8 heads per device
-    assert specs["1x8"]["c_attn_shard_shape"] == [64, 3, 8]
-    assert specs["8x1"]["c_attn_shard_shape"] == [64, 3, 64]
+    assert specs["4x2"]["c_attn"] == "P(None, 'model', None)" and specs["4x2"]["c_proj"] == "P(None, 'model')"
+    assert specs["4x2"]["c_fc"] == "P('model', None)" and specs["4x2"]["wte"] == "P()"
+    assert specs["4x2"]["c_attn_shard_shape"] == [3, 32, 64]  # 4 of 8 heads per device
+    assert specs["1x8"]["c_attn_shard_shape"] == [3, 8, 64]
+    assert specs["8x1"]["c_attn_shard_shape"] == [3, 64, 64]
 
 
 def test_compiled_program_gathers_no_whole_weight(results):

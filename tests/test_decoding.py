@@ -368,10 +368,37 @@ def test_compile_generate_runs_the_same_program(eos_model):
 
 
 def test_first_argmax_breaks_ties_like_argmax():
-    from jaxgen.decoding.greedy import first_argmax
+    from jaxgen.decoding.select import first_argmax
 
     rng = np.random.default_rng(0)
     scores = rng.integers(0, 4, size=(64, 50)).astype(np.float32)  # many ties
     scores[3] = -np.inf
     scores[4, 7] = np.inf
     np.testing.assert_array_equal(np.asarray(first_argmax(jnp.asarray(scores))), scores.argmax(-1))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_chunked_top_k_equals_lax_top_k(seed):
+    """Values, indices and tie order of select.top_k equal jax.lax.top_k (ties, -inf, ragged last chunk)."""
+    from jaxgen.decoding.select import top_k
+
+    rng = np.random.default_rng(seed)
+    for k, n in [(1, 3001), (5, 50257), (8, 4 * 50257 // 7), (12, 9000)]:
+        scores = rng.integers(-6, 6, size=(3, n)).astype(np.float32) if seed % 2 else rng.normal(size=(3, n))
+        scores = scores.astype(np.float32)
+        scores[1, rng.integers(0, n, size=n // 2)] = -np.inf
+        scores[2] = -np.inf
+        scores[2, -1] = 0.0
+        expected = jax.lax.top_k(scores, k)
+        ours = top_k(jnp.asarray(scores), k, chunk=32)
+        np.testing.assert_array_equal(ours[0], expected[0])
+        np.testing.assert_array_equal(ours[1], expected[1])
+
+
+def test_categorical_draws_as_jax_random_categorical():
+    from jaxgen.decoding.select import categorical
+
+    scores = jax.random.normal(jax.random.key(1), (8, 5000)) * 3
+    for seed in range(3):
+        key = jax.random.key(seed)
+        np.testing.assert_array_equal(categorical(key, scores), jax.random.categorical(key, scores, axis=-1))

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxgen.decoding import engine
+from jaxgen.decoding import engine, select
 from jaxgen.decoding.engine import DecodeSpec
 from jaxgen.models.gpt2 import GPT2, KVCache
 from jaxgen.outputs import GenerateOutput
@@ -76,10 +76,10 @@ def _set_column(x: jax.Array, column: jax.Array, values: jax.Array) -> jax.Array
 def _top_candidates(acc: jax.Array, k: int, key, step, do_sample: bool) -> tuple[jax.Array, jax.Array]:
     """acc: float32[batch, beams * V] -> (log-probs, flat indices) of k candidates, best first."""
     if not do_sample:
-        return jax.lax.top_k(acc, k)
+        return select.top_k(acc, k)
     # k draws without replacement from softmax(acc): Gumbel top-k, then sort by log-prob.
     gumbel = jax.random.gumbel(jax.random.fold_in(key, step), acc.shape, acc.dtype)
-    idx = jax.lax.top_k(acc + gumbel, k)[1]
+    idx = select.top_k(acc + gumbel, k)[1]
     logp = jnp.take_along_axis(acc, idx, -1)
     order = jnp.argsort(-logp, axis=-1, stable=True)
     return jnp.take_along_axis(logp, order, -1), jnp.take_along_axis(idx, order, -1)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxgen.decoding import engine
+from jaxgen.decoding import engine, select
 from jaxgen.decoding.engine import DecodeSpec
 from jaxgen.models.gpt2 import GPT2, KVCache
 from jaxgen.outputs import GenerateOutput
@@ -37,23 +37,11 @@ class TokenState:
     raw_logits: jax.Array | None
 
 
-def first_argmax(scores: jax.Array) -> jax.Array:
-    """int32[rows]: index of the first maximum, as ``argmax`` (NaN rows give the last index).
-
-    A max followed by a masked min: two vectorised reductions, 5x faster than XLA:CPU's
-    ``argmax`` (a variadic reduce) on ``[8, 50257]``.
-    """
-    vocab = scores.shape[-1]
-    best = scores.max(-1, keepdims=True)
-    first = jnp.min(jnp.where(scores == best, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
-    return jnp.minimum(first, vocab - 1)
-
-
 def select_token(scores: jax.Array, key: jax.Array | None, step: jax.Array, do_sample: bool) -> jax.Array:
     """int32[rows]: argmax, or one draw per row from ``softmax(scores)`` (key folded with step)."""
     if not do_sample:
-        return first_argmax(scores)
-    return jax.random.categorical(jax.random.fold_in(key, step), scores, axis=-1).astype(jnp.int32)
+        return select.first_argmax(scores)
+    return select.categorical(jax.random.fold_in(key, step), scores)
 
 
 def decode(model: GPT2, input_ids, attention_mask, prompt_len, processors, key, streamer_id,

@@ -188,7 +188,7 @@ def test_beam_step_neither_gathers_nor_copies_the_cache(eos_model):
     ids, mask = left_padded_batch(np.random.default_rng(5), 2, 6, EOS_MODEL["vocab_size"], [0, 2])
     req = args.parse(model, ids, mask, dict(max_new_tokens=8, num_beams=3, eos_token_id=EOS, pad_token_id=PAD))
     hlo = api._decode.lower(model, *api._operands(req), spec=req.spec).compile().as_text()
-    c, slots = model.config, req.spec.total_len * 3
+    c, slots = model.config, req.spec.bucket_len + req.spec.max_new_tokens * 3  # the prompt stored once
     shapes = (f"f32[2,{c.n_head},{c.head_dim},{slots}]", f"f32[2,{c.n_head},{slots},{c.head_dim}]")
     assert all(f"= {shape}" in hlo for shape in shapes)  # the cache arrays are where this looks
     moves = [line for line in hlo.splitlines()

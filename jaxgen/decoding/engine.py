@@ -97,7 +97,7 @@ def prefill(model: GPT2, input_ids: jax.Array, attention_mask: jax.Array, prompt
         def rows(x):
             return jnp.repeat(x, expand, axis=0)
 
-        out = Prefilled(rows(out.logits), cache.grouped(expand) if share_prompt else cache.map_arrays(rows),
+        out = Prefilled(rows(out.logits), cache.grouped(expand, spec.bucket_len) if share_prompt else cache.map_arrays(rows),
                         out.kv_mask if share_prompt else rows(out.kv_mask), rows(out.positions), rows(out.pad_lengths))
     return Prefilled(pin_rows(out.logits, spec), pin_cache(out.cache, spec), pin_rows(out.kv_mask, spec),
                      out.positions, out.pad_lengths)

@@ -90,37 +90,53 @@ class KVCache:
     """Keys and values of every layer, one array each per layer (no stacking, so that a step
     updates each in place with ``lax.dynamic_update_slice``):
 
-    - keys ``dtype[batch, n_head, head_dim, max_len * group]``, stored transposed: a decode
-      step's ``q . k`` then reduces over a major axis and vectorises along the slots;
-    - values ``dtype[batch, n_head, max_len * group, head_dim]``.
+    - keys ``dtype[batch, n_head, head_dim, length]``, stored transposed: a decode step's
+      ``q . k`` then reduces over a major axis and vectorises along the slots;
+    - values ``dtype[batch, n_head, length, head_dim]``.
 
     Rows come in groups (``rows = batch * group``, row ``b * group + r``) that may read each
-    other's slots: index ``t * group + r`` holds slot ``t`` of row ``r`` of a group. Beam search
-    keeps each beam's keys in the row that computed them and tells every beam, per slot, which
-    row holds its history (`forward`'s ``kv_mask``), so reordering beams never moves the cache
-    (a gather plus a copy of the whole cache per step, the largest cost of a beam step at batch 8
-    before). Slot-major order keeps a step's write one contiguous slice and the attention one
-    contraction over ``max_len * group`` keys. Greedy search and sampling use ``group == 1``.
+    other's slots. The first ``shared`` slots (the prompt) are stored once per group and read by
+    all its rows; after them, index ``shared + (t - shared) * group + r`` holds slot ``t`` of row
+    ``r``, so ``length = shared + (max_len - shared) * group``. Beam search keeps each beam's keys
+    in the row that computed them and tells every beam, per slot, which row holds its history
+    (`forward`'s ``kv_mask``), so reordering beams never moves the cache (a gather plus a copy of
+    the whole cache per step, the largest cost of a beam step at batch 8 before), and the prompt
+    is neither copied per beam nor read once per beam. Slot-major order keeps a step's write one
+    contiguous slice and the attention one contraction over ``length`` keys. Greedy search and
+    sampling use ``group == 1``.
     """
 
     keys: tuple[jax.Array, ...]
     values: tuple[jax.Array, ...]
     group: int = struct.field(pytree_node=False, default=1)
+    shared: int = struct.field(pytree_node=False, default=0)
 
     @property
     def max_len(self) -> int:
-        return self.values[0].shape[2] // self.group
+        return self.shared + (self.values[0].shape[2] - self.shared) // self.group
+
+    def index(self, slot):
+        """Where row 0 of a group keeps ``slot >= shared`` (any slot when ``group == 1``)."""
+        return self.shared + (slot - self.shared) * self.group
 
     def map_arrays(self, fn) -> "KVCache":
         """Applies ``fn`` to every cache array."""
-        return KVCache(tuple(map(fn, self.keys)), tuple(map(fn, self.values)), self.group)
+        return KVCache(tuple(map(fn, self.keys)), tuple(map(fn, self.values)), self.group, self.shared)
 
-    def grouped(self, group: int) -> "KVCache":
-        """A ``group == 1`` cache as the first row of groups of ``group`` rows (the others empty)."""
+    def grouped(self, group: int, shared: int) -> "KVCache":
+        """A ``group == 1`` cache (its rows holding slots ``< shared``) as groups of ``group`` rows
+        that share those slots; the later slots get one copy per row (empty but in row 0)."""
         if self.group != 1:
             raise ValueError(f"grouped() needs a cache with group == 1, got group={self.group}")
-        keys = tuple(_widen(k, 3, group) for k in self.keys)
-        return KVCache(keys, tuple(_widen(v, 2, group) for v in self.values), group)
+        if not 0 <= shared <= self.max_len:
+            raise ValueError(f"shared={shared} must lie in [0, max_len={self.max_len}]")
+
+        def widen(x, axis):
+            head, tail = jnp.split(x, [shared], axis=axis)
+            return jnp.concatenate([head, _widen(tail, axis, group)], axis=axis)
+
+        keys = tuple(widen(k, 3) for k in self.keys)
+        return KVCache(keys, tuple(widen(v, 2) for v in self.values), group, shared)
 
 
 def _widen(x: jax.Array, axis: int, group: int) -> jax.Array:
@@ -267,9 +283,11 @@ def forward(
         bool[rows, kv_len, group]: row ``b * group + g`` reads slot ``t`` of row
         ``b * group + r`` where ``kv_mask[b * group + g, t, r]`` (beam search: a beam's history
         lies in the rows where its ancestors computed it); with ``group == 1`` also
-        bool[rows, kv_len]. ``kv_len`` is ``seq`` without a cache, ``cache.max_len`` with one.
+        bool[rows, kv_len]. ``kv_len`` is ``seq`` without a cache, ``cache.max_len`` with one. A
+        slot shared by the group (``t < cache.shared``) is read where any ``r`` is set.
       cache: if given, the chunk's keys/values are written at slots
-        ``[cache_index, cache_index + seq)`` of each row's own cache row, then read as above.
+        ``[cache_index, cache_index + seq)`` of each row's own cache row (at or after
+        ``cache.shared`` when ``group > 1``), then read as above.
       cache_index: int scalar (may be traced), first slot of the chunk.
 
     Returns:
@@ -289,7 +307,8 @@ def forward(
     query_slot = cache_index + jnp.arange(seq)
     causal = jnp.arange(kv_len)[None, :] <= query_slot[:, None]  # [seq, kv_len]
     mask = kv_mask.astype(bool).reshape(-1, group, 1, kv_len, group) & causal[:, :, None]  # [batch, g, seq, kv_len, r]
-    mask = mask.reshape(*mask.shape[:3], kv_len * group)
+    shared = 0 if cache is None else cache.shared  # a row reads a shared slot if any r is set
+    mask = jnp.concatenate([mask[..., :shared, :].any(-1), mask[..., shared:, :].reshape(*mask.shape[:3], -1)], -1)
 
     new_keys, new_values = [], []
     for i, block in enumerate(p["h"]):
@@ -298,8 +317,8 @@ def forward(
         q = _grouped_heads(qkv[:, :, 0], c.n_head, group)
         k, v = (_cache_layout(qkv[:, :, j].astype(dtype), c.n_head, group, keys=j == 1) for j in (1, 2))
         if cache is not None:
-            k = jax.lax.dynamic_update_slice(cache.keys[i], k, (0, 0, 0, cache_index * group))
-            v = jax.lax.dynamic_update_slice(cache.values[i], v, (0, 0, cache_index * group, 0))
+            k = jax.lax.dynamic_update_slice(cache.keys[i], k, (0, 0, 0, cache.index(cache_index)))
+            v = jax.lax.dynamic_update_slice(cache.values[i], v, (0, 0, cache.index(cache_index), 0))
             new_keys.append(k)
             new_values.append(v)
         x = x + _linear(block["attn"]["c_proj"], _attention(c, i, q, k, v, mask))
@@ -307,7 +326,7 @@ def forward(
         act = ACTIVATIONS[c.activation_function]
         x = x + _linear(block["mlp"]["c_proj"], act(_linear(block["mlp"]["c_fc"], h)))
     x = _layer_norm(p["ln_f"], x, c.layer_norm_epsilon)
-    new_cache = None if cache is None else KVCache(tuple(new_keys), tuple(new_values), group)
+    new_cache = None if cache is None else cache.replace(keys=tuple(new_keys), values=tuple(new_values))
     return x, new_cache
 
 

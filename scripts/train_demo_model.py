@@ -88,8 +88,9 @@ def to_hf_state_dict(params: dict, config: GPT2Config) -> dict[str, np.ndarray]:
     out = {}
     for name, value in flatten_params(params).items():
         name = name.replace(".kernel", ".weight").replace(".scale", ".weight")
-        name = "lm_head.weight" if name == "lm_head" else "transformer." + (name + ".weight" if "." not in name else name)
-        out[name] = value
+        if "." not in name:  # wte, wpe, lm_head
+            name += ".weight"
+        out[name if name.startswith("lm_head") else "transformer." + name] = value
     return {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in out.items()}
 
 

@@ -40,7 +40,7 @@ class BeamState:
     improvable: bool[batch, 1] (transformers' ``is_early_stop_heuristic_unsatisfied``);
     logits: float32[batch * beams, V]; positions: int32[batch * beams]; cache: ``batch`` groups
     of ``beams`` rows; ancestry: int32[batch, beams, S], for each running beam and slot the row
-    of its group whose cache holds that slot of the beam's history (the prompt lives in row 0).
+    of its group whose cache holds that slot of the beam's history (0 for the prompt's shared slots).
     Reordering beams gathers this small table instead of copying the whole cache every step
     (``[batch * beams, S, d]`` per layer, the largest cost of a beam step at batch 8).
     """

@@ -64,8 +64,8 @@ class Prefilled:
     """The prompt after one forward pass, expanded to ``rows = batch * expand``.
 
     logits: float32[rows, V] for the first generated token; cache: the filled KV cache, either
-    ``rows`` rows of one (``share_prompt=False``) or ``batch`` groups of ``expand`` rows, the
-    prompt written once in the first row of each group (``share_prompt=True``); kv_mask:
+    ``rows`` rows of one (``share_prompt=False``) or ``batch`` groups of ``expand`` rows that
+    share the prompt's ``P`` slots, stored once per group (``share_prompt=True``); kv_mask:
     bool[rows, P + N] (bool[batch, P + N] when shared); positions: int32[rows], position id of
     the next token; pad_lengths: int32[rows], left padding of each prompt as passed.
     """
@@ -81,7 +81,7 @@ def prefill(model: GPT2, input_ids: jax.Array, attention_mask: jax.Array, prompt
             expand: int, share_prompt: bool = False) -> Prefilled:
     """One forward over ``input_ids: int32[batch, P]``; every row then repeated ``expand`` times
     (consecutive copies, as transformers' ``repeat_interleave``) or, with ``share_prompt``, the
-    cache grouped by ``expand`` rows that all read the prompt from their group's first row.
+    cache grouped by ``expand`` rows that all read the prompt's slots, stored once per group.
     ``prompt_len``: int32[], L."""
     batch = input_ids.shape[0]
     input_ids, attention_mask = pin_rows(input_ids, spec), pin_rows(attention_mask, spec)
@@ -97,8 +97,9 @@ def prefill(model: GPT2, input_ids: jax.Array, attention_mask: jax.Array, prompt
         def rows(x):
             return jnp.repeat(x, expand, axis=0)
 
-        out = Prefilled(rows(out.logits), cache.grouped(expand, spec.bucket_len) if share_prompt else cache.map_arrays(rows),
-                        out.kv_mask if share_prompt else rows(out.kv_mask), rows(out.positions), rows(out.pad_lengths))
+        cache = cache.grouped(expand, spec.bucket_len) if share_prompt else cache.map_arrays(rows)
+        out = Prefilled(rows(out.logits), cache, out.kv_mask if share_prompt else rows(out.kv_mask),
+                        rows(out.positions), rows(out.pad_lengths))
     return Prefilled(pin_rows(out.logits, spec), pin_cache(out.cache, spec), pin_rows(out.kv_mask, spec),
                      out.positions, out.pad_lengths)
 

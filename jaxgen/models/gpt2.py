@@ -15,8 +15,8 @@ The whole network is a handful of pure functions over a params pytree::
 Kernels are stored ``[out, in]`` (``torch.nn.Linear``'s layout; Hugging Face's GPT-2 Conv1D
 weights ``[in, out]`` are transposed on load), the fused q/k/v projection ``[3, out, in]`` so that
 a sharding can split it by heads (`jaxgen.shard`), and the LM head is ``wte`` itself
-(``[vocab, d]``). `_linear` explains why: with the weight as the left, many-row operand,
-XLA:CPU's GEMM runs a decode step 25-40% faster at 2-32 rows. The model object `GPT2` is a
+(``[vocab, d]``). `_project` explains why: with the weight as the left, many-row operand,
+XLA:CPU's GEMM runs a decode step's matmuls 20-40% faster at 2-32 rows. The model object `GPT2` is a
 ``flax.struct`` dataclass: params are pytree leaves, the config is static, so a model can be
 passed through ``jax.jit``, ``device_put`` with a sharding or ``jax.tree.map``.
 
@@ -210,7 +210,7 @@ def _project(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
     """x: [..., in], w: [*out, in] -> [..., *out], accumulated and returned in ``out_dtype``.
 
     On CPU the product is computed as ``w @ x^T`` (output ``[*out, rows]``) and transposed after
-    an optimization barrier: XLA:CPU's GEMM (Eigen) tiles the output's first axis, so a decode
+    an optimization barrier: XLA:CPU's GEMM tiles the output's first axis, so a decode
     step's 2-32 rows in that place leave most of each tile empty, and the weight in it runs at
     full width (GPT-2 124M, 8 rows: LM head 12 -> 7 ms, blocks 21 -> 16 ms on 2 cores; the
     barrier stops XLA from folding the transpose back into the dot). Elsewhere, a plain dot.

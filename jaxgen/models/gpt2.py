@@ -174,13 +174,13 @@ class GPT2:
             position_ids = positions_from_mask(attention_mask)
         return _jitted_logits(self, input_ids, attention_mask, jnp.asarray(position_ids))
 
-    def init_cache(self, batch_size: int, max_len: int, group: int = 1) -> KVCache:
-        """An empty cache: ``batch_size`` groups of ``group`` rows of ``max_len`` slots in every layer."""
+    def init_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """An empty cache: ``batch_size`` rows of ``max_len`` slots in every layer (``group == 1``;
+        beam search groups a filled one with `KVCache.grouped`)."""
         c = self.config
-        slots = max_len * group
-        keys = tuple(jnp.zeros((batch_size, c.n_head, c.head_dim, slots), self.dtype) for _ in range(c.n_layer))
-        values = tuple(jnp.zeros((batch_size, c.n_head, slots, c.head_dim), self.dtype) for _ in range(c.n_layer))
-        return KVCache(keys, values, group)
+        keys = tuple(jnp.zeros((batch_size, c.n_head, c.head_dim, max_len), self.dtype) for _ in range(c.n_layer))
+        values = tuple(jnp.zeros((batch_size, c.n_head, max_len, c.head_dim), self.dtype) for _ in range(c.n_layer))
+        return KVCache(keys, values)
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:

@@ -400,20 +400,24 @@ def test_first_argmax_breaks_ties_like_argmax():
 
 @pytest.mark.parametrize("seed", range(4))
 def test_chunked_top_k_equals_lax_top_k(seed):
-    """Values, indices and tie order of select.top_k equal jax.lax.top_k (ties, -inf, ragged last chunk)."""
+    """Values, indices and tie order of select.top_k equal jax.lax.top_k (ties, -inf, ragged last
+    chunk; chunks kept inside each of ``groups`` parts of a row, as beam search's beams)."""
     from jaxgen.decoding.select import top_k
 
     rng = np.random.default_rng(seed)
-    for k, n in [(1, 3001), (5, 50257), (8, 4 * 50257 // 7), (12, 9000)]:
+    for k, n, groups in [(1, 3001, 1), (5, 50257, 1), (8, 4 * 50257 // 7, 1), (12, 9000, 1), (8, 4 * 3001, 4),
+                         (6, 3 * 5000, 3)]:
         scores = rng.integers(-6, 6, size=(3, n)).astype(np.float32) if seed % 2 else rng.normal(size=(3, n))
         scores = scores.astype(np.float32)
         scores[1, rng.integers(0, n, size=n // 2)] = -np.inf
         scores[2] = -np.inf
         scores[2, -1] = 0.0
         expected = jax.lax.top_k(scores, k)
-        ours = top_k(jnp.asarray(scores), k, chunk=32)
+        ours = top_k(jnp.asarray(scores), k, chunk=32, groups=groups)
         np.testing.assert_array_equal(ours[0], expected[0])
         np.testing.assert_array_equal(ours[1], expected[1])
+    with pytest.raises(ValueError, match="groups=4"):
+        top_k(jnp.zeros((2, 9001)), 3, groups=4)
 
 
 def test_categorical_draws_as_jax_random_categorical():

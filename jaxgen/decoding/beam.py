@@ -73,13 +73,13 @@ def _set_column(x: jax.Array, column: jax.Array, values: jax.Array) -> jax.Array
     return jax.lax.dynamic_update_index_in_dim(x, values, column, axis=2)
 
 
-def _top_candidates(acc: jax.Array, k: int, key, step, do_sample: bool) -> tuple[jax.Array, jax.Array]:
+def _top_candidates(acc: jax.Array, k: int, key, step, do_sample: bool, beams: int) -> tuple[jax.Array, jax.Array]:
     """acc: float32[batch, beams * V] -> (log-probs, flat indices) of k candidates, best first."""
     if not do_sample:
-        return select.top_k(acc, k)
+        return select.top_k(acc, k, groups=beams)
     # k draws without replacement from softmax(acc): Gumbel top-k, then sort by log-prob.
     gumbel = jax.random.gumbel(jax.random.fold_in(key, step), acc.shape, acc.dtype)
-    idx = select.top_k(acc + gumbel, k)[1]
+    idx = select.top_k(acc + gumbel, k, groups=beams)[1]
     logp = jnp.take_along_axis(acc, idx, -1)
     order = jnp.argsort(-logp, axis=-1, stable=True)
     return jnp.take_along_axis(logp, order, -1), jnp.take_along_axis(idx, order, -1)
@@ -127,7 +127,7 @@ def decode(model: GPT2, input_ids, attention_mask, prompt_len, processors, key, 
         acc = (log_probs.reshape(batch, beams, vocab) + s.running_scores[:, :, None]).reshape(batch, -1)
 
         # Top-k continuations over all beams of a row.
-        topk_log_probs, topk_idx = _top_candidates(acc, keep, key, s.step, spec.do_sample)
+        topk_log_probs, topk_idx = _top_candidates(acc, keep, key, s.step, spec.do_sample, beams)
         src_beam = (topk_idx // vocab).astype(jnp.int32)
         tokens = (topk_idx % vocab).astype(jnp.int32)
         topk_sequences = _set_column(_gather(s.running_sequences, src_beam), column, tokens)

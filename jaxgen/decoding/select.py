@@ -31,7 +31,7 @@ def categorical(key: jax.Array, scores: jax.Array) -> jax.Array:
     return first_argmax(scores + jax.random.gumbel(key, scores.shape, scores.dtype))
 
 
-def top_k(scores: jax.Array, k: int, chunk: int = 128) -> tuple[jax.Array, jax.Array]:
+def top_k(scores: jax.Array, k: int, chunk: int = 128, groups: int = 1) -> tuple[jax.Array, jax.Array]:
     """``jax.lax.top_k(scores, k)`` for ``scores: float32[rows, n]``: (values, int32 indices)
     ``[rows, k]``, best first, ties to the lower index.
 
@@ -39,15 +39,24 @@ def top_k(scores: jax.Array, k: int, chunk: int = 128) -> tuple[jax.Array, jax.A
     entries of the ``k`` best chunks (taken in index order). Exact: an entry outside those chunks
     is beaten by the maximum of each of them (a higher value, or an equal one at a lower index),
     so it is not among the k best. Beam search's ``[8, 4 x 50257]``, k=8: 2.3 -> 0.4 ms on
-    XLA:CPU.
+    XLA:CPU. ``groups``: chunks stay inside each of ``groups`` equal parts of a row (beam search:
+    one part per beam's vocabulary), so that the chunks are a padded reshape of ``[rows, groups,
+    n / groups]`` into which XLA fuses the producer of ``scores`` (beam4-8: 1 ms a step less).
     """
     rows, n = scores.shape
+    if n % groups:
+        raise ValueError(f"top_k: a row of {n} entries does not split into groups={groups} equal parts")
     if n <= 4 * k * chunk:
         return jax.lax.top_k(scores, k)
-    n_chunks = -(-n // chunk)
-    padded = jnp.pad(scores, ((0, 0), (0, n_chunks * chunk - n)), constant_values=-jnp.inf)
-    _, best = jax.lax.top_k(padded.reshape(rows, n_chunks, chunk).max(-1), k)
-    idx = (jnp.sort(best, axis=-1)[:, :, None] * chunk + jnp.arange(chunk)).reshape(rows, k * chunk)
-    candidates = jnp.where(idx < n, jnp.take_along_axis(scores, jnp.minimum(idx, n - 1), axis=-1), -jnp.inf)
+    width = n // groups
+    n_chunks = -(-width // chunk)
+    padded = jnp.pad(scores.reshape(rows, groups, width), ((0, 0), (0, 0), (0, n_chunks * chunk - width)),
+                     constant_values=-jnp.inf)
+    _, best = jax.lax.top_k(padded.reshape(rows, groups * n_chunks, chunk).max(-1), k)
+    best = jnp.sort(best, axis=-1)[:, :, None]
+    offset = (best % n_chunks) * chunk + jnp.arange(chunk)  # [rows, k, chunk] within a group
+    idx = ((best // n_chunks) * width + offset).reshape(rows, k * chunk)
+    valid = (offset < width).reshape(rows, k * chunk)
+    candidates = jnp.where(valid, jnp.take_along_axis(scores, jnp.where(valid, idx, 0), axis=-1), -jnp.inf)
     values, pos = jax.lax.top_k(candidates, k)
     return values, jnp.take_along_axis(idx, pos, axis=-1).astype(jnp.int32)

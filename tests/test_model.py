@@ -88,8 +88,8 @@ def test_grouped_cache_rows_read_their_ancestors_slots(pair):
     total = prompt + steps
     kv_mask = np.concatenate([mask, np.ones((batch, steps), mask.dtype)], 1).astype(bool)
     positions = positions_from_mask(jnp.asarray(mask))
-    _, cache = forward(model, jnp.asarray(ids), positions, jnp.asarray(kv_mask), model.init_cache(batch, total), 0)
-    cache = cache.grouped(group, prompt)
+    _, prompt_kv = forward(model, jnp.asarray(ids), positions, jnp.asarray(mask))
+    cache = model.init_cache(batch, total, group, prompt).fill_prompt(prompt_kv)
     seqs, seq_mask = np.repeat(ids, group, 0), np.repeat(mask, group, 0)  # what each row stands for
     ancestry = np.zeros((batch, group, total), np.int64)  # the prompt lives in row 0
     next_pos = np.repeat(np.asarray(positions[:, -1]) + 1, group)

@@ -82,26 +82,26 @@ def prefill(model: GPT2, input_ids: jax.Array, attention_mask: jax.Array, prompt
     """One forward over ``input_ids: int32[batch, P]``; every row then repeated ``expand`` times
     (consecutive copies, as transformers' ``repeat_interleave``) or, with ``share_prompt``, the
     cache grouped by ``expand`` rows that all read the prompt's slots, stored once per group.
-    ``prompt_len``: int32[], L."""
+    ``prompt_len``: int32[], L. The prompt's keys and values are written into a cache of the final
+    layout, so neither the cache nor its prompt part is copied afterwards."""
+    def rows(x):
+        return jnp.repeat(x, expand, axis=0)
+
     batch = input_ids.shape[0]
     input_ids, attention_mask = pin_rows(input_ids, spec), pin_rows(attention_mask, spec)
     mask = attention_mask.astype(bool)
     kv_mask = jnp.concatenate([mask, jnp.ones((batch, spec.max_new_tokens), bool)], axis=1)
     positions = positions_from_mask(attention_mask)
-    cache = pin_cache(model.init_cache(batch, spec.total_len), spec)
-    hidden, cache = forward(model, input_ids, positions, kv_mask, cache, 0)
-    logits = lm_head(model, hidden[:, -1])
+    hidden, prompt = forward(model, input_ids, positions, mask)  # the prompt's own keys / values
     pad_lengths = prompt_len - attention_mask.sum(-1).astype(jnp.int32)
-    out = Prefilled(logits, cache, kv_mask, positions[:, -1] + 1, pad_lengths)
-    if expand > 1:
-        def rows(x):
-            return jnp.repeat(x, expand, axis=0)
-
-        cache = cache.grouped(expand, spec.bucket_len) if share_prompt else cache.map_arrays(rows)
-        out = Prefilled(rows(out.logits), cache, out.kv_mask if share_prompt else rows(out.kv_mask),
-                        rows(out.positions), rows(out.pad_lengths))
-    return Prefilled(pin_rows(out.logits, spec), pin_cache(out.cache, spec), pin_rows(out.kv_mask, spec),
-                     out.positions, out.pad_lengths)
+    logits, positions, pad_lengths = map(rows, (lm_head(model, hidden[:, -1]), positions[:, -1] + 1, pad_lengths))
+    if share_prompt:
+        cache = model.init_cache(batch, spec.total_len, expand, spec.bucket_len)
+    else:
+        prompt, kv_mask = prompt.map_arrays(rows), rows(kv_mask)
+        cache = model.init_cache(batch * expand, spec.total_len)
+    cache = pin_cache(pin_cache(cache, spec).fill_prompt(prompt), spec)
+    return Prefilled(pin_rows(logits, spec), cache, pin_rows(kv_mask, spec), positions, pad_lengths)
 
 
 def pin_cache(cache: KVCache, spec: DecodeSpec) -> KVCache:

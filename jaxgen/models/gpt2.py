@@ -123,29 +123,17 @@ class KVCache:
         """Applies ``fn`` to every cache array."""
         return KVCache(tuple(map(fn, self.keys)), tuple(map(fn, self.values)), self.group, self.shared)
 
-    def grouped(self, group: int, shared: int) -> "KVCache":
-        """A ``group == 1`` cache (its rows holding slots ``< shared``) as groups of ``group`` rows
-        that share those slots; the later slots get one copy per row (empty but in row 0)."""
-        if self.group != 1:
-            raise ValueError(f"grouped() needs a cache with group == 1, got group={self.group}")
-        if not 0 <= shared <= self.max_len:
-            raise ValueError(f"shared={shared} must lie in [0, max_len={self.max_len}]")
-
-        def widen(x, axis):
-            head, tail = jnp.split(x, [shared], axis=axis)
-            return jnp.concatenate([head, _widen(tail, axis, group)], axis=axis)
-
-        keys = tuple(widen(k, 3) for k in self.keys)
-        return KVCache(keys, tuple(widen(v, 2) for v in self.values), group, shared)
-
-
-def _widen(x: jax.Array, axis: int, group: int) -> jax.Array:
-    """Inserts ``group - 1`` zero slots after every slot along ``axis``."""
-    x = jnp.expand_dims(x, axis + 1)
-    pad = [(0, 0)] * x.ndim
-    pad[axis + 1] = (0, group - 1)
-    shape = x.shape[:axis] + (x.shape[axis] * group,) + x.shape[axis + 2:]
-    return jnp.pad(x, pad).reshape(shape)
+    def fill_prompt(self, prompt: "KVCache") -> "KVCache":
+        """Writes ``prompt`` (a ``group == 1`` cache with this cache's rows, one per group: what
+        `forward` returns without a cache) into slots ``[0, prompt.max_len)``, which lie among
+        the ``shared`` slots when ``group > 1``."""
+        if prompt.group != 1 or prompt.values[0].shape[0] != self.values[0].shape[0]:
+            raise ValueError(f"fill_prompt() needs a group == 1 cache of {self.values[0].shape[0]} rows")
+        if self.group > 1 and prompt.max_len > self.shared:
+            raise ValueError(f"a prompt of {prompt.max_len} slots does not fit in shared={self.shared}")
+        keys = tuple(jax.lax.dynamic_update_slice_in_dim(c, p, 0, axis=3) for c, p in zip(self.keys, prompt.keys))
+        values = tuple(jax.lax.dynamic_update_slice_in_dim(c, p, 0, axis=2) for c, p in zip(self.values, prompt.values))
+        return self.replace(keys=keys, values=values)
 
 
 @struct.dataclass
@@ -174,13 +162,16 @@ class GPT2:
             position_ids = positions_from_mask(attention_mask)
         return _jitted_logits(self, input_ids, attention_mask, jnp.asarray(position_ids))
 
-    def init_cache(self, batch_size: int, max_len: int) -> KVCache:
-        """An empty cache: ``batch_size`` rows of ``max_len`` slots in every layer (``group == 1``;
-        beam search groups a filled one with `KVCache.grouped`)."""
+    def init_cache(self, batch_size: int, max_len: int, group: int = 1, shared: int = 0) -> KVCache:
+        """An empty cache of ``max_len`` slots for ``batch_size`` groups of ``group`` rows that
+        store their first ``shared`` slots once per group (see `KVCache`)."""
+        if group < 1 or not 0 <= shared <= max_len:
+            raise ValueError(f"init_cache needs group >= 1 and 0 <= shared <= max_len, got {group=}, {shared=}")
         c = self.config
-        keys = tuple(jnp.zeros((batch_size, c.n_head, c.head_dim, max_len), self.dtype) for _ in range(c.n_layer))
-        values = tuple(jnp.zeros((batch_size, c.n_head, max_len, c.head_dim), self.dtype) for _ in range(c.n_layer))
-        return KVCache(keys, values)
+        length = shared + (max_len - shared) * group
+        keys = tuple(jnp.zeros((batch_size, c.n_head, c.head_dim, length), self.dtype) for _ in range(c.n_layer))
+        values = tuple(jnp.zeros((batch_size, c.n_head, length, c.head_dim), self.dtype) for _ in range(c.n_layer))
+        return KVCache(keys, values, group, shared)
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
@@ -272,7 +263,7 @@ def forward(
     kv_mask: jax.Array,
     cache: KVCache | None = None,
     cache_index: jax.Array | int = 0,
-) -> tuple[jax.Array, KVCache | None]:
+) -> tuple[jax.Array, KVCache]:
     """Runs the blocks over a chunk of tokens; returns the final hidden states and the cache.
 
     Args:
@@ -291,7 +282,9 @@ def forward(
       cache_index: int scalar (may be traced), first slot of the chunk.
 
     Returns:
-      hidden: dtype[rows, seq, n_embd] after the final LayerNorm; the updated cache (or None).
+      hidden: dtype[rows, seq, n_embd] after the final LayerNorm; the updated cache, or without
+      one the chunk's own keys and values as a ``seq``-slot cache (`KVCache.fill_prompt` writes
+      a prompt's into a longer one).
     """
     c, p = model.config, model.params
     dtype = model.dtype
@@ -319,14 +312,15 @@ def forward(
         if cache is not None:
             k = jax.lax.dynamic_update_slice(cache.keys[i], k, (0, 0, 0, cache.index(cache_index)))
             v = jax.lax.dynamic_update_slice(cache.values[i], v, (0, 0, cache.index(cache_index), 0))
-            new_keys.append(k)
-            new_values.append(v)
+        new_keys.append(k)
+        new_values.append(v)
         x = x + _linear(block["attn"]["c_proj"], _attention(c, i, q, k, v, mask))
         h = _layer_norm(block["ln_2"], x, c.layer_norm_epsilon)
         act = ACTIVATIONS[c.activation_function]
         x = x + _linear(block["mlp"]["c_proj"], act(_linear(block["mlp"]["c_fc"], h)))
     x = _layer_norm(p["ln_f"], x, c.layer_norm_epsilon)
-    new_cache = None if cache is None else cache.replace(keys=tuple(new_keys), values=tuple(new_values))
+    new_cache = KVCache(tuple(new_keys), tuple(new_values)) if cache is None else cache.replace(
+        keys=tuple(new_keys), values=tuple(new_values))
     return x, new_cache
 
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgen import sharding
-from jaxgen.decoding.engine import DecodeSpec
+from jaxgen.decoding.engine import DecodeSpec, loop_phases
 from jaxgen.models.gpt2 import GPT2
 from jaxgen.processors import build_processors
 
@@ -346,6 +346,7 @@ def parse(model: GPT2, input_ids, attention_mask, kwargs: dict[str, Any], beam_s
         output_scores=kw["output_scores"], output_logits=kw["output_logits"], stream=streamer is not None,
         mesh=mesh, data_axis=data_axis, model_axis=model_axis,
     )
+    spec = dataclasses.replace(spec, phases=loop_phases(model, ids.shape[0], spec))
     ids, mask = _left_pad(ids, mask, bucket_len, pad if pad is not None else 0)
     return Request(spec, ids, mask, jnp.int32(prompt_len), processors, key, jnp.float32(length_penalty), streamer)
 

@@ -186,7 +186,7 @@ def decode(model: GPT2, input_ids, attention_mask, prompt_len, processors, key, 
                                            s.cache, column, spec)
         return s.replace(logits=logits, cache=cache, ancestry=ancestry, positions=s.positions + 1)
 
-    final = engine.run_loop(state, choose, advance, n)
+    final = engine.run_loop(state, choose, advance, spec)
     r = spec.num_return_sequences
     return GenerateOutput(
         sequences=final.sequences[:, :r].reshape(batch * r, -1),

@@ -84,7 +84,7 @@ def decode(model: GPT2, input_ids, attention_mask, prompt_len, processors, key, 
         logits, cache = engine.decode_step(model, tokens, s.positions, pre.kv_mask, s.cache, column, spec)
         return s.replace(logits=logits, cache=cache, positions=s.positions + 1)
 
-    final = engine.run_loop(state, choose, advance, spec.max_new_tokens)
+    final = engine.run_loop(state, choose, advance, spec)
     return GenerateOutput(
         sequences=final.sequences, num_steps=final.step, scores=final.scores, logits=final.raw_logits,
         sequences_scores=None, beam_indices=None,

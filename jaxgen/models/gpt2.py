@@ -123,6 +123,20 @@ class KVCache:
         """Applies ``fn`` to every cache array."""
         return KVCache(tuple(map(fn, self.keys)), tuple(map(fn, self.values)), self.group, self.shared)
 
+    def grow(self, max_len: int) -> "KVCache":
+        """The same cache with room for ``max_len >= self.max_len`` slots (empty ones appended:
+        every row's later slots lie after all earlier ones, shared or not)."""
+        extra = (max_len - self.max_len) * self.group
+        if extra < 0:
+            raise ValueError(f"grow() cannot shrink a cache of {self.max_len} slots to {max_len}")
+        if extra == 0:
+            return self
+
+        def pad(x, axis):
+            return jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
+
+        return self.replace(keys=tuple(pad(k, 3) for k in self.keys), values=tuple(pad(v, 2) for v in self.values))
+
     def fill_prompt(self, prompt: "KVCache") -> "KVCache":
         """Writes ``prompt`` (a ``group == 1`` cache with this cache's rows, one per group: what
         `forward` returns without a cache) into slots ``[0, prompt.max_len)``, which lie among
@@ -274,7 +288,8 @@ def forward(
         bool[rows, kv_len, group]: row ``b * group + g`` reads slot ``t`` of row
         ``b * group + r`` where ``kv_mask[b * group + g, t, r]`` (beam search: a beam's history
         lies in the rows where its ancestors computed it); with ``group == 1`` also
-        bool[rows, kv_len]. ``kv_len`` is ``seq`` without a cache, ``cache.max_len`` with one. A
+        bool[rows, kv_len]. ``kv_len`` is ``seq`` without a cache, ``cache.max_len`` with one
+        (a longer mask is cut to it, so a cache that grows can keep one mask for all lengths). A
         slot shared by the group (``t < cache.shared``) is read where any ``r`` is set.
       cache: if given, the chunk's keys/values are written at slots
         ``[cache_index, cache_index + seq)`` of each row's own cache row (at or after
@@ -293,6 +308,7 @@ def forward(
 
     group = 1 if cache is None else cache.group
     kv_len = seq if cache is None else cache.max_len
+    kv_mask = kv_mask[:, :kv_len]
     if kv_mask.ndim == 2:
         if group != 1:
             raise ValueError(f"a cache with group={group} needs kv_mask: bool[rows, kv_len, group]")

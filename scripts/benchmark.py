@@ -10,9 +10,10 @@ reported the outputs are compared (greedy and beam sequences must be equal). Rep
 call (trace + compile + run), steady-state ms per generated step (median; prefill included),
 tokens/s, peak memory of one call (measured in a fresh process per library and workload: peak
 RSS growth over the loaded, warmed-up model on CPU; device peak on a GPU), the jaxgen /
-transformers speed ratio, and a roofline
-bound per workload from this machine's measured memory bandwidth and matmul throughput (weights
-+ KV cache bytes per step over bandwidth, or FLOPs over throughput, whichever is larger).
+transformers speed ratio (of the medians; in brackets its range over the back-to-back pairs,
+which shows how noisy the machine was), and a roofline bound per workload from this machine's
+measured memory bandwidth and matmul throughput (weights + KV cache bytes per step over
+bandwidth, or FLOPs over throughput, whichever is larger).
 Optional: transformers with its static cache and ``torch.compile`` (``--torch-compile``).
 Writes a markdown table to stdout and JSON to ``--json``.
 """
@@ -241,13 +242,15 @@ def run_workload(name, args, model, torch_model, device, pad, machine) -> dict:
         jax.block_until_ready(run_jax())
         jax_times.append(time.perf_counter() - t0)
     jax_t, torch_t = statistics.median(jax_times), statistics.median(torch_times)
+    pair_ratios = [t / j for t, j in zip(torch_times, jax_times)]  # each pair ran back to back
     bound = step_bound(model.config, batch * (4 if strategy == "beam4" else 1), args.prompt_len, new, machine,
                        2 if args.dtype == "bfloat16" else 4)
     rows.update(
         jax_first_s=jax_first, torch_first_s=torch_first,
         jax_ms_per_step=1e3 * jax_t / new, torch_ms_per_step=1e3 * torch_t / new,
         jax_tokens_per_s=batch * new / jax_t, torch_tokens_per_s=batch * new / torch_t,
-        speedup=torch_t / jax_t, bound_ms_per_step=1e3 * bound, jax_of_bound=bound * new / jax_t,
+        speedup=torch_t / jax_t, speedup_min=min(pair_ratios), speedup_max=max(pair_ratios),
+        bound_ms_per_step=1e3 * bound, jax_of_bound=bound * new / jax_t,
         jax_peak_MB=probe_in_subprocess(args, "jaxgen", name), torch_peak_MB=probe_in_subprocess(args, "torch", name),
     )
     if args.torch_compile:
@@ -325,7 +328,7 @@ def torch_compiled(run_torch, new, reps) -> dict:
 def print_table(results, args):
     print(f"\nprompt {args.prompt_len} tokens, {args.new_tokens} new tokens, {args.dtype}, median of {args.reps}\n")
     cols = ["workload", "first call jaxgen / hf (s)", "ms/step jaxgen", "ms/step hf", "tokens/s jaxgen",
-            "tokens/s hf", "speedup", "bound ms/step", "jaxgen % of bound", "peak MB jaxgen / hf"]
+            "tokens/s hf", "speedup (pair range)", "bound ms/step", "jaxgen % of bound", "peak MB jaxgen / hf"]
     if args.torch_compile:
         cols.append("ms/step hf static+compile")
     print("| " + " | ".join(cols) + " |")
@@ -336,7 +339,8 @@ def print_table(results, args):
             continue
         cells = [r["workload"], f"{r['jax_first_s']:.1f} / {r['torch_first_s']:.1f}", f"{r['jax_ms_per_step']:.1f}",
                  f"{r['torch_ms_per_step']:.1f}", f"{r['jax_tokens_per_s']:.0f}", f"{r['torch_tokens_per_s']:.0f}",
-                 f"{r['speedup']:.2f}x", f"{r['bound_ms_per_step']:.1f}", f"{100 * r['jax_of_bound']:.0f}%",
+                 f"{r['speedup']:.2f}x ({r['speedup_min']:.2f}-{r['speedup_max']:.2f})",
+                 f"{r['bound_ms_per_step']:.1f}", f"{100 * r['jax_of_bound']:.0f}%",
                  f"{r['jax_peak_MB']:.0f} / {r['torch_peak_MB']:.0f}"]
         if args.torch_compile:
             cells.append(f"{r['torch_compiled_ms_per_step']:.1f}" if "torch_compiled_ms_per_step" in r

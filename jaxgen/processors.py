@@ -326,23 +326,31 @@ class MinP:
 
 @struct.dataclass
 class Typical:
-    """Locally typical sampling with probability ``mass``."""
+    """Locally typical sampling: keeps the tokens whose ``|-log p - entropy|`` is smallest, up to
+    probability ``mass``.
+
+    transformers sorts the vocabulary by that distance and cuts where the cumulative probability
+    first reaches ``mass``, keeping every token whose distance is ``<=`` the distance there. That
+    cut is the smallest distance ``d`` with ``P(distance <= d) >= mass``, i.e. the largest ``d``
+    with ``P(distance < d) < mass``, found here by bisection on the float bits (a sort of
+    [8, 50257] costs ~60 ms on XLA:CPU, the bisection a few). The ``min_tokens_to_keep`` tokens of
+    smallest distance (ties to the lower id, as the stable sort) always stay.
+    """
 
     mass: jax.Array
     min_tokens_to_keep: int = struct.field(pytree_node=False)
 
     def __call__(self, scores, ctx):
         logp = jax.nn.log_softmax(scores, -1)
-        p = jnp.exp(logp)
-        ent = -jnp.nansum(logp * p, -1, keepdims=True)
-        shifted = jnp.abs(-logp - ent)
-        order = jnp.argsort(shifted, -1, stable=True)
-        sorted_shifted = jnp.take_along_axis(shifted, order, -1)
-        cumulative = jnp.cumsum(jax.nn.softmax(jnp.take_along_axis(scores, order, -1), -1), -1)
-        last = jnp.minimum((cumulative < self.mass).sum(-1), scores.shape[-1] - 1)
-        remove_sorted = sorted_shifted > jnp.take_along_axis(sorted_shifted, last[:, None], -1)
-        remove_sorted = remove_sorted.at[:, : self.min_tokens_to_keep].set(False)
-        remove = jnp.zeros_like(remove_sorted).at[jnp.arange(scores.shape[0])[:, None], order].set(remove_sorted)
+        ent = -jnp.nansum(logp * jnp.exp(logp), -1, keepdims=True)
+        distance = jnp.abs(-logp - ent)
+        probs = jax.nn.softmax(scores, -1)
+        keys = _sortable(distance)
+        cut = _bisect(lambda u: jnp.sum(jnp.where(keys < u, probs, 0.0), -1) < self.mass, scores.shape[0])
+        remove = keys > cut[:, None]
+        k = min(self.min_tokens_to_keep, scores.shape[-1])
+        keep = select.top_k(-distance, k)[1]
+        remove = remove.at[jnp.arange(scores.shape[0])[:, None], keep].set(False)
         return jnp.where(remove, NEG_INF, scores)
 
 

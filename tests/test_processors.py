@@ -111,6 +111,25 @@ def test_kth_largest_with_ties_and_infinities(k):
     np.testing.assert_array_equal(np.asarray(_kth_largest(jnp.asarray(scores), k))[:, 0], expected)
 
 
+@pytest.mark.parametrize("mass, keep", [(0.05, 1), (0.3, 3), (0.6, 1), (0.95, 2), (0.999, 1)])
+def test_typical_with_ties_and_masked_tokens(mass, keep):
+    """The bisection finds transformers' sorted cut: tied distances (scores rounded to few values),
+    tokens already at -inf (an earlier top-k), a row with a single finite score, and the
+    ``min_tokens_to_keep`` tokens of smallest distance kept by the lowest id among ties."""
+    from jaxgen.processors import Typical
+
+    rng = np.random.default_rng(int(mass * 1000) + keep)
+    scores = np.round(rng.standard_normal((6, 300)) * 2).astype(np.float32)  # many equal distances
+    scores[1, ::3] = -np.inf
+    scores[2, 1:] = -np.inf
+    _, _, ctx = _history(2, 0)
+    ours = np.asarray(Typical(jnp.float32(mass), keep)(jnp.asarray(scores), ctx))
+    ref = hf.TypicalLogitsWarper(mass, min_tokens_to_keep=keep)(torch.zeros((6, 2), dtype=torch.long),
+                                                                 torch.tensor(scores)).numpy()
+    np.testing.assert_array_equal(np.isneginf(ours), np.isneginf(ref))
+    np.testing.assert_array_equal(ours[np.isfinite(ours)], ref[np.isfinite(ref)])
+
+
 def test_remove_invalid_values():
     scores = np.array([[np.nan, np.inf, -np.inf, 1.5]], np.float32)
     (proc,) = build_processors(prompt_len=1, max_length=3, eos_token_ids=(), num_beams=1, do_sample=False,

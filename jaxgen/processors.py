@@ -332,9 +332,9 @@ class Typical:
     transformers sorts the vocabulary by that distance and cuts where the cumulative probability
     first reaches ``mass``, keeping every token whose distance is ``<=`` the distance there. That
     cut is the smallest distance ``d`` with ``P(distance <= d) >= mass``, i.e. the largest ``d``
-    with ``P(distance < d) < mass``, found here by bisection on the float bits (a sort of
-    [8, 50257] costs ~60 ms on XLA:CPU, the bisection a few). The ``min_tokens_to_keep`` tokens of
-    smallest distance (ties to the lower id, as the stable sort) always stay.
+    with ``P(distance < d) < mass``, found here by bisection on the float bits (an argsort of
+    [8, 50257] costs 60-110 ms on XLA:CPU, the bisection a few). The ``min_tokens_to_keep``
+    tokens of smallest distance (ties to the lower id, as transformers' sort orders them) stay.
     """
 
     mass: jax.Array

@@ -98,6 +98,14 @@ def _kth_largest(scores: jax.Array, k: int) -> jax.Array:
     return jnp.max(jnp.where(keys == kth[:, None], scores, -jnp.inf), -1, keepdims=True)
 
 
+def _spare_best(remove: jax.Array, values: jax.Array, k: int) -> jax.Array:
+    """``remove: bool[rows, V]`` with each row's ``k`` largest ``values`` set False (ties to the
+    lower id, as a stable sort): transformers' ``min_tokens_to_keep`` where it keeps a sorted
+    prefix, not every token tied with it."""
+    keep = select.top_k(values, min(k, values.shape[-1]))[1]
+    return remove.at[jnp.arange(values.shape[0])[:, None], keep].set(False)
+
+
 # --- processors (greedy, beam and sampling) --------------------------------------------------
 
 
@@ -318,10 +326,7 @@ class MinP:
     def __call__(self, scores, ctx):
         probs = jax.nn.softmax(scores, -1)
         remove = probs < self.min_p * probs.max(-1, keepdims=True)
-        k = min(self.min_tokens_to_keep, scores.shape[-1])
-        keep = select.top_k(probs, k)[1]
-        remove = remove.at[jnp.arange(scores.shape[0])[:, None], keep].set(False)
-        return jnp.where(remove, NEG_INF, scores)
+        return jnp.where(_spare_best(remove, probs, self.min_tokens_to_keep), NEG_INF, scores)
 
 
 @struct.dataclass
@@ -342,15 +347,12 @@ class Typical:
 
     def __call__(self, scores, ctx):
         logp = jax.nn.log_softmax(scores, -1)
-        ent = -jnp.nansum(logp * jnp.exp(logp), -1, keepdims=True)
-        distance = jnp.abs(-logp - ent)
-        probs = jax.nn.softmax(scores, -1)
+        probs = jnp.exp(logp)
+        entropy = -jnp.nansum(logp * probs, -1, keepdims=True)
+        distance = jnp.abs(-logp - entropy)
         keys = _sortable(distance)
         cut = _bisect(lambda u: jnp.sum(jnp.where(keys < u, probs, 0.0), -1) < self.mass, scores.shape[0])
-        remove = keys > cut[:, None]
-        k = min(self.min_tokens_to_keep, scores.shape[-1])
-        keep = select.top_k(-distance, k)[1]
-        remove = remove.at[jnp.arange(scores.shape[0])[:, None], keep].set(False)
+        remove = _spare_best(keys > cut[:, None], -distance, self.min_tokens_to_keep)
         return jnp.where(remove, NEG_INF, scores)
 
 

@@ -455,3 +455,54 @@ def test_categorical_draws_as_jax_random_categorical():
     for seed in range(3):
         key = jax.random.key(seed)
         np.testing.assert_array_equal(categorical(key, scores), jax.random.categorical(key, scores, axis=-1))
+
+
+def _sweep_cases(n, seed=2026):
+    """``n`` random combinations of decoding arguments that interact (beams, EOS lists, length
+    penalty, early stopping, history processors, forced / suppressed tokens), from a fixed seed."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    for _ in range(n):
+        batch, length = int(rng.integers(1, 4)), int(rng.integers(2, 8))
+        pads = [0] + [int(rng.integers(0, length)) for _ in range(batch - 1)]
+        kw = dict(max_new_tokens=int(rng.integers(1, 12)), pad_token_id=PAD,
+                  eos_token_id=EOS if rng.random() < 0.6 else [EOS, int(rng.integers(3, 48))])
+        beams = int(rng.choice([1, 2, 3, 4]))
+        if beams > 1:
+            kw.update(num_beams=beams, num_return_sequences=int(rng.integers(1, beams + 1)),
+                      length_penalty=float(rng.choice([1.0, 0.0, 0.5, 2.0])),
+                      early_stopping=[True, False, "never"][int(rng.integers(3))])
+        optional = {
+            "min_new_tokens": int(rng.integers(0, kw["max_new_tokens"] + 1)),
+            "repetition_penalty": float(rng.choice([0.8, 1.2, 2.0])),
+            "no_repeat_ngram_size": int(rng.integers(1, 4)),
+            "bad_words_ids": [[int(rng.integers(3, 48))], [int(rng.integers(3, 48)), int(rng.integers(3, 48))]],
+            "forced_eos_token_id": EOS,
+            "suppress_tokens": [int(rng.integers(3, 48))],
+            "begin_suppress_tokens": [EOS],
+            "exponential_decay_length_penalty": (2, 1.3),
+            "sequence_bias": {(int(rng.integers(3, 48)),): 3.0},
+            "renormalize_logits": True,
+        }
+        for name, value in optional.items():
+            if rng.random() < 0.25:
+                kw[name] = value
+        cases.append((pads, length, kw))
+    return cases
+
+
+@pytest.mark.parametrize("case", range(12))
+def test_random_argument_combinations(eos_model, case):
+    """`_sweep_cases`, each against transformers: sequences, scores, beam indices, sequence scores
+    and transition scores. When changing the decoders, run it with more cases (``_sweep_cases(n)``
+    with a larger ``n``)."""
+    torch_model, model = eos_model
+    pads, length, kw = _sweep_cases(12)[case]
+    ids, mask = left_padded_batch(np.random.default_rng(case), len(pads), length, EOS_MODEL["vocab_size"], pads)
+    ref = hf_generate(torch_model, ids, mask, do_sample=False, **kw)
+    out = jaxgen.generate(model, ids, mask, output_scores=True, **kw).trim()
+    beams = kw.get("num_beams", 1) > 1
+    assert_same_generation(out, ref, beams=beams)
+    ts = np.asarray(jaxgen.compute_transition_scores(out.sequences, out.scores, out.beam_indices if beams else None))
+    ref_ts = torch_model.compute_transition_scores(ref.sequences, ref.scores, ref.beam_indices if beams else None)
+    np.testing.assert_allclose(ts, ref_ts.numpy(), atol=1e-4)

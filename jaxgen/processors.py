@@ -303,6 +303,11 @@ class TopP:
     with ``P(score <= u) <= 1 - top_p``, found here by bisection on the float bits (a sort of
     [8, 50257] costs 64 ms on XLA:CPU, the bisection 4 ms). The ``min_tokens_to_keep`` best
     tokens always stay.
+
+    Exactly equal scores: a group of them that straddles the cut is kept whole, and so is every
+    token tied with the ``min_tokens_to_keep``-th best. transformers splits such a group at a
+    position that depends on how ``torch.sort`` (not stable on CPU) happened to order it, so no
+    deterministic rule matches it there; everywhere else the result is the same.
     """
 
     top_p: jax.Array

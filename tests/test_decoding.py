@@ -494,8 +494,7 @@ def _sweep_cases(n, seed=2026):
 @pytest.mark.parametrize("case", range(12))
 def test_random_argument_combinations(eos_model, case):
     """`_sweep_cases`, each against transformers: sequences, scores, beam indices, sequence scores
-    and transition scores. When changing the decoders, run it with more cases (``_sweep_cases(n)``
-    with a larger ``n``)."""
+    and transition scores."""
     torch_model, model = eos_model
     pads, length, kw = _sweep_cases(12)[case]
     ids, mask = left_padded_batch(np.random.default_rng(case), len(pads), length, EOS_MODEL["vocab_size"], pads)

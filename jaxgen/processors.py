@@ -100,8 +100,9 @@ def _kth_largest(scores: jax.Array, k: int) -> jax.Array:
 
 def _spare_best(remove: jax.Array, values: jax.Array, k: int) -> jax.Array:
     """``remove: bool[rows, V]`` with each row's ``k`` largest ``values`` set False (ties to the
-    lower id, as a stable sort): transformers' ``min_tokens_to_keep`` where it keeps a sorted
-    prefix, not every token tied with it."""
+    lower id): transformers' ``min_tokens_to_keep`` where it keeps a sorted prefix, not every
+    token tied with it. Among exact ties transformers keeps whichever ``torch.sort`` (not stable
+    on CPU) put first; the lower id is jaxgen's deterministic choice."""
     keep = select.top_k(values, min(k, values.shape[-1]))[1]
     return remove.at[jnp.arange(values.shape[0])[:, None], keep].set(False)
 
@@ -344,7 +345,7 @@ class Typical:
     cut is the smallest distance ``d`` with ``P(distance <= d) >= mass``, i.e. the largest ``d``
     with ``P(distance < d) < mass``, found here by bisection on the float bits (an argsort of
     [8, 50257] costs 60-110 ms on XLA:CPU, the bisection a few). The ``min_tokens_to_keep``
-    tokens of smallest distance (ties to the lower id, as transformers' sort orders them) stay.
+    tokens of smallest distance stay (among exact ties, the lower ids: see `_spare_best`).
     """
 
     mass: jax.Array

@@ -491,12 +491,15 @@ def _sweep_cases(n, seed=2026):
     return cases
 
 
-@pytest.mark.parametrize("case", range(12))
+SWEEP_CASES = _sweep_cases(12)
+
+
+@pytest.mark.parametrize("case", range(len(SWEEP_CASES)))
 def test_random_argument_combinations(eos_model, case):
     """`_sweep_cases`, each against transformers: sequences, scores, beam indices, sequence scores
     and transition scores."""
     torch_model, model = eos_model
-    pads, length, kw = _sweep_cases(12)[case]
+    pads, length, kw = SWEEP_CASES[case]
     ids, mask = left_padded_batch(np.random.default_rng(case), len(pads), length, EOS_MODEL["vocab_size"], pads)
     ref = hf_generate(torch_model, ids, mask, do_sample=False, **kw)
     out = jaxgen.generate(model, ids, mask, output_scores=True, **kw).trim()

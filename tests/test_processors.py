@@ -9,7 +9,7 @@ import torch
 from transformers.generation import logits_process as hf
 
 import jaxgen
-from jaxgen.processors import ProcessorContext, build_processors
+from jaxgen.processors import ProcessorContext, Typical, _kth_largest, build_processors
 from tests.conftest import EOS, EOS_MODEL, PAD, assert_same_generation, hf_generate, left_padded_batch
 
 VOCAB = 40
@@ -100,8 +100,6 @@ def test_processor_equals_transformers(name, cur_len):
 @pytest.mark.parametrize("k", [1, 5, 17, 33, 40])
 def test_kth_largest_with_ties_and_infinities(k):
     """The bisection (k > 16) and top_k (k <= 16) paths agree with numpy, ties counted."""
-    from jaxgen.processors import _kth_largest
-
     rng = np.random.default_rng(k)
     scores = np.round(rng.standard_normal((6, VOCAB)) * 2).astype(np.float32)  # many ties
     scores[1, :5] = -np.inf
@@ -116,8 +114,6 @@ def test_typical_with_ties_and_masked_tokens(mass, keep):
     """The bisection finds transformers' sorted cut: tied distances (scores rounded to few values),
     tokens already at -inf (an earlier top-k), a row with a single finite score, and the
     ``min_tokens_to_keep`` tokens of smallest distance kept by the lowest id among ties."""
-    from jaxgen.processors import Typical
-
     rng = np.random.default_rng(int(mass * 1000) + keep)
     scores = np.round(rng.standard_normal((6, 300)) * 2).astype(np.float32)  # many equal distances
     scores[1, ::3] = -np.inf

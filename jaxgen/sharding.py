@@ -10,8 +10,9 @@ Layout (Megatron-style, one reduction per attention and per MLP):
   whole on every model shard, so top-k, sorting and sampling over the vocabulary need no
   collective (for GPT-2 XL this costs 321 MB of ``wte`` per device);
 - the KV cache (keys ``[batch, heads, head_dim, slots]``, values ``[batch, heads, slots,
-  head_dim]``) is split by batch along ``data_axis`` and by heads along ``model_axis``; every
-  per-row decoder array is split by rows (a batch row's beams stay on one device).
+  head_dim]``, without the batch dim at batch 1) is split by batch along ``data_axis`` and by
+  heads along ``model_axis``; every per-row decoder array is split by rows (a batch row's beams
+  stay on one device).
 
 An axis given as ``None`` (or of size 1) means replication along it.
 """
@@ -87,11 +88,16 @@ def rows_sharding(mesh: Mesh, data_axis: str | None, ndim: int) -> NamedSharding
 
 
 def constrain_cache(cache: KVCache, mesh: Mesh | None, data_axis, model_axis) -> KVCache:
-    """Pins the cache layout ``[batch, heads, ...]`` -> (data, model, -, -)."""
+    """Pins the cache layout ``[batch, heads, ...]`` -> (data, model, -, -); a one-row cache,
+    stored ``[heads, ...]``, -> (model, -, -)."""
     if mesh is None:
         return cache
-    sharding = NamedSharding(mesh, P(data_axis, model_axis, None, None))
-    return cache.map_arrays(lambda x: jax.lax.with_sharding_constraint(x, sharding))
+
+    def constrain(x):
+        rows = (data_axis,) if x.ndim == 4 else ()
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*rows, model_axis, None, None)))
+
+    return cache.map_arrays(constrain)
 
 
 def constrain_rows(x: jax.Array, mesh: Mesh | None, data_axis) -> jax.Array:

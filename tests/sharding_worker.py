@@ -67,6 +67,15 @@ def main():
             out = jaxgen.generate(sharded, ids, mask, mesh=mesh, **KW, **extra, **key)
             results["meshes"][mesh_name][name] = summary(out)
 
+    # One prompt, its heads split over 8 devices (a one-row cache has no batch dim).
+    mesh = mesh_of((1, 8))
+    sharded = jaxgen.shard(model, mesh)
+    results["one_row"] = {}
+    for name, extra in STRATEGIES.items():
+        key = {"key": jax.random.key(3)} if extra.get("do_sample") else {}
+        results["one_row"][name] = [summary(jaxgen.generate(m, ids[:1], mask[:1], **KW, **extra, **key, **mesh_kw))
+                                    for m, mesh_kw in ((model, {}), (sharded, {"mesh": mesh}))]
+
     # The compiled program on the 4x2 mesh: which all-gathers remain, and of what shapes.
     mesh = mesh_of((4, 2))
     sharded = jaxgen.shard(model, mesh)

@@ -60,14 +60,18 @@ def test_untied_head_is_really_untied(tmp_path):
     assert "lm_head" in params and not np.allclose(params["lm_head"], params["wte"])
 
 
-def test_prefill_then_cached_steps_equal_full_forward(pair):
+@pytest.mark.parametrize("batch", [3, 1])
+def test_prefill_then_cached_steps_equal_full_forward(pair, batch):
+    """(At batch 1 the cache is stored without its batch dim.)"""
     _, model, _ = pair
-    ids, mask = left_padded_batch(np.random.default_rng(1), 3, 16, BASE["vocab_size"], pads=[0, 2, 5], low=0)
+    ids, mask = left_padded_batch(np.random.default_rng(1), batch, 16, BASE["vocab_size"], pads=[0, 2, 5][:batch],
+                                  low=0)
     prompt = 6
     full = np.asarray(model(ids, mask))
     positions = positions_from_mask(jnp.asarray(mask))
     kv_mask = jnp.asarray(mask, bool)
-    cache = model.init_cache(3, 16)
+    cache = model.init_cache(batch, 16)
+    assert cache.batch == batch and cache.values[0].ndim == (4 if batch > 1 else 3)
     hidden, cache = forward(model, jnp.asarray(ids[:, :prompt]), positions[:, :prompt], kv_mask, cache, 0)
     np.testing.assert_allclose(np.asarray(lm_head(model, hidden))[:, -1], full[:, prompt - 1], atol=1e-4)
     step = jax.jit(forward)
@@ -77,14 +81,15 @@ def test_prefill_then_cached_steps_equal_full_forward(pair):
                                    err_msg=f"cached step at position {t}")
 
 
-def test_grouped_cache_rows_read_their_ancestors_slots(pair):
+@pytest.mark.parametrize("batch", [2, 1])
+def test_grouped_cache_rows_read_their_ancestors_slots(pair, batch):
     """Beam search's cache: each row of a group writes its own slots and reads every slot from
     the row ``kv_mask`` names; with random ancestries, each row's logits equal a full forward
     over the sequence it stands for."""
     _, model, _ = pair
     rng = np.random.default_rng(4)
-    batch, group, prompt, steps, vocab = 2, 3, 5, 4, BASE["vocab_size"]
-    ids, mask = left_padded_batch(rng, batch, prompt, vocab, pads=[0, 2], low=0)
+    group, prompt, steps, vocab = 3, 5, 4, BASE["vocab_size"]
+    ids, mask = left_padded_batch(rng, batch, prompt, vocab, pads=[0, 2][:batch], low=0)
     total = prompt + steps
     kv_mask = np.concatenate([mask, np.ones((batch, steps), mask.dtype)], 1).astype(bool)
     positions = positions_from_mask(jnp.asarray(mask))

@@ -38,6 +38,17 @@ def test_top_k_1_equals_greedy(eos_model, batch):
     np.testing.assert_array_equal(sampled.sequences, greedy.sequences)
 
 
+def test_top_k_1_equals_greedy_in_every_copy_of_one_prompt(eos_model):
+    """One prompt, three returned sequences: the batch-1 prompt cache (stored without its batch
+    dim) is repeated into a three-row cache that every step reads."""
+    _, model = eos_model
+    ids, mask = left_padded_batch(np.random.default_rng(2), 1, 6, EOS_MODEL["vocab_size"], [0])
+    kw = dict(max_new_tokens=9, min_new_tokens=9, **KW)
+    greedy = jaxgen.greedy_search(model, ids, mask, **kw).trim()
+    sampled = jaxgen.sample(model, ids, mask, key=jax.random.key(5), top_k=1, num_return_sequences=3, **kw).trim()
+    np.testing.assert_array_equal(sampled.sequences, np.repeat(greedy.sequences, 3, 0))
+
+
 @pytest.mark.parametrize("warper", [dict(top_k=5), dict(top_p=0.6, top_k=0), dict(min_p=0.2, top_k=0),
                                     dict(typical_p=0.5, top_k=0), dict(top_k=8, top_p=0.7, temperature=0.6)])
 def test_never_emits_an_excluded_token(eos_model, batch, warper):

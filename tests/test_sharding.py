@@ -24,10 +24,7 @@ def results():
     return json.loads(proc.stdout)
 
 
-@pytest.mark.parametrize("mesh", ["8x1", "4x2", "1x8"])
-@pytest.mark.parametrize("strategy", ["greedy", "beam", "sample"])
-def test_mesh_equals_single_device(results, mesh, strategy):
-    ours, single = results["meshes"][mesh][strategy], results["single"][strategy]
+def _assert_same(ours, single, strategy):
     assert ours["sequences"] == single["sequences"]
     assert len(ours["scores"]) == len(single["scores"])
     for a, b in zip(ours["scores"], single["scores"]):
@@ -36,6 +33,18 @@ def test_mesh_equals_single_device(results, mesh, strategy):
         np.testing.assert_allclose(a[np.isfinite(b)], b[np.isfinite(b)], atol=1e-4)
     if strategy == "beam":
         np.testing.assert_allclose(ours["sequences_scores"], single["sequences_scores"], atol=1e-4)
+
+
+@pytest.mark.parametrize("mesh", ["8x1", "4x2", "1x8"])
+@pytest.mark.parametrize("strategy", ["greedy", "beam", "sample"])
+def test_mesh_equals_single_device(results, mesh, strategy):
+    _assert_same(results["meshes"][mesh][strategy], results["single"][strategy], strategy)
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam", "sample"])
+def test_one_prompt_split_by_heads_equals_single_device(results, strategy):
+    single, ours = results["one_row"][strategy]
+    _assert_same(ours, single, strategy)
 
 
 def test_params_are_really_split(results):

@@ -124,7 +124,7 @@ def prefill(model: GPT2, input_ids: jax.Array, attention_mask: jax.Array, prompt
     if share_prompt:
         cache = model.init_cache(batch, spec.bucket_len + spec.phase_ends[0], expand, spec.bucket_len)
     else:
-        prompt, kv_mask = prompt.map_arrays(rows), rows(kv_mask)
+        prompt, kv_mask = prompt.repeat(expand), rows(kv_mask)
         cache = model.init_cache(batch * expand, spec.bucket_len + spec.phase_ends[0])
     cache = pin_cache(pin_cache(cache, spec).fill_prompt(prompt), spec)
     return Prefilled(pin_rows(logits, spec), cache, pin_rows(kv_mask, spec), positions, pad_lengths)

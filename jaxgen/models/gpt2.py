@@ -92,7 +92,11 @@ class KVCache:
 
     - keys ``dtype[batch, n_head, head_dim, length]``, stored transposed: a decode step's
       ``q . k`` then reduces over a major axis and vectorises along the slots;
-    - values ``dtype[batch, n_head, length, head_dim]``.
+    - values ``dtype[batch, n_head, length, head_dim]``;
+    - a cache of one batch row (or one group) drops the unit batch dim: keys
+      ``dtype[n_head, head_dim, length]``, values ``dtype[n_head, length, head_dim]``. XLA:CPU
+      copies a loop-carried array that has a unit dim every step when a dot reads it (four
+      copies per array, 3 ms of a 22-24 ms greedy batch-1 step of GPT-2 124M on 2 CPU cores).
 
     Rows come in groups (``rows = batch * group``, row ``b * group + r``) that may read each
     other's slots. The first ``shared`` slots (the prompt) are stored once per group and read by
@@ -113,7 +117,12 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.shared + (self.values[0].shape[2] - self.shared) // self.group
+        return self.shared + (self.values[0].shape[-2] - self.shared) // self.group
+
+    @property
+    def batch(self) -> int:
+        """How many rows (groups when ``group > 1``) the cache holds."""
+        return self.values[0].shape[0] if self.values[0].ndim == 4 else 1
 
     def index(self, slot):
         """Where row 0 of a group keeps ``slot >= shared`` (any slot when ``group == 1``)."""
@@ -135,18 +144,27 @@ class KVCache:
         def pad(x, axis):
             return jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
 
-        return self.replace(keys=tuple(pad(k, 3) for k in self.keys), values=tuple(pad(v, 2) for v in self.values))
+        return self.replace(keys=tuple(pad(k, k.ndim - 1) for k in self.keys),
+                            values=tuple(pad(v, v.ndim - 2) for v in self.values))
+
+    def repeat(self, n: int) -> "KVCache":
+        """Every row repeated ``n`` times, consecutively (a ``group == 1`` cache)."""
+        if self.group != 1:
+            raise ValueError("repeat() needs a group == 1 cache")
+        if n == 1:
+            return self
+        return self.map_arrays(lambda x: jnp.repeat(x if x.ndim == 4 else x[None], n, axis=0))
 
     def fill_prompt(self, prompt: "KVCache") -> "KVCache":
         """Writes ``prompt`` (a ``group == 1`` cache with this cache's rows, one per group: what
         `forward` returns without a cache) into slots ``[0, prompt.max_len)``, which lie among
         the ``shared`` slots when ``group > 1``."""
-        if prompt.group != 1 or prompt.values[0].shape[0] != self.values[0].shape[0]:
-            raise ValueError(f"fill_prompt() needs a group == 1 cache of {self.values[0].shape[0]} rows")
+        if prompt.group != 1 or prompt.batch != self.batch:
+            raise ValueError(f"fill_prompt() needs a group == 1 cache of {self.batch} rows")
         if self.group > 1 and prompt.max_len > self.shared:
             raise ValueError(f"a prompt of {prompt.max_len} slots does not fit in shared={self.shared}")
-        keys = tuple(jax.lax.dynamic_update_slice_in_dim(c, p, 0, axis=3) for c, p in zip(self.keys, prompt.keys))
-        values = tuple(jax.lax.dynamic_update_slice_in_dim(c, p, 0, axis=2) for c, p in zip(self.values, prompt.values))
+        keys = tuple(jax.lax.dynamic_update_slice_in_dim(c, p, 0, axis=-1) for c, p in zip(self.keys, prompt.keys))
+        values = tuple(jax.lax.dynamic_update_slice_in_dim(c, p, 0, axis=-2) for c, p in zip(self.values, prompt.values))
         return self.replace(keys=keys, values=values)
 
 
@@ -183,8 +201,9 @@ class GPT2:
             raise ValueError(f"init_cache needs group >= 1 and 0 <= shared <= max_len, got {group=}, {shared=}")
         c = self.config
         length = shared + (max_len - shared) * group
-        keys = tuple(jnp.zeros((batch_size, c.n_head, c.head_dim, length), self.dtype) for _ in range(c.n_layer))
-        values = tuple(jnp.zeros((batch_size, c.n_head, length, c.head_dim), self.dtype) for _ in range(c.n_layer))
+        lead = (batch_size, c.n_head) if batch_size > 1 else (c.n_head,)  # see KVCache
+        keys = tuple(jnp.zeros((*lead, c.head_dim, length), self.dtype) for _ in range(c.n_layer))
+        values = tuple(jnp.zeros((*lead, length, c.head_dim), self.dtype) for _ in range(c.n_layer))
         return KVCache(keys, values, group, shared)
 
 
@@ -238,22 +257,25 @@ def _attention(config, layer_idx, q, kt, v, mask):
     """Attention of a chunk's queries over their group's keys.
 
     q: [b, g, s, h, hd] (``g`` rows per group); kt: [b, h, hd, kv] (keys, transposed);
-    v: [b, h, kv, hd]; mask: bool[b, g, s, kv] -> [b * g, s, h * hd].
+    v: [b, h, kv, hd]; mask: bool[b, g, s, kv] -> [b * g, s, h * hd]. With ``b == 1``, kt and v
+    come without their batch dim (`KVCache`'s layout) and the products are taken without it.
     """
     b, g, s, h, hd = q.shape
-    q = q.transpose(0, 3, 1, 2, 4).reshape(b, h, g * s, hd)
+    q, mask = q.transpose(0, 3, 1, 2, 4).reshape(b, h, g * s, hd), mask.reshape(b, 1, g * s, -1)
+    if kt.ndim == 3:
+        q, mask = q[0], mask[0]
     scale = config.attention_scale(layer_idx)
     if config.reorder_and_upcast_attn:  # scale before the matmul, in float32
         q, kt, scale = q.astype(jnp.float32) * scale, kt.astype(jnp.float32), 1.0
     if g > 1 and s == 1:  # a beam step: [beams, hd] x [hd, kv] per head, which XLA:CPU runs
         # 1.5x faster as a broadcast multiply and a sum than as many tiny matmuls
-        scores = (q[..., None].astype(jnp.float32) * kt[:, :, None].astype(jnp.float32)).sum(-2)
+        scores = (q[..., None].astype(jnp.float32) * kt[..., None, :, :].astype(jnp.float32)).sum(-2)
     else:
-        scores = jnp.einsum("bhmk,bhkn->bhmn", q, kt, preferred_element_type=jnp.float32)
+        scores = jnp.einsum("...mk,...kn->...mn", q, kt, preferred_element_type=jnp.float32)
     scores = scores * scale
-    scores = jnp.where(mask.reshape(b, 1, g * s, -1), scores, jnp.finfo(jnp.float32).min)
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhmk,bhkn->bhmn", weights, v, preferred_element_type=jnp.float32).astype(v.dtype)
+    out = jnp.einsum("...mk,...kn->...mn", weights, v, preferred_element_type=jnp.float32).astype(v.dtype)
     return out.reshape(b, h, g, s, hd).transpose(0, 2, 3, 1, 4).reshape(b * g, s, h * hd)
 
 
@@ -264,10 +286,12 @@ def _grouped_heads(x, n_head, group):
 
 
 def _cache_layout(x, n_head, group, keys: bool):
-    """[b * g, s, d] -> slot-major (``t * g + r``) keys [b, h, d / h, s * g] or values [b, h, s * g, d / h]."""
+    """[b * g, s, d] -> slot-major (``t * g + r``) keys [b, h, d / h, s * g] or values [b, h, s * g, d / h],
+    without the b dim when ``b == 1`` (see `KVCache`)."""
     x = _grouped_heads(x, n_head, group).transpose(0, 3, 2, 1, 4)  # [b, h, s, g, hd]
     x = x.reshape(*x.shape[:2], -1, x.shape[-1])
-    return jnp.swapaxes(x, 2, 3) if keys else x
+    x = x[0] if x.shape[0] == 1 else x
+    return jnp.swapaxes(x, -2, -1) if keys else x
 
 
 def forward(
@@ -326,8 +350,9 @@ def forward(
         q = _grouped_heads(qkv[:, :, 0], c.n_head, group)
         k, v = (_cache_layout(qkv[:, :, j].astype(dtype), c.n_head, group, keys=j == 1) for j in (1, 2))
         if cache is not None:
-            k = jax.lax.dynamic_update_slice(cache.keys[i], k, (0, 0, 0, cache.index(cache_index)))
-            v = jax.lax.dynamic_update_slice(cache.values[i], v, (0, 0, cache.index(cache_index), 0))
+            slot, lead = cache.index(cache_index), (0,) * (k.ndim - 2)
+            k = jax.lax.dynamic_update_slice(cache.keys[i], k, (*lead, 0, slot))
+            v = jax.lax.dynamic_update_slice(cache.values[i], v, (*lead, slot, 0))
         new_keys.append(k)
         new_values.append(v)
         x = x + _linear(block["attn"]["c_proj"], _attention(c, i, q, k, v, mask))

@@ -46,6 +46,20 @@ def check_mesh(mesh, data_axis: str | None, model_axis: str | None) -> None:
             )
 
 
+def auto_axes(mesh: Mesh) -> Mesh:
+    """``mesh`` with every axis in ``Auto`` mode: the same devices, names and shape.
+
+    jaxgen lays out every array of its program itself (``with_sharding_constraint``), which JAX
+    allows only along ``Auto`` axes, while ``jax.make_mesh`` gives ``Explicit`` ones by default
+    in recent JAX (0.10 here). A mesh only tells jaxgen which devices to use, so both are accepted.
+    """
+    types = getattr(mesh, "axis_types", None)  # older JAX: no axis types, every axis is Auto
+    auto = getattr(jax.sharding, "AxisType", None)
+    if types is None or auto is None or all(t == auto.Auto for t in types):
+        return mesh
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(auto.Auto,) * len(mesh.axis_names))
+
+
 def param_specs(model: GPT2, model_axis: str | None):
     """A PartitionSpec for every param leaf (a pytree of the params' structure)."""
 
@@ -66,6 +80,7 @@ def shard(model: GPT2, mesh: Mesh, *, data_axis: str | None = "data", model_axis
     the model axis. ``data_axis`` is only checked here; decoders shard the batch along it.
     """
     check_mesh(mesh, data_axis, model_axis)
+    mesh = auto_axes(mesh)
     m = axis_size(mesh, model_axis)
     c = model.config
     if c.n_head % m or c.inner_dim % m:

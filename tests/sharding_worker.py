@@ -67,6 +67,15 @@ def main():
             out = jaxgen.generate(sharded, ids, mask, mesh=mesh, **KW, **extra, **key)
             results["meshes"][mesh_name][name] = summary(out)
 
+    # Meshes from jax.make_mesh, as in the README: Explicit axes (the default in recent JAX).
+    explicit = (jax.sharding.AxisType.Explicit,) * 2
+    results["make_mesh"] = {}
+    for mesh_name, mesh in (("default", jax.make_mesh((4, 2), ("data", "model"))),
+                            ("explicit", jax.make_mesh((4, 2), ("data", "model"), axis_types=explicit))):
+        sharded = jaxgen.shard(model, mesh)
+        out = jaxgen.generate(sharded, ids, mask, mesh=mesh, **KW, **STRATEGIES["beam"])
+        results["make_mesh"][mesh_name] = {"axis_types": [t.name for t in mesh.axis_types], **summary(out)}
+
     # One prompt, its heads split over 8 devices (a one-row cache has no batch dim).
     mesh = mesh_of((1, 8))
     sharded = jaxgen.shard(model, mesh)

@@ -41,6 +41,14 @@ def test_mesh_equals_single_device(results, mesh, strategy):
     _assert_same(results["meshes"][mesh][strategy], results["single"][strategy], strategy)
 
 
+@pytest.mark.parametrize("mesh", ["default", "explicit"])
+def test_make_mesh_with_explicit_axes_equals_single_device(results, mesh):
+    ours = results["make_mesh"][mesh]
+    if mesh == "explicit":
+        assert ours["axis_types"] == ["Explicit", "Explicit"]
+    _assert_same(ours, results["single"]["beam"], "beam")
+
+
 @pytest.mark.parametrize("strategy", ["greedy", "beam", "sample"])
 def test_one_prompt_split_by_heads_equals_single_device(results, strategy):
     single, ours = results["one_row"][strategy]

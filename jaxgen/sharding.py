@@ -60,6 +60,17 @@ def auto_axes(mesh: Mesh) -> Mesh:
     return Mesh(mesh.devices, mesh.axis_names, axis_types=(auto.Auto,) * len(mesh.axis_names))
 
 
+def check_context() -> None:
+    """Raises ValueError inside a ``jax.set_mesh`` context with ``Explicit`` axes, where JAX
+    types every array by that mesh and turns jaxgen's layout constraints into assertions."""
+    context = jax.sharding.get_abstract_mesh() if hasattr(jax.sharding, "get_abstract_mesh") else None
+    if context is not None and any(t.name == "Explicit" for t in context.axis_types):
+        raise ValueError(
+            f"mesh: jaxgen lays out its program on the mesh it is given, which cannot run inside a "
+            f"jax.set_mesh(...) context with Explicit axes ({context}); call it outside that context"
+        )
+
+
 def param_specs(model: GPT2, model_axis: str | None):
     """A PartitionSpec for every param leaf (a pytree of the params' structure)."""
 

@@ -109,6 +109,13 @@ def main():
         jaxgen.from_pretrained(_three_heads()), mesh_of((2, 4))))
     results["errors"]["axes"] = error_of(lambda: jaxgen.generate(
         model, ids, mask, mesh=Mesh(np.array(jax.devices()).reshape(4, 2), ("x", "y")), **KW))
+    explicit_mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=explicit)
+
+    def in_explicit_context():
+        with jax.set_mesh(explicit_mesh):
+            return jaxgen.generate(model, ids, mask, mesh=explicit_mesh, **KW)
+
+    results["errors"]["explicit_context"] = error_of(in_explicit_context)
     results["errors"]["not_a_mesh"] = error_of(lambda: jaxgen.generate(model, ids, mask, mesh="4x2", **KW))
     json.dump(results, sys.stdout)
 

@@ -316,6 +316,7 @@ def parse(model: GPT2, input_ids, attention_mask, kwargs: dict[str, Any], beam_s
     mesh, data_axis, model_axis = kw["mesh"], kw["data_axis"], kw["model_axis"]
     if mesh is not None:
         sharding.check_mesh(mesh, data_axis, model_axis)
+        sharding.check_context()
         mesh = sharding.auto_axes(mesh)
         d = sharding.axis_size(mesh, data_axis)
         if batch % d:

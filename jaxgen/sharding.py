@@ -53,11 +53,9 @@ def auto_axes(mesh: Mesh) -> Mesh:
     allows only along ``Auto`` axes, while ``jax.make_mesh`` gives ``Explicit`` ones by default
     in recent JAX (0.10 here). A mesh only tells jaxgen which devices to use, so both are accepted.
     """
-    types = getattr(mesh, "axis_types", None)  # older JAX: no axis types, every axis is Auto
-    auto = getattr(jax.sharding, "AxisType", None)
-    if types is None or auto is None or all(t == auto.Auto for t in types):
+    if all(t.name == "Auto" for t in getattr(mesh, "axis_types", ())):  # older JAX: no axis types
         return mesh
-    return Mesh(mesh.devices, mesh.axis_names, axis_types=(auto.Auto,) * len(mesh.axis_names))
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
 
 
 def check_context() -> None:
@@ -66,8 +64,8 @@ def check_context() -> None:
     context = jax.sharding.get_abstract_mesh() if hasattr(jax.sharding, "get_abstract_mesh") else None
     if context is not None and any(t.name == "Explicit" for t in context.axis_types):
         raise ValueError(
-            f"mesh: jaxgen lays out its program on the mesh it is given, which cannot run inside a "
-            f"jax.set_mesh(...) context with Explicit axes ({context}); call it outside that context"
+            f"mesh cannot be used inside a jax.set_mesh(...) context with Explicit axes ({context}): jaxgen "
+            "lays out its program on the mesh itself; call it outside that context"
         )
 
 

@@ -75,7 +75,7 @@ def test_clear_errors(results):
     assert "n_head=3" in errors["heads"] and "divisible" in errors["heads"]
     assert "not an axis of the mesh" in errors["axes"]
     assert "must be a jax.sharding.Mesh" in errors["not_a_mesh"]
-    assert errors["explicit_context"].startswith("mesh: ") and "jax.set_mesh" in errors["explicit_context"]
+    assert errors["explicit_context"].startswith("mesh cannot be used") and "jax.set_mesh" in errors["explicit_context"]
 
 
 def test_multihost_example_script_runs_on_one_host_with_8_devices():

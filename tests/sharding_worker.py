@@ -68,10 +68,9 @@ def main():
             results["meshes"][mesh_name][name] = summary(out)
 
     # Meshes from jax.make_mesh, as in the README: Explicit axes (the default in recent JAX).
-    explicit = (jax.sharding.AxisType.Explicit,) * 2
+    explicit_mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
     results["make_mesh"] = {}
-    for mesh_name, mesh in (("default", jax.make_mesh((4, 2), ("data", "model"))),
-                            ("explicit", jax.make_mesh((4, 2), ("data", "model"), axis_types=explicit))):
+    for mesh_name, mesh in (("default", jax.make_mesh((4, 2), ("data", "model"))), ("explicit", explicit_mesh)):
         sharded = jaxgen.shard(model, mesh)
         out = jaxgen.generate(sharded, ids, mask, mesh=mesh, **KW, **STRATEGIES["beam"])
         results["make_mesh"][mesh_name] = {"axis_types": [t.name for t in mesh.axis_types], **summary(out)}
@@ -109,7 +108,6 @@ def main():
         jaxgen.from_pretrained(_three_heads()), mesh_of((2, 4))))
     results["errors"]["axes"] = error_of(lambda: jaxgen.generate(
         model, ids, mask, mesh=Mesh(np.array(jax.devices()).reshape(4, 2), ("x", "y")), **KW))
-    explicit_mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=explicit)
 
     def in_explicit_context():
         with jax.set_mesh(explicit_mesh):

@@ -137,15 +137,17 @@ def run_generate(args) -> int:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token_id = pad
     batch = tokenizer(args.prompts, return_tensors="np", padding=True)
+    # Options left out leave the model's generation_config.json in charge, as in transformers.
+    optional = dict(repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
+                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     kwargs = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
                   num_return_sequences=args.num_return_sequences, eos_token_id=eos, pad_token_id=pad,
-                  output_scores=True, repetition_penalty=args.repetition_penalty,
-                  no_repeat_ngram_size=args.no_repeat_ngram_size)
+                  output_scores=True, do_sample=args.do_sample,
+                  **{name: value for name, value in optional.items() if value is not None})
     if args.num_beams > 1:
         kwargs.update(length_penalty=args.length_penalty, early_stopping=args.early_stopping)
     if args.do_sample:
-        kwargs.update(do_sample=True, key=jax.random.key(args.seed), temperature=args.temperature,
-                      top_k=args.top_k, top_p=args.top_p)
+        kwargs["key"] = jax.random.key(args.seed)
     elif any(v is not None for v in (args.temperature, args.top_k, args.top_p)):
         raise ValueError("--temperature / --top-k / --top-p need --do-sample")
     if args.stream:

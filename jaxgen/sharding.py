@@ -98,7 +98,7 @@ def shard(model: GPT2, mesh: Mesh, *, data_axis: str | None = "data", model_axis
             f"{c.inner_dim} must both be divisible by it"
         )
     shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(model, model_axis))
-    return GPT2(jax.device_put(model.params, shardings), c)
+    return model.replace(params=jax.device_put(model.params, shardings))
 
 
 def is_on(model: GPT2, mesh: Mesh) -> bool:

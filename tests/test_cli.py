@@ -114,3 +114,24 @@ def test_shipped_model_equals_transformers():
         out = jaxgen.generate(model, batch.input_ids, batch.attention_mask, output_scores=True, **kw).trim()
         assert_same_generation(out, ref, beams="num_beams" in kw)
     assert isinstance(torch_model, torch.nn.Module)
+
+
+def test_options_left_out_come_from_the_checkpoints_generation_config(tmp_path):
+    import shutil
+
+    model_dir = tmp_path / "demo"
+    shutil.copytree(DEMO_MODEL, model_dir)
+    settings = dict(repetition_penalty=1.8, no_repeat_ngram_size=2)
+    (model_dir / "generation_config.json").write_text(json.dumps(settings))
+
+    def cli_ids(model, *extra):
+        proc = jaxgen_cli("Love is", "--model", str(model), "--max-new-tokens", "12", "--json", *extra)
+        return json.loads(proc.stdout)["results"][0]["completions"][0]["token_ids"]
+
+    ids = cli_ids(model_dir)
+    assert ids == cli_ids(DEMO_MODEL, "--repetition-penalty", "1.8", "--no-repeat-ngram-size", "2")
+    from transformers import AutoTokenizer
+
+    prompt = AutoTokenizer.from_pretrained(DEMO_MODEL)(["Love is"], return_tensors="np").input_ids
+    plain = jaxgen.greedy_search(jaxgen.from_pretrained(DEMO_MODEL), prompt, max_new_tokens=12, pad_token_id=0)
+    assert ids != plain.trim().sequences[0, prompt.shape[1]:].tolist()  # the settings matter

@@ -98,7 +98,8 @@ def generate(model: GPT2, input_ids, attention_mask=None, **kwargs) -> GenerateO
         begin_suppress_tokens, forced_bos_token_id, forced_eos_token_id,
         exponential_decay_length_penalty, renormalize_logits, remove_invalid_values,
         logits_processor (JAX callables ``fn(scores, ctx)``), output_scores, output_logits;
-        and jaxgen's prompt_bucket (default 32; None disables).
+        and jaxgen's prompt_bucket (default 32; None disables). An argument not passed takes the
+        value of ``model.generation_config`` (the checkpoint's), as in transformers.
 
     Dispatch: ``num_beams > 1`` -> beam search (beam sampling with ``do_sample``), otherwise
     greedy search or sampling. Returns a `GenerateOutput`; ``.trim()`` gives transformers' shapes.

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgen import sharding
+from jaxgen import generation_config, sharding
 from jaxgen.decoding.engine import DecodeSpec, loop_phases
 from jaxgen.models.gpt2 import GPT2
 from jaxgen.processors import build_processors
@@ -40,7 +40,6 @@ DEFAULTS: dict[str, Any] = {
 }
 HF_MAX_LENGTH = 20
 HF_TOP_K = 50
-SAMPLING_ONLY = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
 HOST_SIDE = {
     "max_time": "max_time is a wall-clock criterion checked on the host between steps; a compiled "
                 "while_loop cannot stop on time. Bound the work with max_new_tokens instead",
@@ -139,7 +138,8 @@ def _bool(kw, name):
 
 
 def parse(model: GPT2, input_ids, attention_mask, kwargs: dict[str, Any], beam_search: bool | None = None) -> Request:
-    """Validates a ``generate`` call and resolves Hugging Face defaults.
+    """Validates a ``generate`` call and resolves its defaults as transformers: the caller's
+    arguments, else the model's ``generation_config``, else Hugging Face's defaults.
 
     ``beam_search``: run the beam decoder (True), the one-token-per-row decoder (False), or
     dispatch as transformers does (None: beams iff ``num_beams > 1``).
@@ -151,9 +151,9 @@ def parse(model: GPT2, input_ids, attention_mask, kwargs: dict[str, Any], beam_s
         close = difflib.get_close_matches(name, DEFAULTS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(f"unknown generate argument {name!r}{hint}; supported: {', '.join(sorted(DEFAULTS))}")
-    kw = {**DEFAULTS, **kwargs}
     if not isinstance(model, GPT2):
         raise ValueError(f"model must be a jaxgen GPT2 (from jaxgen.from_pretrained), got {type(model).__name__}")
+    kw = {**DEFAULTS, **generation_config.with_call(model.generation_config, kwargs, DEFAULTS)}
     config = model.config
     vocab = config.vocab_size
 
@@ -249,7 +249,7 @@ def parse(model: GPT2, input_ids, attention_mask, kwargs: dict[str, Any], beam_s
         if key is None:
             raise ValueError("sampling needs an explicit PRNG key: pass key=jax.random.key(seed)")
     else:
-        given = [n for n in SAMPLING_ONLY if kw[n] is not None]
+        given = [n for n in generation_config.SAMPLING_ONLY if kw[n] is not None]
         if given:
             raise ValueError(
                 f"{', '.join(given)} only apply when sampling; pass do_sample=True (or use jaxgen.sample)"

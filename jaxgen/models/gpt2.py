@@ -33,6 +33,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import struct
+from flax.core import FrozenDict
 
 ACTIVATIONS = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -170,10 +171,13 @@ class KVCache:
 
 @struct.dataclass
 class GPT2:
-    """A GPT-2 language model: ``params`` (pytree leaves) and ``config`` (static)."""
+    """A GPT-2 language model: ``params`` (pytree leaves), ``config`` and ``generation_config``
+    (static): the checkpoint's generation settings, which a call uses where it passes none, as
+    transformers' ``model.generation_config`` (see `jaxgen.generation_config`)."""
 
     params: Any
     config: GPT2Config = struct.field(pytree_node=False)
+    generation_config: FrozenDict = struct.field(pytree_node=False, default=FrozenDict())
 
     @property
     def dtype(self):

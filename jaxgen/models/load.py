@@ -1,11 +1,13 @@
 """Hugging Face GPT-2 checkpoint (hub id or local directory) -> `GPT2` model object.
 
-Reads ``config.json`` and one of, in this order: ``model.safetensors``, sharded safetensors
-(``model.safetensors.index.json``), ``pytorch_model.bin`` or its sharded index (through
-``torch.load(weights_only=True)``; needs torch). Every GPT-2 naming variant is mapped: with or
-without the ``transformer.`` prefix, with a tied, a missing or an untied ``lm_head``, with or
-without the legacy ``attn.bias`` / ``attn.masked_bias`` mask buffers. Anything else is an error:
-jaxgen never loads a checkpoint it only half understands.
+Reads ``config.json``, ``generation_config.json`` when there is one (the model's generation
+settings, as transformers' ``model.generation_config``) and one of, in this order:
+``model.safetensors``, sharded safetensors (``model.safetensors.index.json``),
+``pytorch_model.bin`` or its sharded index (through ``torch.load(weights_only=True)``; needs
+torch). Every GPT-2 naming variant is mapped: with or without the ``transformer.`` prefix, with
+a tied, a missing or an untied ``lm_head``, with or without the legacy ``attn.bias`` /
+``attn.masked_bias`` mask buffers. Anything else is an error: jaxgen never loads a checkpoint
+it only half understands.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from jaxgen import generation_config
 from jaxgen.models.gpt2 import ACTIVATIONS, DTYPES, GPT2, GPT2Config, expected_shapes, unflatten_params
 
 WEIGHT_FILES = (
@@ -69,13 +72,16 @@ def from_pretrained(
     fetch = _local_fetcher(name_or_path) if _is_local(name_or_path) else _hub_fetcher(
         str(name_or_path), revision, cache_dir, local_files_only
     )
-    config_path = fetch("config.json", required=True)
-    config = config_from_json(_read_json(config_path), dtype_name)
+    raw_config = _read_json(fetch("config.json", required=True))
+    config = config_from_json(raw_config, dtype_name)
+    generation_path = fetch("generation_config.json")
+    generation = generation_config.from_checkpoint(
+        None if generation_path is None else _read_json(generation_path), raw_config)
     flat = _read_weights(fetch, str(name_or_path))
     params = _map_hf_names(flat, config, str(name_or_path))
     target = DTYPES[dtype_name]
     params = jax.tree.map(lambda x: jnp.asarray(x.astype(np.float32), dtype=target), params)
-    return GPT2(params=params, config=config)
+    return GPT2(params=params, config=config, generation_config=generation)
 
 
 def config_from_json(raw: dict[str, Any], dtype_name: str = "float32") -> GPT2Config:

@@ -1,0 +1,125 @@
+"""A checkpoint's generation settings: what transformers' ``generate()`` uses when the caller does not.
+
+transformers 5.x resolves every generate argument as: the caller's value, else the model's
+``generation_config`` (the checkpoint's ``generation_config.json``, or, when the checkpoint has
+none, the generation fields of its ``config.json``), else a global default. `from_checkpoint`
+reads the model's part when a checkpoint is loaded (it becomes ``GPT2.generation_config``);
+`with_call` merges it under a call's arguments.
+
+Only settings that change what is generated are kept: metadata, values equal to transformers'
+global defaults and settings that cannot change jaxgen's output (cache and compile knobs,
+``bos_token_id``, ...) are dropped on load. A kept setting that jaxgen cannot honour (contrastive
+search's ``penalty_alpha``, say) raises when a call would use it, never silently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from flax.core import FrozenDict
+
+# Every field of transformers' GenerationConfig (5.24; tests/test_generation_config.py checks).
+HF_FIELDS = frozenset({
+    "assistant_confidence_threshold", "assistant_early_exit", "assistant_ensemble_weight",
+    "assistant_lookbehind", "bad_words_ids", "begin_suppress_tokens", "bos_token_id", "cache_config",
+    "cache_implementation", "compile_config", "constraints", "continuous_batching_config",
+    "decoder_start_token_id", "disable_compile", "diversity_penalty", "do_sample", "dola_layers",
+    "early_stopping", "encoder_no_repeat_ngram_size", "encoder_repetition_penalty", "eos_token_id",
+    "epsilon_cutoff", "eta_cutoff", "exponential_decay_length_penalty", "force_words_ids",
+    "forced_bos_token_id", "forced_eos_token_id", "guidance_scale", "is_assistant", "length_penalty",
+    "low_memory", "max_cache_len", "max_length", "max_matching_ngram_size", "max_new_tokens", "max_time",
+    "min_length", "min_new_tokens", "min_p", "no_repeat_ngram_size", "num_assistant_tokens",
+    "num_assistant_tokens_schedule", "num_beam_groups", "num_beams", "num_return_sequences",
+    "output_attentions", "output_hidden_states", "output_logits", "output_scores", "pad_token_id",
+    "penalty_alpha", "prefill_chunk_size", "prompt_lookup_num_tokens", "remove_invalid_values",
+    "renormalize_logits", "repetition_penalty", "return_dict_in_generate", "sequence_bias",
+    "speculation_type", "stop_strings", "suppress_tokens", "target_lookbehind", "temperature",
+    "token_healing", "top_h", "top_k", "top_p", "typical_p", "use_cache", "use_mtp",
+    "watermarking_config",
+})
+
+# Fields that cannot change what jaxgen generates, whatever their value: the prompt is always
+# given (bos_token_id), GPT-2 has no decoder start, jaxgen always keeps a KV cache and returns
+# its output object, and the assistant-model knobs act only with an assistant model.
+INERT = frozenset({
+    "bos_token_id", "decoder_start_token_id", "use_cache", "cache_implementation", "cache_config",
+    "max_cache_len", "compile_config", "disable_compile", "prefill_chunk_size",
+    "continuous_batching_config", "return_dict_in_generate", "is_assistant", "num_assistant_tokens",
+    "num_assistant_tokens_schedule", "assistant_confidence_threshold", "assistant_lookbehind",
+    "target_lookbehind", "assistant_ensemble_weight", "max_matching_ngram_size",
+})
+
+# transformers' global defaults (GenerationConfig._get_default_generation_params), and the "off"
+# value of flags: a checkpoint field with this value changes nothing.
+NEUTRAL = {
+    "max_length": 20, "min_length": 0, "do_sample": False, "early_stopping": False, "num_beams": 1,
+    "temperature": 1.0, "top_k": 50, "top_p": 1.0, "typical_p": 1.0, "repetition_penalty": 1.0,
+    "length_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
+    "num_return_sequences": 1, "output_scores": False, "remove_invalid_values": False,
+    "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "encoder_repetition_penalty": 1.0, "num_beam_groups": 1,
+    "diversity_penalty": 0.0, "output_attentions": False, "output_hidden_states": False,
+    "output_logits": False, "renormalize_logits": False, "low_memory": False, "token_healing": False,
+    "use_mtp": False,
+}
+
+LENGTHS = (("max_new_tokens", "max_length"), ("min_new_tokens", "min_length"))
+SAMPLING_ONLY = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
+
+
+def _freeze(value: Any) -> Any:
+    """JSON value -> hashable: lists become tuples, objects `FrozenDict`s."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, Mapping):
+        return FrozenDict({k: _freeze(v) for k, v in value.items()})
+    return value
+
+
+def from_checkpoint(generation_json: dict[str, Any] | None, config_json: dict[str, Any]) -> FrozenDict:
+    """The settings of ``generation_config.json`` (or, without that file, the generation fields
+    of ``config.json``, as ``GenerationConfig.from_model_config``) that can change the output."""
+    raw = generation_json if generation_json is not None else {
+        k: v for k, v in config_json.items() if k in HF_FIELDS}
+    return FrozenDict({
+        name: _freeze(value) for name, value in sorted(raw.items())
+        if name in HF_FIELDS and name not in INERT and value is not None
+        and not (name in NEUTRAL and value == NEUTRAL[name])
+    })
+
+
+def with_call(generation_config: Any, kwargs: dict[str, Any], supported) -> dict[str, Any]:
+    """The model's settings that a call with ``kwargs`` uses, merged under ``kwargs``.
+
+    As transformers: the caller's arguments win, one by one; the sampling settings apply only
+    when the call samples. One difference, on purpose: a caller's length (``max_new_tokens`` or
+    ``max_length``; ``min_new_tokens`` or ``min_length``) replaces the model's pair, where
+    transformers would let the model's ``max_new_tokens`` beat the caller's ``max_length`` (with
+    a warning). A ``None`` value unsets a setting. Raises ``ValueError`` for a setting outside
+    ``supported`` (jaxgen's argument names).
+    """
+    try:
+        hash(generation_config)
+    except TypeError:
+        generation_config = None
+    if not isinstance(generation_config, Mapping):
+        raise ValueError("model.generation_config must be a flax FrozenDict of hashable values (tuples, "
+                         "not lists), e.g. FrozenDict({'num_beams': 4, 'bad_words_ids': ((13,),)})")
+    defaults = {k: v for k, v in generation_config.items() if v is not None}
+    for pair in LENGTHS:
+        if any(name in kwargs for name in pair):
+            for name in pair:
+                defaults.pop(name, None)
+    do_sample = kwargs.get("do_sample", defaults.get("do_sample", False))
+    if not (isinstance(do_sample, (bool, np.bool_)) and do_sample):  # transformers builds no warpers
+        for name in SAMPLING_ONLY:
+            defaults.pop(name, None)
+    for name, value in defaults.items():
+        if name not in supported:
+            raise ValueError(
+                f"model.generation_config (the checkpoint's generation config) sets {name}={value!r}, which "
+                f"jaxgen does not support; decode without it: model = model.replace(generation_config="
+                f"model.generation_config.copy({{{name!r}: None}}))"
+            )
+    return {**defaults, **kwargs}

@@ -1,0 +1,122 @@
+"""A checkpoint's generation_config.json supplies the defaults of a call, as in transformers."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax.core import FrozenDict
+from transformers import GenerationConfig, GPT2LMHeadModel
+
+import jaxgen
+from jaxgen import generation_config
+from tests.conftest import EOS_MODEL, assert_same_generation, build_checkpoint, hf_generate, left_padded_batch
+
+PADS = [0, 2, 1]
+
+
+def _checkpoint(path, **settings):
+    """The EOS model saved with ``settings`` in its generation config; returns (torch model
+    re-read from ``path``, jaxgen model)."""
+    torch_model = build_checkpoint(path, seed=0, eos_boost=2.0, **EOS_MODEL)
+    for name, value in settings.items():
+        setattr(torch_model.generation_config, name, value)
+    torch_model.save_pretrained(path)
+    return GPT2LMHeadModel.from_pretrained(path).eval(), jaxgen.from_pretrained(path)
+
+
+def _batch(seed=0):
+    return left_padded_batch(np.random.default_rng(seed), len(PADS), 5, EOS_MODEL["vocab_size"], PADS)
+
+
+def test_fields_are_transformers_generation_config_fields():
+    fields = {k for k in vars(GenerationConfig()) if not k.startswith("_") and k != "transformers_version"}
+    assert generation_config.HF_FIELDS == fields
+    for name, value in GenerationConfig._get_default_generation_params().items():
+        assert value is None or name in generation_config.INERT or generation_config.NEUTRAL[name] == value, name
+
+
+def test_only_settings_that_change_the_output_are_kept(tmp_path):
+    _, model = _checkpoint(tmp_path, pad_token_id=0, top_k=50, num_beams=1, cache_implementation="static")
+    written = json.loads((tmp_path / "generation_config.json").read_text())
+    assert {"bos_token_id", "output_attentions", "use_cache", "top_k", "num_beams"} <= set(written)
+    assert dict(model.generation_config) == {"eos_token_id": 2, "pad_token_id": 0}
+
+
+SETTINGS = {
+    "beams": dict(num_beams=3, num_return_sequences=2, max_new_tokens=6, length_penalty=0.5,
+                  no_repeat_ngram_size=2, early_stopping=True, pad_token_id=0, eos_token_id=[2, 7]),
+    "greedy": dict(max_length=12, min_new_tokens=3, repetition_penalty=1.3, bad_words_ids=[[5]],
+                   pad_token_id=0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_call_without_arguments_equals_transformers(tmp_path, name):
+    torch_model, model = _checkpoint(tmp_path, **SETTINGS[name])
+    ids, mask = _batch()
+    ref = hf_generate(torch_model, ids, mask)
+    out = jaxgen.generate(model, ids, mask, output_scores=True).trim()
+    assert_same_generation(out, ref, beams=name == "beams")
+
+
+def test_callers_arguments_win(tmp_path):
+    torch_model, model = _checkpoint(tmp_path, **SETTINGS["beams"])
+    ids, mask = _batch(1)
+    kwargs = dict(num_beams=2, num_return_sequences=1, max_new_tokens=4, eos_token_id=2, no_repeat_ngram_size=None)
+    ref = hf_generate(torch_model, ids, mask, **kwargs)
+    out = jaxgen.generate(model, ids, mask, output_scores=True, **kwargs).trim()
+    assert_same_generation(out, ref, beams=True)
+    # A caller's max_length replaces the checkpoint's max_new_tokens (transformers would keep the latter).
+    out = jaxgen.greedy_search(model, ids, mask, max_length=ids.shape[1] + 3, num_return_sequences=1).trim()
+    assert out.sequences.shape == (len(PADS), ids.shape[1] + 3)
+
+
+def test_sampling_settings_apply_only_when_sampling(tmp_path):
+    torch_model, model = _checkpoint(tmp_path, do_sample=True, top_k=1, temperature=0.5, pad_token_id=0,
+                                     max_new_tokens=5)
+    ids, mask = _batch(2)
+    greedy = hf_generate(torch_model, ids, mask, do_sample=False)
+    with pytest.raises(ValueError, match="sampling needs an explicit PRNG key"):
+        jaxgen.generate(model, ids, mask)
+    sampled = jaxgen.generate(model, ids, mask, key=jax.random.key(0)).trim()  # top_k=1: the greedy tokens
+    np.testing.assert_array_equal(sampled.sequences, greedy.sequences.numpy())
+    out = jaxgen.greedy_search(model, ids, mask, output_scores=True).trim()  # no warper, as transformers
+    assert_same_generation(out, greedy)
+
+
+def test_config_json_fields_without_generation_config_json(tmp_path):
+    torch_model = build_checkpoint(tmp_path, seed=0, eos_boost=2.0, **EOS_MODEL)
+    (tmp_path / "generation_config.json").unlink()
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(max_length=9, num_beams=2, pad_token_id=0)  # legacy checkpoints keep them here
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    torch_model, model = GPT2LMHeadModel.from_pretrained(tmp_path).eval(), jaxgen.from_pretrained(tmp_path)
+    assert dict(model.generation_config) == {"eos_token_id": 2, "max_length": 9, "num_beams": 2, "pad_token_id": 0}
+    ids, mask = _batch(3)
+    assert_same_generation(jaxgen.generate(model, ids, mask, output_scores=True).trim(),
+                           hf_generate(torch_model, ids, mask), beams=True)
+
+
+def test_unsupported_setting_raises_with_a_way_out(tmp_path):
+    build_checkpoint(tmp_path, seed=0, **EOS_MODEL)
+    settings = json.loads((tmp_path / "generation_config.json").read_text())
+    settings.update(penalty_alpha=0.6, pad_token_id=0)  # contrastive search
+    (tmp_path / "generation_config.json").write_text(json.dumps(settings))
+    model = jaxgen.from_pretrained(tmp_path)
+    ids, mask = _batch()
+    with pytest.raises(ValueError, match=r"sets penalty_alpha=0.6, which jaxgen does not support"):
+        jaxgen.generate(model, ids, mask, max_new_tokens=3)
+    model = model.replace(generation_config=model.generation_config.copy({"penalty_alpha": None}))
+    assert jaxgen.generate(model, ids, mask, max_new_tokens=3).trim().sequences.shape == (3, 8)
+
+
+def test_generation_config_survives_tree_operations_and_must_be_hashable(tmp_path):
+    _, model = _checkpoint(tmp_path, num_beams=2, pad_token_id=0)
+    assert jax.tree.map(lambda x: x, model).generation_config == model.generation_config
+    assert jax.jit(lambda m: m)(model).generation_config == model.generation_config
+    ids, mask = _batch()
+    with pytest.raises(ValueError, match="model.generation_config must be a flax FrozenDict of hashable values"):
+        jaxgen.generate(model.replace(generation_config=FrozenDict({"bad_words_ids": [[5]]})), ids, mask)

@@ -65,7 +65,7 @@ NEUTRAL = {
 }
 
 LENGTHS = (("max_new_tokens", "max_length"), ("min_new_tokens", "min_length"))
-SAMPLING_ONLY = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
+SAMPLING_ONLY = ("temperature", "top_h", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
 
 
 def _freeze(value: Any) -> Any:

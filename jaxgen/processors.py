@@ -296,6 +296,35 @@ class TopK:
 
 
 @struct.dataclass
+class TopH:
+    """Top-H (arXiv:2509.02510, transformers' ``TopHLogitsWarper``): of the ``top_n = 100`` best
+    tokens, renormalised among themselves and taken best first, keeps the longest prefix whose
+    cumulative entropy ``sum(-p log p)`` stays ``<= top_h`` times their whole entropy; the best
+    token always stays.
+
+    The 100 come from `select.top_k` in chunks of 32 (on ``[8, 50257]``: 0.9 ms against 1.6 ms
+    for XLA:CPU's ``TopK``, the same values and ids). Exactly equal scores at the 100th place or
+    at the cut: the lower id comes first here, where ``torch.topk`` orders ties as it happens
+    to. With ``top_h = 1`` the cut falls where the cumulative sum meets the total, so rounding
+    (sums taken in another order than torch's) decides whether the last few tokens stay.
+    """
+
+    top_h: jax.Array
+    top_n: int = struct.field(pytree_node=False, default=100)
+
+    def __call__(self, scores, ctx):
+        rows, vocab = scores.shape
+        values, ids = select.top_k(scores, min(self.top_n, vocab), chunk=32)
+        probs = jax.nn.softmax(values, -1)
+        logp = jax.nn.log_softmax(values, -1)
+        tau = self.top_h * -jnp.sum(jnp.maximum(logp, jnp.finfo(jnp.float32).min) * probs, -1, keepdims=True)
+        entropy = jnp.cumsum(-probs * jnp.log(probs), -1)  # NaN from a zero probability on: dropped, as torch
+        selected = (entropy <= tau).at[:, 0].set(True)
+        keep = jnp.zeros((rows, vocab), bool).at[jnp.arange(rows)[:, None], ids].set(selected)
+        return jnp.where(keep, scores, NEG_INF)
+
+
+@struct.dataclass
 class TopP:
     """Nucleus: drops the low tail whose total probability is ``<= 1 - top_p``.
 
@@ -430,6 +459,7 @@ def build_processors(
     begin_suppress_tokens: Sequence[int] | None = None,
     logits_processor: Sequence[Processor] = (),
     temperature: float | None = None,
+    top_h: float | None = None,
     top_k: int | None = None,
     top_p: float | None = None,
     min_p: float | None = None,
@@ -477,6 +507,8 @@ def build_processors(
         keep = len(eos_token_ids) + 1 if num_beams > 1 and eos_token_ids else (2 if num_beams > 1 else 1)
         if temperature is not None and temperature != 1.0:
             procs.append(Temperature(f32(temperature)))
+        if top_h is not None:
+            procs.append(TopH(f32(top_h)))
         if top_k:
             procs.append(TopK(max(top_k, keep)))
         if top_p is not None and top_p < 1.0:

@@ -9,7 +9,7 @@ import torch
 from transformers.generation import logits_process as hf
 
 import jaxgen
-from jaxgen.processors import ProcessorContext, Typical, _kth_largest, build_processors
+from jaxgen.processors import ProcessorContext, TopH, Typical, _kth_largest, build_processors
 from tests.conftest import EOS, EOS_MODEL, PAD, assert_same_generation, hf_generate, left_padded_batch
 
 VOCAB = 40
@@ -47,6 +47,8 @@ CASES = {
     "temperature": (dict(do_sample=True, temperature=0.7), lambda p: hf.TemperatureLogitsWarper(0.7)),
     "top_k": (dict(do_sample=True, top_k=7), lambda p: hf.TopKLogitsWarper(7)),
     "top_k_bisection": (dict(do_sample=True, top_k=30), lambda p: hf.TopKLogitsWarper(30)),
+    "top_h": (dict(do_sample=True, top_h=0.4), lambda p: hf.TopHLogitsWarper(0.4)),
+    "top_h_high": (dict(do_sample=True, top_h=0.95), lambda p: hf.TopHLogitsWarper(0.95)),
     "top_p_low": (dict(do_sample=True, top_p=0.3), lambda p: hf.TopPLogitsWarper(0.3)),
     "top_p_beams_keep_2": (dict(do_sample=True, top_p=0.05, num_beams=2),
                            lambda p: hf.TopPLogitsWarper(0.05, min_tokens_to_keep=2)),
@@ -126,6 +128,23 @@ def test_typical_with_ties_and_masked_tokens(mass, keep):
     np.testing.assert_array_equal(ours[np.isfinite(ours)], ref[np.isfinite(ref)])
 
 
+@pytest.mark.parametrize("top_h", [0.2, 0.6, 0.9])
+def test_top_h_over_a_vocabulary(top_h):
+    """Top-H's 100 best tokens from `select.top_k`'s chunked path over GPT-2's vocabulary: plain
+    rows, masked tokens, a row whose probabilities underflow to zero among the 100 and a row
+    with fewer than 100 finite scores (both: NaN entropies from there on, as torch)."""
+    rng = np.random.default_rng(int(top_h * 10))
+    scores = (rng.standard_normal((5, 50257)) * 4).astype(np.float32)
+    scores[1, ::2] = -np.inf
+    scores[2] *= 40
+    scores[3, 60:] = -np.inf
+    _, _, ctx = _history(2, 0)
+    ours = np.asarray(TopH(jnp.float32(top_h))(jnp.asarray(scores), ctx))
+    ref = hf.TopHLogitsWarper(top_h)(torch.zeros((5, 2), dtype=torch.long), torch.tensor(scores)).numpy()
+    np.testing.assert_array_equal(ours, ref)
+    assert (np.isfinite(ours).sum(-1) < np.minimum(np.isfinite(scores).sum(-1), 100)).all()
+
+
 def test_remove_invalid_values():
     scores = np.array([[np.nan, np.inf, -np.inf, 1.5]], np.float32)
     (proc,) = build_processors(prompt_len=1, max_length=3, eos_token_ids=(), num_beams=1, do_sample=False,
@@ -138,12 +157,12 @@ def test_remove_invalid_values():
 
 def test_processor_order_matches_transformers():
     procs = build_processors(
-        prompt_len=3, max_length=8, eos_token_ids=(EOS,), num_beams=1, do_sample=True, temperature=0.5, top_k=5,
-        top_p=0.9, min_p=0.05, repetition_penalty=1.2, no_repeat_ngram_size=2, bad_words_ids=[[4]],
+        prompt_len=3, max_length=8, eos_token_ids=(EOS,), num_beams=1, do_sample=True, temperature=0.5, top_h=0.5,
+        top_k=5, top_p=0.9, min_p=0.05, repetition_penalty=1.2, no_repeat_ngram_size=2, bad_words_ids=[[4]],
         sequence_bias={(5,): 1.0}, min_length=4, min_new_tokens=1, suppress_tokens=[7], renormalize_logits=True)
     names = [type(p).__name__ for p in procs]
     assert names == ["SequenceBias", "RepetitionPenalty", "NoRepeatNGram", "SequenceBias", "MinLength",
-                     "MinNewTokens", "SuppressTokens", "Temperature", "TopK", "TopP", "MinP", "Renormalize"]
+                     "MinNewTokens", "SuppressTokens", "Temperature", "TopH", "TopK", "TopP", "MinP", "Renormalize"]
 
 
 # --- inside generate, against transformers generate ----------------------------------------

@@ -50,7 +50,8 @@ def test_top_k_1_equals_greedy_in_every_copy_of_one_prompt(eos_model):
 
 
 @pytest.mark.parametrize("warper", [dict(top_k=5), dict(top_p=0.6, top_k=0), dict(min_p=0.2, top_k=0),
-                                    dict(typical_p=0.5, top_k=0), dict(top_k=8, top_p=0.7, temperature=0.6)])
+                                    dict(typical_p=0.5, top_k=0), dict(top_h=0.5, top_k=0),
+                                    dict(top_k=8, top_p=0.7, temperature=0.6)])
 def test_never_emits_an_excluded_token(eos_model, batch, warper):
     """Over many draws, every sampled token had a finite processed score in its row."""
     _, model = eos_model
@@ -123,6 +124,8 @@ BAD = [
     (dict(top_p=0.0), "top_p=0.0"),
     (dict(top_p=1.5), "top_p=1.5"),
     (dict(top_k=-1), "top_k=-1"),
+    (dict(top_h=0.0), "top_h=0.0"),
+    (dict(top_h=1.2), "top_h=1.2"),
     (dict(min_p=1.5), "min_p=1.5"),
     (dict(typical_p=0.0), "typical_p=0.0"),
     (dict(epsilon_cutoff=1.0), "epsilon_cutoff=1.0"),

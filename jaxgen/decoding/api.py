@@ -92,8 +92,8 @@ def generate(model: GPT2, input_ids, attention_mask=None, **kwargs) -> GenerateO
       **kwargs: transformers' names and defaults: max_new_tokens / max_length (default 20),
         min_new_tokens / min_length, num_beams, num_return_sequences, length_penalty,
         early_stopping (True / False / "never"), eos_token_id (int or list; default the model's),
-        pad_token_id, do_sample with key (a jax PRNG key), temperature, top_k (default 50 when
-        sampling), top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff, repetition_penalty,
+        pad_token_id, do_sample with key (a jax PRNG key), temperature, top_h, top_k (default 50
+        when sampling), top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff, repetition_penalty,
         no_repeat_ngram_size, bad_words_ids, sequence_bias, suppress_tokens,
         begin_suppress_tokens, forced_bos_token_id, forced_eos_token_id,
         exponential_decay_length_penalty, renormalize_logits, remove_invalid_values,

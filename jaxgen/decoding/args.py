@@ -27,7 +27,7 @@ DEFAULTS: dict[str, Any] = {
     "max_new_tokens": None, "max_length": None, "min_new_tokens": None, "min_length": None,
     "num_beams": 1, "num_return_sequences": 1, "length_penalty": 1.0, "early_stopping": False,
     "eos_token_id": None, "pad_token_id": None, "do_sample": False,
-    "temperature": None, "top_k": None, "top_p": None, "min_p": None, "typical_p": None,
+    "temperature": None, "top_h": None, "top_k": None, "top_p": None, "min_p": None, "typical_p": None,
     "epsilon_cutoff": None, "eta_cutoff": None,
     "repetition_penalty": None, "no_repeat_ngram_size": None, "bad_words_ids": None,
     "sequence_bias": None, "suppress_tokens": None, "begin_suppress_tokens": None,
@@ -238,6 +238,7 @@ def parse(model: GPT2, input_ids, attention_mask, kwargs: dict[str, Any], beam_s
     sampling = {}
     if do_sample:
         sampling["temperature"] = _float(kw, "temperature", 0.0)
+        sampling["top_h"] = _float(kw, "top_h", 0.0, 1.0)
         top_k = _int(kw, "top_k", 0)
         sampling["top_k"] = HF_TOP_K if top_k is None else top_k
         sampling["top_p"] = _float(kw, "top_p", 0.0, 1.0)

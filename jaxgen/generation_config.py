@@ -79,14 +79,21 @@ def _freeze(value: Any) -> Any:
 
 def from_checkpoint(generation_json: dict[str, Any] | None, config_json: dict[str, Any]) -> FrozenDict:
     """The settings of ``generation_config.json`` (or, without that file, the generation fields
-    of ``config.json``, as ``GenerationConfig.from_model_config``) that can change the output."""
+    of ``config.json``, as ``GenerationConfig.from_model_config``) that can change the output.
+
+    A ``generation_config.json`` without ``eos_token_id`` gives ``eos_token_id=()``: no EOS, as
+    transformers, which then does not fall back to ``config.json``'s.
+    """
     raw = generation_json if generation_json is not None else {
         k: v for k, v in config_json.items() if k in HF_FIELDS}
-    return FrozenDict({
+    settings = {
         name: _freeze(value) for name, value in sorted(raw.items())
         if name in HF_FIELDS and name not in INERT and value is not None
         and not (name in NEUTRAL and value == NEUTRAL[name])
-    })
+    }
+    if generation_json is not None:
+        settings.setdefault("eos_token_id", ())
+    return FrozenDict(settings)
 
 
 def with_call(generation_config: Any, kwargs: dict[str, Any], supported) -> dict[str, Any]:

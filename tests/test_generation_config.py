@@ -12,7 +12,7 @@ from transformers import GenerationConfig, GPT2LMHeadModel
 
 import jaxgen
 from jaxgen import generation_config
-from tests.conftest import EOS_MODEL, assert_same_generation, build_checkpoint, hf_generate, left_padded_batch
+from tests.conftest import EOS, EOS_MODEL, assert_same_generation, build_checkpoint, hf_generate, left_padded_batch
 
 PADS = [0, 2, 1]
 
@@ -98,6 +98,17 @@ def test_config_json_fields_without_generation_config_json(tmp_path):
     ids, mask = _batch(3)
     assert_same_generation(jaxgen.generate(model, ids, mask, output_scores=True).trim(),
                            hf_generate(torch_model, ids, mask), beams=True)
+
+
+def test_generation_config_json_without_eos_means_no_eos(tmp_path):
+    """transformers does not fall back to config.json's EOS then: rows run past EOS."""
+    build_checkpoint(tmp_path, seed=0, eos_boost=2.0, **EOS_MODEL)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"max_new_tokens": 8, "pad_token_id": 0}))
+    torch_model, model = GPT2LMHeadModel.from_pretrained(tmp_path).eval(), jaxgen.from_pretrained(tmp_path)
+    ids, mask = _batch(4)
+    ref = hf_generate(torch_model, ids, mask)
+    assert (ref.sequences[:, ids.shape[1]:-1] == EOS).any()  # an EOS that did not end its row
+    assert_same_generation(jaxgen.generate(model, ids, mask, output_scores=True).trim(), ref)
 
 
 def test_unsupported_setting_raises_with_a_way_out(tmp_path):

@@ -261,8 +261,10 @@ def test_hub_id_offline_gives_one_clear_sentence(tmp_path, monkeypatch):
         jaxgen.from_pretrained("gpt2", cache_dir=tmp_path, local_files_only=True)
 
 
-def test_hub_id_resolves_through_the_local_cache(tmp_path, good_dir):
-    """The real hub path: a snapshot in the huggingface_hub cache layout loads offline."""
+@pytest.mark.parametrize("generation_config", [False, True])
+def test_hub_id_resolves_through_the_local_cache(tmp_path, good_dir, generation_config):
+    """The real hub path: a snapshot in the huggingface_hub cache layout loads offline, with or
+    without the optional generation_config.json (its settings then come from config.json)."""
     repo = tmp_path / "models--someone--tiny-gpt2"
     commit = "0" * 40
     snap = repo / "snapshots" / commit
@@ -271,5 +273,10 @@ def test_hub_id_resolves_through_the_local_cache(tmp_path, good_dir):
     (repo / "refs" / "main").write_text(commit)
     for name in ("config.json", "model.safetensors"):
         shutil.copy(good_dir / name, snap / name)
+    if generation_config:
+        (snap / "generation_config.json").write_text(json.dumps({"num_beams": 4, "pad_token_id": 0}))
     model = jaxgen.from_pretrained("someone/tiny-gpt2", cache_dir=tmp_path, local_files_only=True)
     _params_equal(model, jaxgen.from_pretrained(good_dir))
+    eos = {"eos_token_id": json.loads((good_dir / "config.json").read_text())["eos_token_id"]}
+    assert dict(model.generation_config) == ({"num_beams": 4, "pad_token_id": 0, "eos_token_id": ()}
+                                             if generation_config else eos)

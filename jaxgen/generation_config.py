@@ -96,7 +96,7 @@ def from_checkpoint(generation_json: dict[str, Any] | None, config_json: dict[st
     return FrozenDict(settings)
 
 
-def with_call(generation_config: Any, kwargs: dict[str, Any], supported) -> dict[str, Any]:
+def with_call(generation_config: Any, kwargs: dict[str, Any], supported, hints: Mapping[str, str]) -> dict[str, Any]:
     """The model's settings that a call with ``kwargs`` uses, merged under ``kwargs``.
 
     As transformers: the caller's arguments win, one by one; the sampling settings apply only
@@ -104,7 +104,7 @@ def with_call(generation_config: Any, kwargs: dict[str, Any], supported) -> dict
     ``max_length``; ``min_new_tokens`` or ``min_length``) replaces the model's pair, where
     transformers would let the model's ``max_new_tokens`` beat the caller's ``max_length`` (with
     a warning). A ``None`` value unsets a setting. Raises ``ValueError`` for a setting outside
-    ``supported`` (jaxgen's argument names).
+    ``supported`` (jaxgen's argument names), with its entry in ``hints`` if it has one.
     """
     try:
         hash(generation_config)
@@ -124,9 +124,10 @@ def with_call(generation_config: Any, kwargs: dict[str, Any], supported) -> dict
             defaults.pop(name, None)
     for name, value in defaults.items():
         if name not in supported:
+            hint = f" ({hints[name]})" if name in hints else ""
             raise ValueError(
                 f"model.generation_config (the checkpoint's generation config) sets {name}={value!r}, which "
-                f"jaxgen does not support; decode without it: model = model.replace(generation_config="
+                f"jaxgen does not support{hint}; decode without it: model = model.replace(generation_config="
                 f"model.generation_config.copy({{{name!r}: None}}))"
             )
     return {**defaults, **kwargs}

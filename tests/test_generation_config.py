@@ -60,6 +60,8 @@ def test_call_without_arguments_equals_transformers(tmp_path, name):
     ref = hf_generate(torch_model, ids, mask)
     out = jaxgen.generate(model, ids, mask, output_scores=True).trim()
     assert_same_generation(out, ref, beams=name == "beams")
+    if name == "beams":  # beam_search takes num_beams from the checkpoint too
+        assert_same_generation(jaxgen.beam_search(model, ids, mask, output_scores=True).trim(), ref, beams=True)
 
 
 def test_callers_arguments_win(tmp_path):
@@ -121,6 +123,9 @@ def test_unsupported_setting_raises_with_a_way_out(tmp_path):
     with pytest.raises(ValueError, match=r"sets penalty_alpha=0.6, which jaxgen does not support"):
         jaxgen.generate(model, ids, mask, max_new_tokens=3)
     model = model.replace(generation_config=model.generation_config.copy({"penalty_alpha": None}))
+    with pytest.raises(ValueError, match=r"sets stop_strings=\('\.',\).*pass the token ids of the stop texts"):
+        jaxgen.generate(model.replace(generation_config=model.generation_config.copy({"stop_strings": (".",)})),
+                        ids, mask, max_new_tokens=3)
     assert jaxgen.generate(model, ids, mask, max_new_tokens=3).trim().sequences.shape == (3, 8)
 
 

@@ -114,8 +114,9 @@ def greedy_search(model: GPT2, input_ids, attention_mask=None, **kwargs) -> Gene
 
 def beam_search(model: GPT2, input_ids, attention_mask=None, **kwargs) -> GenerateOutput:
     """Beam search (``generate`` with ``num_beams`` beams, ``do_sample=False``); always runs the
-    beam algorithm, also for ``num_beams=1``."""
-    if "num_beams" not in kwargs:
+    beam algorithm, also for ``num_beams=1``. ``num_beams`` may come from the model's
+    ``generation_config``."""
+    if kwargs.get("num_beams", getattr(model, "generation_config", {}).get("num_beams")) is None:
         raise ValueError("beam_search needs num_beams (an int >= 1)")
     return _run(model, input_ids, attention_mask, _fixed(kwargs, "beam_search", do_sample=False), True)
 

@@ -153,7 +153,7 @@ def parse(model: GPT2, input_ids, attention_mask, kwargs: dict[str, Any], beam_s
         raise ValueError(f"unknown generate argument {name!r}{hint}; supported: {', '.join(sorted(DEFAULTS))}")
     if not isinstance(model, GPT2):
         raise ValueError(f"model must be a jaxgen GPT2 (from jaxgen.from_pretrained), got {type(model).__name__}")
-    kw = {**DEFAULTS, **generation_config.with_call(model.generation_config, kwargs, DEFAULTS)}
+    kw = {**DEFAULTS, **generation_config.with_call(model.generation_config, kwargs, DEFAULTS, HOST_SIDE)}
     config = model.config
     vocab = config.vocab_size
 

@@ -84,8 +84,7 @@ def from_checkpoint(generation_json: dict[str, Any] | None, config_json: dict[st
     A ``generation_config.json`` without ``eos_token_id`` gives ``eos_token_id=()``: no EOS, as
     transformers, which then does not fall back to ``config.json``'s.
     """
-    raw = generation_json if generation_json is not None else {
-        k: v for k, v in config_json.items() if k in HF_FIELDS}
+    raw = generation_json if generation_json is not None else config_json
     settings = {
         name: _freeze(value) for name, value in sorted(raw.items())
         if name in HF_FIELDS and name not in INERT and value is not None

@@ -90,7 +90,7 @@ def test_sampling_settings_apply_only_when_sampling(tmp_path):
 
 
 def test_config_json_fields_without_generation_config_json(tmp_path):
-    torch_model = build_checkpoint(tmp_path, seed=0, eos_boost=2.0, **EOS_MODEL)
+    build_checkpoint(tmp_path, seed=0, eos_boost=2.0, **EOS_MODEL)
     (tmp_path / "generation_config.json").unlink()
     config = json.loads((tmp_path / "config.json").read_text())
     config.update(max_length=9, num_beams=2, pad_token_id=0)  # legacy checkpoints keep them here

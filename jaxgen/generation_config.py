@@ -82,7 +82,9 @@ def from_checkpoint(generation_json: dict[str, Any] | None, config_json: dict[st
     of ``config.json``, as ``GenerationConfig.from_model_config``) that can change the output.
 
     A ``generation_config.json`` without ``eos_token_id`` gives ``eos_token_id=()``: no EOS, as
-    transformers, which then does not fall back to ``config.json``'s.
+    transformers, which then does not fall back to ``config.json``'s. Of a length pair set both
+    ways (``max_new_tokens`` and ``max_length``, or the ``min_`` pair) the ``*_new_tokens`` one
+    is kept: transformers lets it take precedence.
     """
     raw = generation_json if generation_json is not None else config_json
     settings = {
@@ -90,6 +92,9 @@ def from_checkpoint(generation_json: dict[str, Any] | None, config_json: dict[st
         if name in HF_FIELDS and name not in INERT and value is not None
         and not (name in NEUTRAL and value == NEUTRAL[name])
     }
+    for new_tokens, length in LENGTHS:
+        if new_tokens in settings:
+            settings.pop(length, None)
     if generation_json is not None:
         settings.setdefault("eos_token_id", ())
     return FrozenDict(settings)

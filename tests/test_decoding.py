@@ -270,6 +270,7 @@ BAD_CALLS = [
     (dict(max_new_tokens=60), "exceeds the model's n_positions=64"),
     (dict(max_new_tokens=0), "max_new_tokens=0"),
     (dict(max_new_tokens=3, max_length=9), "either max_new_tokens"),
+    (dict(min_new_tokens=1, min_length=8), r"either min_new_tokens \(1\) or min_length \(8\)"),
     (dict(pad_token_id=None), "pad_token_id is missing"),
     (dict(early_stopping="always", num_beams=2), "early_stopping='always'"),
     (dict(early_stopping=1, num_beams=2), "early_stopping=1"),

@@ -50,6 +50,8 @@ SETTINGS = {
                   no_repeat_ngram_size=2, early_stopping=True, pad_token_id=0, eos_token_id=[2, 7]),
     "greedy": dict(max_length=12, min_new_tokens=3, repetition_penalty=1.3, bad_words_ids=[[5]],
                    pad_token_id=0),
+    # both of each length pair: the *_new_tokens one takes precedence, in transformers too
+    "lengths": dict(max_new_tokens=7, max_length=30, min_new_tokens=2, min_length=25, pad_token_id=0),
 }
 
 

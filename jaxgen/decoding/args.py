@@ -206,6 +206,10 @@ def parse(model: GPT2, input_ids, attention_mask, kwargs: dict[str, Any], beam_s
         )
     min_new_tokens = _int(kw, "min_new_tokens", 0)
     min_length = _int(kw, "min_length", 0)
+    if min_new_tokens is not None and min_length is not None:  # transformers: min_length ignored
+        raise ValueError(
+            f"pass either min_new_tokens ({min_new_tokens}) or min_length ({min_length}), not both"
+        )
 
     # --- special tokens ---------------------------------------------------------------------
     eos = kw["eos_token_id"] if kw["eos_token_id"] is not None else config.eos_token_id

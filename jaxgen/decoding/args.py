@@ -188,12 +188,11 @@ def parse(model: GPT2, input_ids, attention_mask, kwargs: dict[str, Any], beam_s
             )
 
     # --- lengths ----------------------------------------------------------------------------
-    max_new_tokens = _int(kw, "max_new_tokens", 1)
-    max_length = _int(kw, "max_length", 1)
-    if max_new_tokens is not None and max_length is not None:
-        raise ValueError(
-            f"pass either max_new_tokens ({max_new_tokens}) or max_length ({max_length}), not both"
-        )
+    max_new_tokens, max_length = _int(kw, "max_new_tokens", 1), _int(kw, "max_length", 1)
+    min_new_tokens, min_length = _int(kw, "min_new_tokens", 0), _int(kw, "min_length", 0)
+    for new_tokens, length in generation_config.LENGTHS:  # transformers warns and ignores `length`
+        if kw[new_tokens] is not None and kw[length] is not None:
+            raise ValueError(f"pass either {new_tokens} ({kw[new_tokens]}) or {length} ({kw[length]}), not both")
     if max_new_tokens is None:
         max_length = HF_MAX_LENGTH if max_length is None else max_length
         if max_length <= prompt_len:
@@ -203,12 +202,6 @@ def parse(model: GPT2, input_ids, attention_mask, kwargs: dict[str, Any], beam_s
         raise ValueError(
             f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} = {prompt_len + max_new_tokens} "
             f"exceeds the model's n_positions={config.n_positions}"
-        )
-    min_new_tokens = _int(kw, "min_new_tokens", 0)
-    min_length = _int(kw, "min_length", 0)
-    if min_new_tokens is not None and min_length is not None:  # transformers: min_length ignored
-        raise ValueError(
-            f"pass either min_new_tokens ({min_new_tokens}) or min_length ({min_length}), not both"
         )
 
     # --- special tokens ---------------------------------------------------------------------

@@ -266,8 +266,10 @@ def probe_in_subprocess(args, library: str, workload: str) -> float:
     cmd = [sys.executable, __file__, "--memory-probe", library, workload, "--prompt-len", str(args.prompt_len),
            "--new-tokens", str(args.new_tokens), "--dtype", args.dtype, "--threads", str(args.threads),
            "--cache", str(args.cache)] + (["--model", args.model] if args.model else [])
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return float(out.strip().splitlines()[-1])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"memory probe {library} {workload} failed:\n{proc.stderr[-2000:]}")
+    return float(proc.stdout.strip().splitlines()[-1])
 
 
 def memory_probe(args, library: str, workload: str):
@@ -278,20 +280,20 @@ def memory_probe(args, library: str, workload: str):
     strategy, batch = WORKLOADS[workload]
     torch.set_num_threads(args.threads)
     path = args.model or default_checkpoint(args.cache)
-    ids, mask = prompts(batch, args.prompt_len, 50257)
     if library == "jaxgen":
         model = jaxgen.from_pretrained(path, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+        ids, mask = prompts(batch, args.prompt_len, model.config.vocab_size)  # the timed run's prompts
         kw = hf_kwargs(strategy, args.new_tokens, model.config.eos_token_id)
         kw = dict(kw, key=jax.random.key(0)) if strategy == "sample" else kw
-        run_jax = compile_generate(model, ids % model.config.vocab_size, mask, **kw)
+        run_jax = compile_generate(model, ids, mask, **kw)
         fn = lambda: jax.block_until_ready(run_jax())  # noqa: E731
     else:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
         model = GPT2LMHeadModel.from_pretrained(path, dtype=dtype).to(device).eval()
+        ids, mask = prompts(batch, args.prompt_len, model.config.vocab_size)
         kw = hf_kwargs(strategy, args.new_tokens, model.config.eos_token_id)
-        t_ids = torch.tensor(ids % model.config.vocab_size, device=device)
-        t_mask = torch.tensor(mask, device=device)
+        t_ids, t_mask = torch.tensor(ids, device=device), torch.tensor(mask, device=device)
 
         def fn():
             with torch.no_grad():

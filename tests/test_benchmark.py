@@ -1,0 +1,71 @@
+"""scripts/benchmark.py, run as a user runs it, on a tiny checkpoint: it must get through the
+output check, the timings and the fresh-process memory probes, and report numbers that agree
+with each other. Speed itself is never asserted (the machine is noisy; the script measures it)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import jaxgen
+from tests.conftest import build_checkpoint
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+WORKLOADS = {"beam4-8": 32}  # name: rows decoded. One workload: each costs two fresh processes (~20 s)
+PROMPT, NEW = 8, 5
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench")
+    build_checkpoint(path / "model", seed=0, vocab_size=500, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                     initializer_range=0.3, bos_token_id=1, eos_token_id=2)
+    out = path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--model", str(path / "model"), "--workloads", *WORKLOADS,
+         "--prompt-len", str(PROMPT), "--new-tokens", str(NEW), "--reps", "2", "--threads", "2", "--json", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout, json.loads(out.read_text()), jaxgen.from_pretrained(path / "model").config
+
+
+def test_reports_every_workload_once_outputs_agree(report):
+    stdout, data, _ = report
+    assert [r["workload"] for r in data["results"]] == list(WORKLOADS)
+    assert data["results"][0]["outputs_equal"] is True  # compared with transformers' before any timing
+    for name in WORKLOADS:
+        assert sum(line.startswith(f"| {name} |") for line in stdout.splitlines()) == 1
+    assert "outputs differ" not in stdout
+
+
+def test_numbers_are_consistent(report):
+    _, data, config = report
+    machine = data["machine"]
+    assert machine["bandwidth_GBps"] > 0 and machine["matmul_GFLOPs"] > 0
+    step_bound = load_script().step_bound
+    for r in data["results"]:
+        batch = r["batch"]
+        for key in ("jax_first_s", "torch_first_s", "jax_ms_per_step", "torch_ms_per_step", "bound_ms_per_step"):
+            assert math.isfinite(r[key]) and r[key] > 0, key
+        assert r["new_tokens"] == NEW
+        assert r["speedup"] == pytest.approx(r["torch_ms_per_step"] / r["jax_ms_per_step"])
+        assert r["speedup_min"] <= r["speedup_max"]
+        assert r["jax_tokens_per_s"] == pytest.approx(batch * 1e3 / r["jax_ms_per_step"])
+        assert r["torch_tokens_per_s"] == pytest.approx(batch * 1e3 / r["torch_ms_per_step"])
+        assert r["jax_of_bound"] == pytest.approx(r["bound_ms_per_step"] / r["jax_ms_per_step"])
+        bound = step_bound(config, WORKLOADS[r["workload"]], PROMPT, NEW, machine)
+        assert r["bound_ms_per_step"] == pytest.approx(1e3 * bound)
+        assert r["jax_peak_MB"] >= 0 and r["torch_peak_MB"] >= 0

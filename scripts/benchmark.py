@@ -266,7 +266,7 @@ def probe_in_subprocess(args, library: str, workload: str) -> float:
     cmd = [sys.executable, __file__, "--memory-probe", library, workload, "--prompt-len", str(args.prompt_len),
            "--new-tokens", str(args.new_tokens), "--dtype", args.dtype, "--threads", str(args.threads),
            "--cache", str(args.cache)] + (["--model", args.model] if args.model else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode:
         raise RuntimeError(f"memory probe {library} {workload} failed:\n{proc.stderr[-2000:]}")
     return float(proc.stdout.strip().splitlines()[-1])

@@ -1,13 +1,15 @@
-"""Sampling and beam sampling: reproducibility, exclusions, and the sampled distribution."""
+"""Sampling and beam sampling: reproducibility, exclusions, the sampled distribution, and every
+step against transformers on the tokens jaxgen drew."""
 
 from __future__ import annotations
 
 import jax
 import numpy as np
 import pytest
+import torch
 
 import jaxgen
-from tests.conftest import EOS, EOS_MODEL, PAD, left_padded_batch
+from tests.conftest import EOS, EOS_MODEL, PAD, assert_same_generation, hf_generate, left_padded_batch
 
 KW = dict(eos_token_id=EOS, pad_token_id=PAD)
 
@@ -116,6 +118,71 @@ def test_beam_sampling(eos_model, batch):
     generated = (a.beam_indices != -1).sum(1)
     np.testing.assert_allclose(ts.sum(1) / generated, a.sequences_scores, atol=1e-4)
     assert (np.diff(a.sequences_scores.reshape(3, 3), axis=1) <= 1e-6).all()  # best first
+
+
+def hf_following(torch_model, ids, mask, ours, monkeypatch, **kw):
+    """transformers' ``generate(do_sample=True)`` made to draw the tokens jaxgen drew (its
+    ``torch.multinomial`` replaced): its processors, warpers, EOS handling and padding then run
+    on jaxgen's prefixes, and every drawn token must have had a positive probability there."""
+    drawn = ours.sequences[:, ids.shape[1]:]
+    eos = np.atleast_1d(kw["eos_token_id"])
+    step = [0]
+
+    def multinomial(probs, num_samples):
+        t = step[0]
+        step[0] += 1
+        assert num_samples == 1 and t < drawn.shape[1], "transformers ran more steps than jaxgen"
+        tokens = torch.tensor(drawn[:, t])
+        running = ~np.isin(drawn[:, :t], eos).any(1)
+        p = probs[torch.arange(len(tokens)), tokens].numpy()
+        assert (p[running] > 0).all(), f"step {t}: jaxgen drew a token of probability 0 ({p})"
+        return tokens[:, None]
+
+    monkeypatch.setattr(torch, "multinomial", multinomial)
+    ref = hf_generate(torch_model, ids, mask, do_sample=True, output_logits=True, **kw)
+    monkeypatch.undo()
+    return ref
+
+
+FOLLOW = {
+    "temperature_top_k_top_p": dict(temperature=0.7, top_k=10, top_p=0.9),
+    "min_p_repetition_penalty": dict(top_k=0, min_p=0.1, repetition_penalty=1.3, temperature=1.5),
+    "typical_p_no_repeat_min_new": dict(top_k=0, typical_p=0.6, no_repeat_ngram_size=2, min_new_tokens=3),
+    "epsilon_eta": dict(top_k=0, epsilon_cutoff=0.02, eta_cutoff=0.01),
+    "top_h_suppress_renormalize": dict(top_h=0.6, suppress_tokens=[3, 4], renormalize_logits=True),
+    "two_eos_forced_eos": dict(eos_token_id=[EOS, 7], forced_eos_token_id=EOS, temperature=1.8),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FOLLOW))
+def test_each_step_equals_transformers_on_the_drawn_tokens(eos_model, monkeypatch, name):
+    """Processed scores (warpers included) and raw logits of every step, left-padded prompts,
+    three draws per prompt, rows that finish early."""
+    torch_model, model = eos_model
+    ids, mask = left_padded_batch(np.random.default_rng(len(name)), 3, 5, EOS_MODEL["vocab_size"], [0, 3, 1])
+    kw = dict(KW, max_new_tokens=10, num_return_sequences=3, **FOLLOW[name])
+    ours = jaxgen.sample(model, ids, mask, key=jax.random.key(len(name)), output_scores=True, output_logits=True,
+                         **kw).trim()
+    ref = hf_following(torch_model, ids, mask, ours, monkeypatch, **kw)
+    assert_same_generation(ours, ref)
+    for a, b in zip(ours.logits, ref.logits, strict=True):
+        np.testing.assert_allclose(np.asarray(a), b.numpy(), atol=1e-4, rtol=0)
+    early = np.isin(ours.sequences[:, ids.shape[1]:-1], np.atleast_1d(kw["eos_token_id"])).any(1)
+    assert early.any()  # a row finished before the last step and was padded after it
+
+
+@pytest.mark.parametrize("warper", [dict(top_k=0, top_p=0.9), dict(top_k=0, typical_p=0.8, temperature=0.6)])
+def test_thresholds_over_gpt2s_vocabulary_equal_transformers(gpt2_vocab_model, monkeypatch, warper):
+    """top-p / typical-p thresholds found by bisection keep exactly the tokens transformers'
+    sort and cumulative sum keep, over 50257 entries."""
+    torch_model, model = gpt2_vocab_model
+    ids, mask = left_padded_batch(np.random.default_rng(4), 2, 6, 50257, [0, 2], pad_id=50256)
+    kw = dict(max_new_tokens=6, num_return_sequences=2, eos_token_id=50256, pad_token_id=50256, **warper)
+    ours = jaxgen.sample(model, ids, mask, key=jax.random.key(2), output_scores=True, output_logits=True, **kw).trim()
+    ref = hf_following(torch_model, ids, mask, ours, monkeypatch, **kw)
+    assert_same_generation(ours, ref)
+    kept = [np.isfinite(s).sum(-1) for s in ours.scores]
+    assert all((1 < k).all() and (k < 50257).all() for k in kept)  # the thresholds really cut
 
 
 BAD = [

@@ -1,14 +1,16 @@
-"""Sampling and beam sampling: reproducibility, exclusions, the sampled distribution, and every
-step against transformers on the tokens jaxgen drew."""
+"""Sampling and beam sampling: reproducibility, exclusions, the sampled distribution, and both
+against transformers made to draw what jaxgen drew (tokens, or beam candidates)."""
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
 import jaxgen
+from jaxgen.decoding import beam
 from tests.conftest import EOS, EOS_MODEL, PAD, assert_same_generation, hf_generate, left_padded_batch
 
 KW = dict(eos_token_id=EOS, pad_token_id=PAD)
@@ -183,6 +185,43 @@ def test_thresholds_over_gpt2s_vocabulary_equal_transformers(gpt2_vocab_model, m
     assert_same_generation(ours, ref)
     kept = [np.isfinite(s).sum(-1) for s in ours.scores]
     assert all((1 < k).all() and (k < 50257).all() for k in kept)  # the thresholds really cut
+
+
+BEAM_FOLLOW = {
+    "temperature": dict(temperature=1.3, num_return_sequences=2),
+    "top_k_early_stopping": dict(top_k=20, temperature=0.8, early_stopping=True, num_return_sequences=3),
+    "top_p_penalties": dict(top_p=0.95, repetition_penalty=1.3, length_penalty=0.5, min_new_tokens=2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BEAM_FOLLOW))
+def test_beam_sampling_equals_transformers_on_the_drawn_candidates(eos_model, monkeypatch, name):
+    """transformers' beam sampling draws its candidates with ``torch.multinomial`` (without
+    replacement) from the softmax of the accumulated log-probs; jaxgen with the Gumbel top-k of
+    `beam._top_candidates`. Given jaxgen's draws (the same function, key and step, applied to the
+    log of transformers' probabilities, which differ from jaxgen's accumulated scores by a
+    constant per row), transformers must return the same beams, scores and beam indices."""
+    torch_model, model = eos_model
+    ids, mask = left_padded_batch(np.random.default_rng(len(name)), 3, 5, EOS_MODEL["vocab_size"], [0, 3, 1])
+    kw = dict(KW, num_beams=4, max_new_tokens=10, **BEAM_FOLLOW[name])
+    key = jax.random.key(len(name))
+    ours = jaxgen.sample(model, ids, mask, key=key, output_scores=True, **kw).trim()
+    step = [0]
+
+    def multinomial(probs, num_samples):
+        # Where fewer entries than num_samples have a positive probability, torch's choice among
+        # the zero ones is unspecified: such a case would test nothing.
+        assert ((probs > 0).sum(-1) >= num_samples).all()
+        acc = jnp.log(jnp.asarray(probs.numpy()))
+        _, idx = beam._top_candidates(acc, num_samples, key, step[0], True, kw["num_beams"])
+        step[0] += 1
+        return torch.tensor(np.asarray(idx), dtype=torch.long)
+
+    monkeypatch.setattr(torch, "multinomial", multinomial)
+    ref = hf_generate(torch_model, ids, mask, do_sample=True, **kw)
+    monkeypatch.undo()
+    assert_same_generation(ours, ref, beams=True)
+    assert step[0] == len(ours.scores)
 
 
 BAD = [

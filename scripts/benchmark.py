@@ -13,7 +13,9 @@ RSS growth over the loaded, warmed-up model on CPU; device peak on a GPU), the j
 transformers speed ratio (of the medians; in brackets its range over the back-to-back pairs,
 which shows how noisy the machine was), and a roofline bound per workload from this machine's
 measured memory bandwidth and matmul throughput (weights + KV cache bytes per step over
-bandwidth, or FLOPs over throughput, whichever is larger).
+bandwidth, or FLOPs over throughput, whichever is larger; each measured before and after the
+workloads, the better of the two kept: on a shared machine a neighbour can halve one of them for
+a while).
 Optional: transformers with its static cache and ``torch.compile`` (``--torch-compile``).
 Writes a markdown table to stdout and JSON to ``--json``.
 """
@@ -184,24 +186,36 @@ def main():
     torch_model = GPT2LMHeadModel.from_pretrained(path, dtype=torch_dtype).to(device).eval()
     model = jaxgen.from_pretrained(path, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
     pad = model.config.eos_token_id
-    machine = measure_machine()
+    before = measure_machine()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} "
           f"on {jax.devices()[0].device_kind}, torch {torch.__version__} on {device} ({args.threads} threads); "
-          f"read bandwidth {machine['bandwidth_GBps']:.1f} GB/s, matmul {machine['matmul_GFLOPs']:.0f} GFLOP/s",
-          flush=True)
+          f"{_limits(before)}", flush=True)
 
     results = []
     with jax.default_matmul_precision("highest"):
         for name in args.workloads:
-            results.append(run_workload(name, args, model, torch_model, device, pad, machine))
+            results.append(run_workload(name, args, model, torch_model, device, pad))
+    after = measure_machine()
+    machine = {k: max(before[k], after[k]) for k in before}
+    print(f"machine after the workloads: {_limits(after)}; the bounds use the better of each")
+    for r in results:
+        if "jax_ms_per_step" in r:
+            bound = step_bound(model.config, r["rows"], args.prompt_len, args.new_tokens, machine,
+                               2 if args.dtype == "bfloat16" else 4)
+            r.update(bound_ms_per_step=1e3 * bound, jax_of_bound=1e3 * bound / r["jax_ms_per_step"])
     print_table(results, args)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"machine": machine, "args": {k: str(v) for k, v in vars(args).items()},
-                                     "results": results}, indent=1))
+    args.json.write_text(json.dumps({"machine": machine, "machine_before": before, "machine_after": after,
+                                     "args": {k: str(v) for k, v in vars(args).items()}, "results": results},
+                                    indent=1))
     print(f"\nJSON: {args.json}")
 
 
-def run_workload(name, args, model, torch_model, device, pad, machine) -> dict:
+def _limits(machine: dict) -> str:
+    return f"read bandwidth {machine['bandwidth_GBps']:.1f} GB/s, matmul {machine['matmul_GFLOPs']:.0f} GFLOP/s"
+
+
+def run_workload(name, args, model, torch_model, device, pad) -> dict:
     strategy, batch = WORKLOADS[name]
     new = args.new_tokens
     ids, mask = prompts(batch, args.prompt_len, model.config.vocab_size)
@@ -224,14 +238,14 @@ def run_workload(name, args, model, torch_model, device, pad, machine) -> dict:
     torch_out = run_torch()
     torch_first = time.perf_counter() - t0
 
-    rows = {"workload": name, "batch": batch, "new_tokens": new}
+    result = {"workload": name, "batch": batch, "rows": batch * (4 if strategy == "beam4" else 1), "new_tokens": new}
     if strategy != "sample":
         ours = first_out.trim().sequences
         same = ours.shape == tuple(torch_out.shape) and (ours == torch_out.cpu().numpy()).all()
-        rows["outputs_equal"] = bool(same)
+        result["outputs_equal"] = bool(same)
         if not same:
             print(f"{name}: outputs differ between jaxgen and transformers; speed not reported", flush=True)
-            return rows
+            return result
 
     jax_times, torch_times = [], []
     for _ in range(args.reps):  # alternate, so that machine noise hits both alike
@@ -243,21 +257,18 @@ def run_workload(name, args, model, torch_model, device, pad, machine) -> dict:
         jax_times.append(time.perf_counter() - t0)
     jax_t, torch_t = statistics.median(jax_times), statistics.median(torch_times)
     pair_ratios = [t / j for t, j in zip(torch_times, jax_times)]  # each pair ran back to back
-    bound = step_bound(model.config, batch * (4 if strategy == "beam4" else 1), args.prompt_len, new, machine,
-                       2 if args.dtype == "bfloat16" else 4)
-    rows.update(
+    result.update(
         jax_first_s=jax_first, torch_first_s=torch_first,
         jax_ms_per_step=1e3 * jax_t / new, torch_ms_per_step=1e3 * torch_t / new,
         jax_tokens_per_s=batch * new / jax_t, torch_tokens_per_s=batch * new / torch_t,
         speedup=torch_t / jax_t, speedup_min=min(pair_ratios), speedup_max=max(pair_ratios),
-        bound_ms_per_step=1e3 * bound, jax_of_bound=bound * new / jax_t,
         jax_peak_MB=probe_in_subprocess(args, "jaxgen", name), torch_peak_MB=probe_in_subprocess(args, "torch", name),
     )
     if args.torch_compile:
-        rows.update(torch_compiled(run_torch, new, args.reps))
-    print(f"{name}: jaxgen {rows['jax_ms_per_step']:.1f} ms/step, transformers {rows['torch_ms_per_step']:.1f} "
-          f"ms/step, x{rows['speedup']:.2f}", flush=True)
-    return rows
+        result.update(torch_compiled(run_torch, new, args.reps))
+    print(f"{name}: jaxgen {result['jax_ms_per_step']:.1f} ms/step, transformers {result['torch_ms_per_step']:.1f} "
+          f"ms/step, x{result['speedup']:.2f}", flush=True)
+    return result
 
 
 def probe_in_subprocess(args, library: str, workload: str) -> float:

@@ -14,8 +14,7 @@ transformers speed ratio (of the medians; in brackets its range over the back-to
 which shows how noisy the machine was), and a roofline bound per workload from this machine's
 measured memory bandwidth and matmul throughput (weights + KV cache bytes per step over
 bandwidth, or FLOPs over throughput, whichever is larger; each measured before and after the
-workloads, the better of the two kept: on a shared machine a neighbour can halve one of them for
-a while).
+workloads, the better of the two kept: on a shared machine either can drop by half for minutes).
 Optional: transformers with its static cache and ``torch.compile`` (``--torch-compile``).
 Writes a markdown table to stdout and JSON to ``--json``.
 """

@@ -122,17 +122,29 @@ def test_beam_sampling(eos_model, batch):
     assert (np.diff(a.sequences_scores.reshape(3, 3), axis=1) <= 1e-6).all()  # best first
 
 
-def hf_following(torch_model, ids, mask, ours, monkeypatch, **kw):
-    """transformers' ``generate(do_sample=True)`` made to draw the tokens jaxgen drew (its
-    ``torch.multinomial`` replaced): its processors, warpers, EOS handling and padding then run
-    on jaxgen's prefixes, and every drawn token must have had a positive probability there."""
-    drawn = ours.sequences[:, ids.shape[1]:]
-    eos = np.atleast_1d(kw["eos_token_id"])
+def hf_drawing(torch_model, ids, mask, draw, monkeypatch, **kw):
+    """transformers' ``generate(do_sample=True)`` with ``torch.multinomial(probs, num_samples)``
+    replaced by ``draw(probs, num_samples, step)``; returns its output and how many draws it made."""
     step = [0]
 
     def multinomial(probs, num_samples):
-        t = step[0]
         step[0] += 1
+        return draw(probs, num_samples, step[0] - 1)
+
+    monkeypatch.setattr(torch, "multinomial", multinomial)
+    ref = hf_generate(torch_model, ids, mask, do_sample=True, output_logits=True, **kw)
+    monkeypatch.undo()
+    return ref, step[0]
+
+
+def hf_following(torch_model, ids, mask, ours, monkeypatch, **kw):
+    """transformers made to draw the tokens jaxgen drew: its processors, warpers, EOS handling
+    and padding then run on jaxgen's prefixes, and every drawn token must have had a positive
+    probability there."""
+    drawn = ours.sequences[:, ids.shape[1]:]
+    eos = np.atleast_1d(kw["eos_token_id"])
+
+    def draw(probs, num_samples, t):
         assert num_samples == 1 and t < drawn.shape[1], "transformers ran more steps than jaxgen"
         tokens = torch.tensor(drawn[:, t])
         running = ~np.isin(drawn[:, :t], eos).any(1)
@@ -140,10 +152,7 @@ def hf_following(torch_model, ids, mask, ours, monkeypatch, **kw):
         assert (p[running] > 0).all(), f"step {t}: jaxgen drew a token of probability 0 ({p})"
         return tokens[:, None]
 
-    monkeypatch.setattr(torch, "multinomial", multinomial)
-    ref = hf_generate(torch_model, ids, mask, do_sample=True, output_logits=True, **kw)
-    monkeypatch.undo()
-    return ref
+    return hf_drawing(torch_model, ids, mask, draw, monkeypatch, **kw)[0]
 
 
 FOLLOW = {
@@ -206,22 +215,18 @@ def test_beam_sampling_equals_transformers_on_the_drawn_candidates(eos_model, mo
     kw = dict(KW, num_beams=4, max_new_tokens=10, **BEAM_FOLLOW[name])
     key = jax.random.key(len(name))
     ours = jaxgen.sample(model, ids, mask, key=key, output_scores=True, **kw).trim()
-    step = [0]
 
-    def multinomial(probs, num_samples):
+    def draw(probs, num_samples, step):
         # Where fewer entries than num_samples have a positive probability, torch's choice among
         # the zero ones is unspecified: such a case would test nothing.
         assert ((probs > 0).sum(-1) >= num_samples).all()
         acc = jnp.log(jnp.asarray(probs.numpy()))
-        _, idx = beam._top_candidates(acc, num_samples, key, step[0], True, kw["num_beams"])
-        step[0] += 1
+        _, idx = beam._top_candidates(acc, num_samples, key, step, True, kw["num_beams"])
         return torch.tensor(np.asarray(idx), dtype=torch.long)
 
-    monkeypatch.setattr(torch, "multinomial", multinomial)
-    ref = hf_generate(torch_model, ids, mask, do_sample=True, **kw)
-    monkeypatch.undo()
+    ref, draws = hf_drawing(torch_model, ids, mask, draw, monkeypatch, **kw)
     assert_same_generation(ours, ref, beams=True)
-    assert step[0] == len(ours.scores)
+    assert draws == len(ours.scores)
 
 
 BAD = [

@@ -92,10 +92,8 @@ def decode(model: GPT2, input_ids, attention_mask, prompt_len, processors, key, 
     keep = max(2, 1 + len(spec.eos_token_ids)) * beams
     pre = engine.prefill(model, input_ids, attention_mask, prompt_len, spec, beams, share_prompt=True)
     vocab = pre.logits.shape[-1]
-    if spec.eos_token_ids:
-        fill = spec.pad_token_id or spec.eos_token_ids[0]
-    else:
-        fill = -1
+    # transformers' output_fill_value, quirk included: a pad id of 0 is falsy there, so EOS fills
+    fill = (spec.pad_token_id or spec.eos_token_ids[0]) if spec.eos_token_ids else -1
     seqs = engine.initial_sequences(jnp.repeat(input_ids, beams, 0), spec, fill).reshape(batch, beams, -1)
     no_indices = jnp.full((batch, beams, n), -1, jnp.int32)
     state = BeamState(

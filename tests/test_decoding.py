@@ -332,6 +332,20 @@ def test_bad_inputs(eos_model):
         jaxgen.generate("gpt2", ids, **kw)
 
 
+@pytest.mark.parametrize("length, kw", [
+    (4, dict(max_new_tokens=2, forced_eos_token_id=EOS, begin_suppress_tokens=[EOS])),  # forced after the ban
+    (1, dict(max_new_tokens=1, forced_eos_token_id=EOS, begin_suppress_tokens=[EOS], forced_bos_token_id=5)),
+    (4, dict(max_new_tokens=3, forced_eos_token_id=[EOS, 7], suppress_tokens=[7])),  # EOS is left to force
+])
+def test_forced_tokens_next_to_suppressed_ones_equal_transformers(eos_model, length, kw):
+    """The neighbours of the forced-and-suppressed conflicts in BAD_CALLS run, as transformers."""
+    torch_model, model = eos_model
+    ids, mask = left_padded_batch(np.random.default_rng(length), 2, length, EOS_MODEL["vocab_size"], [0, length - 1])
+    kw = dict(kw, num_beams=2, eos_token_id=EOS, pad_token_id=PAD)
+    assert_same_generation(jaxgen.generate(model, ids, mask, output_scores=True, **kw).trim(),
+                           hf_generate(torch_model, ids, mask, **kw), beams=True)
+
+
 def test_stop_sequences_equal_a_transformers_stopping_criterion(eos_model):
     """stop_sequences (token-level stop strings) behave as a transformers StoppingCriteria that
     matches the end of input_ids, for greedy and beam search."""

@@ -276,19 +276,6 @@ def parse(model: GPT2, input_ids, attention_mask, kwargs: dict[str, Any], beam_s
         forced_bos = _single_id("forced_bos_token_id", forced_bos, vocab)
     if forced_eos is not None:
         forced_eos = _token_ids("forced_eos_token_id", forced_eos, vocab)
-    # A forced step whose forced tokens are all suppressed leaves every score -inf (transformers:
-    # a token of probability 0, or NaN probabilities when sampling). suppress_tokens apply at
-    # every step (transformers' GenerationConfig.validate raises alike); begin_suppress_tokens at
-    # the first step, which forces EOS when max_new_tokens == 1 (a forced BOS moves them on).
-    first_step_forces_eos = max_new_tokens == 1 and not (prompt_len == 1 and forced_bos is not None)
-    banned_at_eos = set(suppress or ()) | (set(begin_suppress or ()) if first_step_forces_eos else set())
-    for name, forced, banned_there, by in (
-            ("forced_bos_token_id", {forced_bos} - {None}, set(suppress or ()), "by suppress_tokens"),
-            ("forced_eos_token_id", set(forced_eos or ()), banned_at_eos,
-             "by suppress_tokens, or by begin_suppress_tokens when max_new_tokens=1 forces it at the first step")):
-        if forced and forced <= banned_there:
-            _fail(name, kw[name], f"every forced token is also banned at the step that forces it ({by}), "
-                  "which leaves no token at all")
     decay = kw["exponential_decay_length_penalty"]
     if decay is not None:
         if (not isinstance(decay, (tuple, list)) or len(decay) != 2 or not isinstance(decay[0], (int, np.integer))
@@ -306,7 +293,8 @@ def parse(model: GPT2, input_ids, attention_mask, kwargs: dict[str, Any], beam_s
         _fail("return_dict_in_generate", kw["return_dict_in_generate"],
               "jaxgen always returns the output object; use out.sequences")
 
-    banned = set(suppress or ()) | {w[0] for w in bad_words or () if len(w) == 1 and w[0] not in eos_ids}
+    suppressed = set(suppress or ())
+    banned = suppressed | {w[0] for w in bad_words or () if len(w) == 1 and w[0] not in eos_ids}
     if (min_new_tokens or 0) > 0 or (min_length or 0) > prompt_len:
         banned |= set(eos_ids)  # EOS is banned at the first step too
     if len(banned) >= vocab:
@@ -314,6 +302,19 @@ def parse(model: GPT2, input_ids, attention_mask, kwargs: dict[str, Any], beam_s
             "suppress_tokens / bad_words_ids (with min_new_tokens / min_length banning EOS) ban every token "
             "of the vocabulary; nothing can be generated"
         )
+    # A forced step whose forced tokens are all suppressed leaves every score -inf (transformers:
+    # a token of probability 0, or NaN probabilities when sampling). suppress_tokens apply at
+    # every step (transformers' GenerationConfig.validate raises alike); begin_suppress_tokens at
+    # the first step, which forces EOS when max_new_tokens == 1 (a forced BOS moves them on).
+    first_step_forces_eos = max_new_tokens == 1 and not (prompt_len == 1 and forced_bos is not None)
+    banned_at_eos = suppressed | (set(begin_suppress or ()) if first_step_forces_eos else set())
+    for name, forced, banned_there, by in (
+            ("forced_bos_token_id", {forced_bos} - {None}, suppressed, "by suppress_tokens"),
+            ("forced_eos_token_id", set(forced_eos or ()), banned_at_eos,
+             "by suppress_tokens, or by begin_suppress_tokens when max_new_tokens=1 forces it at the first step")):
+        if forced and forced <= banned_there:
+            _fail(name, kw[name], f"every forced token is also banned at the step that forces it ({by}), "
+                  "which leaves no token at all")
 
     streamer = kw["streamer"]
     if streamer is not None:

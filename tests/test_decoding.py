@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 import jaxgen
 from jaxgen.decoding import api
@@ -432,33 +433,70 @@ def test_compile_generate_runs_the_same_program(eos_model):
 
 
 def test_first_argmax_breaks_ties_like_argmax():
+    """Ties, infinities and NaNs (either sign, as x86 makes -inf + inf) as numpy's and torch's argmax."""
     from jaxgen.decoding.select import first_argmax
 
     rng = np.random.default_rng(0)
     scores = rng.integers(0, 4, size=(64, 50)).astype(np.float32)  # many ties
     scores[3] = -np.inf
     scores[4, 7] = np.inf
-    np.testing.assert_array_equal(np.asarray(first_argmax(jnp.asarray(scores))), scores.argmax(-1))
+    scores[5, [9, 30]] = np.nan
+    scores[6] = np.nan
+    scores[7, [2, 30]] = -np.nan, np.inf
+    scores[8, :3] = -0.0, 0.0, -1.0
+    scores[8, 3:] = -2.0
+    ours = np.asarray(first_argmax(jnp.asarray(scores)))
+    np.testing.assert_array_equal(ours, scores.argmax(-1))
+    np.testing.assert_array_equal(ours, torch.tensor(scores).argmax(-1).numpy())
+    assert list(ours[5:9]) == [9, 0, 2, 0]
+
+
+def test_row_of_nans_picks_token_0_as_transformers(eos_model):
+    """``no_repeat_ngram_size=1`` bans every token once each was used; ``renormalize_logits`` then
+    makes the row NaN, and transformers' argmax takes its first NaN (token 0) from there on."""
+    torch_model, model = eos_model
+    ids, mask = left_padded_batch(np.random.default_rng(3), 2, 5, EOS_MODEL["vocab_size"], [0, 2])
+    kw = dict(max_new_tokens=50, eos_token_id=EOS, pad_token_id=PAD, suppress_tokens=[EOS], no_repeat_ngram_size=1,
+              renormalize_logits=True)
+    ref = hf_generate(torch_model, ids, mask, do_sample=False, **kw)
+    out = jaxgen.generate(model, ids, mask, output_scores=True, **kw).trim()
+    assert np.isnan(ref.scores[-1].numpy()).all()
+    assert_same_generation(out, ref)
+
+
+def _ranked(scores, k):
+    """torch.topk's ranking, ties to the lower index: NaN counted as +inf, -0.0 as +0.0."""
+    order = np.argsort(-np.where(np.isnan(scores), np.inf, scores), axis=-1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, -1), order
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_chunked_top_k_equals_lax_top_k(seed):
-    """Values, indices and tie order of select.top_k equal jax.lax.top_k (ties, -inf, ragged last
-    chunk; chunks kept inside each of ``groups`` parts of a row, as beam search's beams)."""
+def test_chunked_top_k_ranks_as_torch_topk(seed):
+    """Values, indices and tie order of select.top_k: ties, -inf, NaN and +inf, zeros of both
+    signs, a ragged last chunk; chunks kept inside each of ``groups`` parts of a row, as beam
+    search's beams. Where torch's order is defined (one NaN, no ties) it is torch.topk's; lax.top_k
+    differs there (a negative NaN, as x86 makes -inf + inf, last)."""
     from jaxgen.decoding.select import top_k
 
     rng = np.random.default_rng(seed)
     for k, n, groups in [(1, 3001, 1), (5, 50257, 1), (8, 4 * 50257 // 7, 1), (12, 9000, 1), (8, 4 * 3001, 4),
-                         (6, 3 * 5000, 3)]:
-        scores = rng.integers(-6, 6, size=(3, n)).astype(np.float32) if seed % 2 else rng.normal(size=(3, n))
+                         (6, 3 * 5000, 3), (3, 40, 1)]:
+        scores = rng.integers(-6, 6, size=(6, n)) if seed % 2 else rng.normal(size=(6, n))
         scores = scores.astype(np.float32)
         scores[1, rng.integers(0, n, size=n // 2)] = -np.inf
         scores[2] = -np.inf
         scores[2, -1] = 0.0
-        expected = jax.lax.top_k(scores, k)
+        scores[3, rng.integers(0, n, size=5)] = rng.choice([np.nan, -np.nan, np.inf], size=5)
+        scores[4] = np.where(scores[4] > 0, -8.0, scores[4])
+        scores[4, rng.integers(0, n, size=2 * k)] = rng.choice([0.0, -0.0], size=2 * k)
+        scores[5] = rng.permutation(n).astype(np.float32)
+        scores[5, n - 2] = -np.nan
         ours = top_k(jnp.asarray(scores), k, chunk=32, groups=groups)
-        np.testing.assert_array_equal(ours[0], expected[0])
-        np.testing.assert_array_equal(ours[1], expected[1])
+        values, indices = _ranked(scores, k)
+        np.testing.assert_array_equal(ours[0], values)
+        np.testing.assert_array_equal(ours[1], indices)
+        np.testing.assert_array_equal(ours[1][5], torch.topk(torch.tensor(scores[5]), k).indices.numpy())
+        assert ours[1][5, 0] == n - 2 and jax.lax.top_k(scores[5], k)[1][0] != n - 2
     with pytest.raises(ValueError, match="groups=4"):
         top_k(jnp.zeros((2, 9001)), 3, groups=4)
 

@@ -69,5 +69,5 @@ def top_k(scores: jax.Array, k: int, chunk: int = 128, groups: int = 1) -> tuple
     idx = ((best // n_chunks) * width + offset).reshape(rows, k * chunk)
     valid = (offset < width).reshape(rows, k * chunk)
     candidates = jnp.where(valid, jnp.take_along_axis(scores, jnp.where(valid, idx, 0), axis=-1), -jnp.inf)
-    idx = jnp.take_along_axis(idx, jax.lax.top_k(_comparable(candidates), k)[1], axis=-1).astype(jnp.int32)
-    return jnp.take_along_axis(scores, idx, axis=-1), idx
+    pos = jax.lax.top_k(_comparable(candidates), k)[1]
+    return jnp.take_along_axis(candidates, pos, axis=-1), jnp.take_along_axis(idx, pos, axis=-1).astype(jnp.int32)

@@ -37,7 +37,7 @@ class ProcessorContext:
     sequences: int32[rows, total_len], the static token buffer.
     cur_len: int32[], ``input_ids.shape[-1]`` in transformers at this step
       (prompt length as passed + tokens generated so far).
-    pad_lengths: int32[rows], left padding of each row's prompt as passed.
+    pad_lengths: int32[rows], left padding of each row's prompt as passed (its first unmasked column).
     offset: int32[], bucket-padding columns before the prompt as passed.
     """
 

@@ -68,8 +68,8 @@ def left_padded_batch(rng, batch, length, vocab, pads, pad_id=PAD, low=3):
 def hf_generate(torch_model, ids, mask, **kwargs):
     with torch.no_grad():
         return torch_model.generate(
-            torch.tensor(ids), attention_mask=torch.tensor(mask), return_dict_in_generate=True,
-            output_scores=True, **kwargs,
+            torch.tensor(ids), attention_mask=None if mask is None else torch.tensor(mask),
+            return_dict_in_generate=True, output_scores=True, **kwargs,
         )
 
 

@@ -380,6 +380,30 @@ def test_stop_sequences_equal_a_transformers_stopping_criterion(eos_model):
     assert (padded[:, 6:] == PAD).sum() > (free.sequences[:, 6:] == PAD).sum()  # rows were cut early
 
 
+def test_missing_or_holed_attention_mask_equals_transformers(eos_model):
+    """Without attention_mask, transformers masks the pad id where it occurs in input_ids (unless
+    it is an EOS id), left padding or not; an explicit mask may have holes. Greedy and beam
+    search with a repetition penalty (which skips each row's left padding) equal transformers."""
+    torch_model, model = eos_model
+    ids, _ = left_padded_batch(np.random.default_rng(12), 4, 7, EOS_MODEL["vocab_size"], [3, 0, 1, 0])
+    ids[1, 2] = ids[2, 4] = PAD  # the pad id as a prompt token: masked too
+    ids[2, 1] = 5  # a real token before it, which the penalty must see
+    holed = np.array([[0, 0, 1, 1, 0, 1, 1], [1, 0, 1, 0, 1, 1, 1], [0, 1, 1, 1, 1, 0, 1], [1] * 7])
+    for mask, extra in itertools.product([None, holed], [dict(), dict(num_beams=3, num_return_sequences=2)]):
+        kw = dict(max_new_tokens=6, eos_token_id=EOS, pad_token_id=PAD, repetition_penalty=4.0, **extra)
+        out = jaxgen.generate(model, ids, mask, output_scores=True, **kw).trim()
+        assert_same_generation(out, hf_generate(torch_model, ids, mask, do_sample=False, **kw), beams=bool(extra))
+    # A pad id that is also the EOS id, or absent from the prompt, leaves every token unmasked.
+    with_eos = np.where(ids == PAD, EOS, ids)
+    for pad, prompt in ((EOS, with_eos), (PAD, with_eos)):
+        kw = dict(max_new_tokens=6, eos_token_id=EOS, pad_token_id=pad)
+        assert_same_generation(jaxgen.generate(model, prompt, None, output_scores=True, **kw).trim(),
+                               hf_generate(torch_model, prompt, None, do_sample=False, **kw))
+    with pytest.raises(ValueError, match=r"inferred .*pad_token_id=0.*rows \[1\] end in padding.*pass attention_mask"):
+        jaxgen.generate(model, np.array([[3, 4, 5], [6, 7, PAD]]), max_new_tokens=2, eos_token_id=EOS,
+                        pad_token_id=PAD)
+
+
 class Collector:
     """A transformers-style streamer that records what it is given."""
 

@@ -88,7 +88,10 @@ def generate(model: GPT2, input_ids, attention_mask=None, **kwargs) -> GenerateO
 
     Args:
       model: from `jaxgen.from_pretrained` (a pytree: may be traced, sharded, jitted over).
-      input_ids: int[batch, prompt_len], left-padded. attention_mask: {0,1}[batch, prompt_len].
+      input_ids: int[batch, prompt_len], left-padded. attention_mask: {0,1}[batch, prompt_len]; each
+        row ends in a real token (zeros before it may have holes). Without it, transformers' inferred
+        mask: ``input_ids != pad_token_id`` where the pad id occurs in input_ids and is no EOS id,
+        else all ones.
       **kwargs: transformers' names and defaults: max_new_tokens / max_length (default 20),
         min_new_tokens / min_length, num_beams, num_return_sequences, length_penalty,
         early_stopping (True / False / "never"), eos_token_id (int or list; default the model's),

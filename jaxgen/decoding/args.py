@@ -1,9 +1,9 @@
 """Host-side validation of ``generate`` arguments, before anything is traced.
 
 Every check raises ``ValueError`` naming the argument, its value and what is allowed. Checks that
-need concrete values (token ids in range, left padding) run when the inputs are concrete and are
-skipped for tracers (a decoder called inside the user's own ``jax.jit``) and for global arrays
-that span several hosts (each host sees only its own rows).
+need concrete values (token ids in range, rows that end in a real token) run when the inputs are
+concrete and are skipped for tracers (a decoder called inside the user's own ``jax.jit``) and for
+global arrays that span several hosts (each host sees only its own rows).
 """
 
 from __future__ import annotations
@@ -164,27 +164,44 @@ def parse(model: GPT2, input_ids, attention_mask, kwargs: dict[str, Any], beam_s
     batch, prompt_len = ids.shape
     if batch == 0 or prompt_len == 0:
         _fail("input_ids", f"<shape {list(ids.shape)}>", "expected at least one row and one token")
-    if attention_mask is None:
-        mask = np.ones(ids.shape, np.int32)
-    else:
-        mask = attention_mask if isinstance(attention_mask, jax.Array) else np.asarray(attention_mask)
-        if mask.shape != ids.shape:
-            _fail("attention_mask", f"<shape {list(mask.shape)}>", f"expected the shape of input_ids {list(ids.shape)}")
     if _is_concrete(ids):
         host_ids = np.asarray(ids)
         if host_ids.min() < 0 or host_ids.max() >= vocab:
             bad = host_ids[(host_ids < 0) | (host_ids >= vocab)][:5].tolist()
             _fail("input_ids", f"<contains {bad}>", f"token ids must be in [0, {vocab}) (the model's vocab_size)")
+
+    # --- special tokens ---------------------------------------------------------------------
+    eos = kw["eos_token_id"] if kw["eos_token_id"] is not None else config.eos_token_id
+    eos_ids = () if eos is None else _token_ids("eos_token_id", eos, vocab, allow_empty=True)
+    pad = None if kw["pad_token_id"] is None else _single_id("pad_token_id", kw["pad_token_id"], vocab)
+    stops = None if kw["stop_sequences"] is None else _id_lists("stop_sequences", kw["stop_sequences"], vocab)
+    if pad is None and (eos_ids or stops):
+        raise ValueError(
+            f"pad_token_id is missing, but rows can finish early (eos_token_id={list(eos_ids)}, "
+            f"stop_sequences={[list(s) for s in stops or ()]}); pass "
+            "pad_token_id (for GPT-2, pad_token_id=eos_token_id, which transformers would pick with a warning)"
+        )
+
+    # --- attention mask ---------------------------------------------------------------------
+    inferred = attention_mask is None
+    if inferred:
+        mask = _default_mask(ids, pad, eos_ids)
+    else:
+        mask = attention_mask if isinstance(attention_mask, jax.Array) else np.asarray(attention_mask)
+        if mask.shape != ids.shape:
+            _fail("attention_mask", f"<shape {list(mask.shape)}>", f"expected the shape of input_ids {list(ids.shape)}")
     if _is_concrete(mask):
         host_mask = np.asarray(mask)
         if not np.isin(host_mask, (0, 1)).all():
             _fail("attention_mask", "<values>", "expected only 0 and 1")
-        if (np.diff(host_mask.astype(np.int8), axis=1) < 0).any() or (host_mask[:, -1] == 0).any():
-            rows = np.nonzero((np.diff(host_mask.astype(np.int8), axis=1) < 0).any(1) | (host_mask[:, -1] == 0))[0]
+        if (host_mask[:, -1] == 0).any():
+            rows = np.nonzero(host_mask[:, -1] == 0)[0][:5].tolist()
+            source = (f"attention_mask (not passed; inferred as transformers does: input_ids != pad_token_id={pad}, "
+                      "since that id occurs in input_ids and is no EOS id)" if inferred else "attention_mask")
             raise ValueError(
-                f"attention_mask rows {rows[:5].tolist()} are right-padded (or empty); jaxgen, like "
-                "decoder-only generation in transformers, needs left padding: tokenize with "
-                "padding_side='left'"
+                f"{source}: rows {rows} end in padding (right-padded, or empty); jaxgen, like decoder-only "
+                "generation in transformers, needs left padding: tokenize with padding_side='left'"
+                + (", or pass attention_mask" if inferred else "")
             )
 
     # --- lengths ----------------------------------------------------------------------------
@@ -202,18 +219,6 @@ def parse(model: GPT2, input_ids, attention_mask, kwargs: dict[str, Any], beam_s
         raise ValueError(
             f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} = {prompt_len + max_new_tokens} "
             f"exceeds the model's n_positions={config.n_positions}"
-        )
-
-    # --- special tokens ---------------------------------------------------------------------
-    eos = kw["eos_token_id"] if kw["eos_token_id"] is not None else config.eos_token_id
-    eos_ids = () if eos is None else _token_ids("eos_token_id", eos, vocab, allow_empty=True)
-    pad = None if kw["pad_token_id"] is None else _single_id("pad_token_id", kw["pad_token_id"], vocab)
-    stops = None if kw["stop_sequences"] is None else _id_lists("stop_sequences", kw["stop_sequences"], vocab)
-    if pad is None and (eos_ids or stops):
-        raise ValueError(
-            f"pad_token_id is missing, but rows can finish early (eos_token_id={list(eos_ids)}, "
-            f"stop_sequences={[list(s) for s in stops or ()]}); pass "
-            "pad_token_id (for GPT-2, pad_token_id=eos_token_id, which transformers would pick with a warning)"
         )
 
     # --- strategy ---------------------------------------------------------------------------
@@ -363,6 +368,17 @@ def parse(model: GPT2, input_ids, attention_mask, kwargs: dict[str, Any], beam_s
     spec = dataclasses.replace(spec, phases=loop_phases(model, ids.shape[0], spec))
     ids, mask = _left_pad(ids, mask, bucket_len, pad if pad is not None else 0)
     return Request(spec, ids, mask, jnp.int32(prompt_len), processors, key, jnp.float32(length_penalty), streamer)
+
+
+def _default_mask(ids, pad: int | None, eos_ids: tuple[int, ...]):
+    """The mask transformers builds when none is passed (``_prepare_attention_mask_for_generation``):
+    ``input_ids != pad_token_id`` where the pad id occurs anywhere in the batch and is not an EOS
+    id, else all ones. int32[batch, prompt_len]; numpy for concrete ids, jnp for tracers."""
+    xp = np if _is_concrete(ids) else jnp
+    if pad is None or pad in eos_ids:
+        return xp.ones(ids.shape, xp.int32)
+    is_pad = xp.asarray(ids) == pad
+    return xp.where(is_pad.any(), ~is_pad, True).astype(xp.int32)
 
 
 def _left_pad(ids, mask, length: int, pad: int):

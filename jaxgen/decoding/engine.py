@@ -93,7 +93,8 @@ class Prefilled:
     ``rows`` rows of one (``share_prompt=False``) or ``batch`` groups of ``expand`` rows that
     share the prompt's ``P`` slots, stored once per group (``share_prompt=True``); kv_mask:
     bool[rows, P + N] (bool[batch, P + N] when shared); positions: int32[rows], position id of
-    the next token; pad_lengths: int32[rows], left padding of each prompt as passed.
+    the next token; pad_lengths: int32[rows], left padding of each prompt as passed (its first
+    unmasked column, as transformers' ``padding_lengths``).
     """
 
     logits: jax.Array
@@ -119,7 +120,7 @@ def prefill(model: GPT2, input_ids: jax.Array, attention_mask: jax.Array, prompt
     kv_mask = jnp.concatenate([mask, jnp.ones((batch, spec.max_new_tokens), bool)], axis=1)
     positions = positions_from_mask(attention_mask)
     hidden, prompt = forward(model, input_ids, positions, mask)  # the prompt's own keys / values
-    pad_lengths = prompt_len - attention_mask.sum(-1).astype(jnp.int32)
+    pad_lengths = jnp.argmax(attention_mask, axis=-1).astype(jnp.int32) - (spec.bucket_len - prompt_len)
     logits, positions, pad_lengths = map(rows, (lm_head(model, hidden[:, -1]), positions[:, -1] + 1, pad_lengths))
     if share_prompt:
         cache = model.init_cache(batch, spec.bucket_len + spec.phase_ends[0], expand, spec.bucket_len)

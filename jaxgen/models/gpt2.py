@@ -165,7 +165,8 @@ class KVCache:
         if self.group > 1 and prompt.max_len > self.shared:
             raise ValueError(f"a prompt of {prompt.max_len} slots does not fit in shared={self.shared}")
         keys = tuple(jax.lax.dynamic_update_slice_in_dim(c, p, 0, axis=-1) for c, p in zip(self.keys, prompt.keys))
-        values = tuple(jax.lax.dynamic_update_slice_in_dim(c, p, 0, axis=-2) for c, p in zip(self.values, prompt.values))
+        values = tuple(jax.lax.dynamic_update_slice_in_dim(c, p, 0, axis=-2)
+                       for c, p in zip(self.values, prompt.values))
         return self.replace(keys=keys, values=values)
 
 
@@ -212,7 +213,7 @@ class GPT2:
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
-    """Position ids of a left-padded batch: ``cumsum(mask) - 1``, padded slots set to 0.
+    """Position ids of a left-padded batch (holes too): ``cumsum(mask) - 1``, padded slots set to 0.
 
     As ``GenerationMixin._prepare_position_ids_for_generation`` in transformers 5.x. The value at
     padded slots never reaches a real token (padded keys are masked out).

@@ -4,7 +4,8 @@ transformers 5.x resolves every generate argument as: the caller's value, else t
 ``generation_config`` (the checkpoint's ``generation_config.json``, or, when the checkpoint has
 none, the generation fields of its ``config.json``), else a global default. `from_checkpoint`
 reads the model's part when a checkpoint is loaded (it becomes ``GPT2.generation_config``);
-`with_call` merges it under a call's arguments.
+`with_call` merges it under a call's arguments, among which `from_argument` puts those of a
+``generation_config=`` argument.
 
 Only settings that change what is generated are kept: metadata, values equal to transformers'
 global defaults and settings that cannot change jaxgen's output (cache and compile knobs,
@@ -98,6 +99,33 @@ def from_checkpoint(generation_json: dict[str, Any] | None, config_json: dict[st
     if generation_json is not None:
         settings.setdefault("eos_token_id", ())
     return FrozenDict(settings)
+
+
+def from_argument(value: Any, supported, hints: Mapping[str, str]) -> dict[str, Any]:
+    """The settings of a call's ``generation_config=``: a transformers ``GenerationConfig`` or a
+    mapping of its fields. transformers 5.x ranks the fields it sets (not None) with the call's
+    own arguments, above the model's; so does jaxgen, under the call's arguments.
+
+    Dropped: metadata (``transformers_version``, ``_...``), and settings jaxgen has no argument
+    for that cannot change its output: `INERT` ones, and the off value (`NEUTRAL`) of others
+    (``output_attentions=False``). Any other setting outside ``supported`` raises ``ValueError``.
+    """
+    if callable(getattr(value, "to_dict", None)) and not isinstance(value, Mapping):
+        value = value.to_dict()
+    if not isinstance(value, Mapping):
+        raise ValueError(f"generation_config={value!r} is not allowed: expected a transformers GenerationConfig "
+                         "or a dict of its fields")
+    settings = {}
+    for name, v in value.items():
+        if v is None or name == "transformers_version" or name.startswith("_"):
+            continue
+        if name not in supported:
+            if name in INERT or (name in NEUTRAL and v == NEUTRAL[name]):
+                continue
+            hint = f" ({hints[name]})" if name in hints else ""
+            raise ValueError(f"generation_config sets {name}={v!r}, which jaxgen does not support{hint}")
+        settings[name] = v
+    return settings
 
 
 def with_call(generation_config: Any, kwargs: dict[str, Any], supported, hints: Mapping[str, str]) -> dict[str, Any]:

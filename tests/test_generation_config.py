@@ -138,3 +138,31 @@ def test_generation_config_survives_tree_operations_and_must_be_hashable(tmp_pat
     ids, mask = _batch()
     with pytest.raises(ValueError, match="model.generation_config must be a flax FrozenDict of hashable values"):
         jaxgen.generate(model.replace(generation_config=FrozenDict({"bad_words_ids": [[5]]})), ids, mask)
+
+
+def test_generation_config_argument_equals_transformers(tmp_path):
+    """generate(..., generation_config=GenerationConfig(...)): its set fields rank above the
+    checkpoint's and below the call's own arguments, as in transformers."""
+    torch_model, model = _checkpoint(tmp_path, **SETTINGS["beams"])
+    ids, mask = _batch(5)
+    passed = GenerationConfig(num_beams=4, length_penalty=2.0, max_new_tokens=5, output_attentions=False)
+    for kwargs in (dict(), dict(num_return_sequences=1, no_repeat_ngram_size=None, max_new_tokens=3)):
+        ref = hf_generate(torch_model, ids, mask, generation_config=passed, **kwargs)
+        for config in (passed, passed.to_dict()):
+            out = jaxgen.generate(model, ids, mask, generation_config=config, output_scores=True, **kwargs).trim()
+            assert_same_generation(out, ref, beams=True)
+    # A length passed by name replaces the config's pair (max_length here) as it does the checkpoint's.
+    out = jaxgen.generate(model, ids, mask, generation_config=GenerationConfig(max_length=30), max_new_tokens=2)
+    assert out.trim().sequences.shape[1] == ids.shape[1] + 2
+    with pytest.raises(ValueError, match="greedy_search runs with num_beams=1; got num_beams=4"):
+        jaxgen.greedy_search(model, ids, mask, generation_config=passed)
+    with pytest.raises(ValueError, match="generation_config sets penalty_alpha=0.6, which jaxgen does not support"):
+        jaxgen.generate(model, ids, mask, generation_config=GenerationConfig(penalty_alpha=0.6, top_k=4))
+    with pytest.raises(ValueError, match="generation_config sets output_attentions=True"):
+        jaxgen.generate(model, ids, mask, generation_config=GenerationConfig(output_attentions=True))
+    with pytest.raises(ValueError, match=r"stop_strings=\['\.'\].*pass the token ids of the stop texts"):
+        jaxgen.generate(model, ids, mask, generation_config=GenerationConfig(stop_strings=["."]))
+    with pytest.raises(ValueError, match="return_dict_in_generate=False"):
+        jaxgen.generate(model, ids, mask, generation_config=GenerationConfig(return_dict_in_generate=False))
+    with pytest.raises(ValueError, match="generation_config=4 is not allowed"):
+        jaxgen.generate(model, ids, mask, generation_config=4)

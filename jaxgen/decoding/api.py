@@ -14,7 +14,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from jaxgen import sharding
+from jaxgen import generation_config, sharding
 from jaxgen.decoding import args, beam, engine, greedy
 from jaxgen.decoding.engine import DecodeSpec
 from jaxgen.models.gpt2 import GPT2
@@ -70,13 +70,24 @@ def _run(model, input_ids, attention_mask, kwargs, beam_search=None) -> Generate
 def compile_generate(model: GPT2, input_ids, attention_mask=None, **kwargs) -> Callable[[], GenerateOutput]:
     """Validates and compiles a `generate` call without running it; returns a function that
     runs the compiled program (the same one `generate` would use) and returns its output."""
-    req = args.parse(model, input_ids, attention_mask, kwargs)
+    req = args.parse(model, input_ids, attention_mask, _call(kwargs))
     model = _place(model, req)
     compiled = _decode.lower(model, *_operands(req), spec=req.spec).compile()
     return lambda: _streaming(req, input_ids, lambda: compiled(model, *_operands(req)))
 
 
-def _fixed(kwargs: dict[str, Any], fn: str, **fixed) -> dict[str, Any]:
+def _call(kwargs: dict[str, Any], fn: str | None = None, **fixed) -> dict[str, Any]:
+    """A call's arguments: a ``generation_config=`` expanded under the others (a length the call
+    passes replaces the config's pair, as the model's), then the values that ``fn`` fixes."""
+    kwargs = dict(kwargs)
+    passed = kwargs.pop("generation_config", None)
+    if passed is not None:
+        settings = generation_config.from_argument(passed, args.DEFAULTS, args.HOST_SIDE)
+        for pair in generation_config.LENGTHS:
+            if any(name in kwargs for name in pair):
+                for name in pair:
+                    settings.pop(name, None)
+        kwargs = {**settings, **kwargs}
     for name, value in fixed.items():
         if name in kwargs and kwargs[name] != value:
             raise ValueError(f"{fn} runs with {name}={value!r}; got {name}={kwargs[name]!r} (use jaxgen.generate)")
@@ -101,30 +112,33 @@ def generate(model: GPT2, input_ids, attention_mask=None, **kwargs) -> GenerateO
         begin_suppress_tokens, forced_bos_token_id, forced_eos_token_id,
         exponential_decay_length_penalty, renormalize_logits, remove_invalid_values,
         logits_processor (JAX callables ``fn(scores, ctx)``), output_scores, output_logits;
-        and jaxgen's prompt_bucket (default 32; None disables). An argument not passed takes the
-        value of ``model.generation_config`` (the checkpoint's), as in transformers.
+        and jaxgen's prompt_bucket (default 32; None disables). ``generation_config``: a
+        transformers ``GenerationConfig`` (or a dict of its fields) whose set fields act as
+        arguments, under those passed by name. An argument not passed takes the value of
+        ``model.generation_config`` (the checkpoint's), as in transformers.
 
     Dispatch: ``num_beams > 1`` -> beam search (beam sampling with ``do_sample``), otherwise
     greedy search or sampling. Returns a `GenerateOutput`; ``.trim()`` gives transformers' shapes.
     """
-    return _run(model, input_ids, attention_mask, kwargs)
+    return _run(model, input_ids, attention_mask, _call(kwargs))
 
 
 def greedy_search(model: GPT2, input_ids, attention_mask=None, **kwargs) -> GenerateOutput:
     """Greedy decoding (``generate`` with ``num_beams=1, do_sample=False``)."""
-    return _run(model, input_ids, attention_mask, _fixed(kwargs, "greedy_search", num_beams=1, do_sample=False), False)
+    return _run(model, input_ids, attention_mask, _call(kwargs, "greedy_search", num_beams=1, do_sample=False), False)
 
 
 def beam_search(model: GPT2, input_ids, attention_mask=None, **kwargs) -> GenerateOutput:
     """Beam search (``generate`` with ``num_beams`` beams, ``do_sample=False``); always runs the
     beam algorithm, also for ``num_beams=1``. ``num_beams`` may come from the model's
     ``generation_config``."""
+    kwargs = _call(kwargs, "beam_search", do_sample=False)
     if kwargs.get("num_beams", getattr(model, "generation_config", {}).get("num_beams")) is None:
         raise ValueError("beam_search needs num_beams (an int >= 1)")
-    return _run(model, input_ids, attention_mask, _fixed(kwargs, "beam_search", do_sample=False), True)
+    return _run(model, input_ids, attention_mask, kwargs, True)
 
 
 def sample(model: GPT2, input_ids, attention_mask=None, *, key=None, **kwargs) -> GenerateOutput:
     """Multinomial sampling (``generate`` with ``do_sample=True``); with ``num_beams > 1``, beam
     sampling. ``key``: a ``jax.random.key``; the same key gives the same output."""
-    return _run(model, input_ids, attention_mask, {**_fixed(kwargs, "sample", do_sample=True), "key": key})
+    return _run(model, input_ids, attention_mask, {**_call(kwargs, "sample", do_sample=True), "key": key})

@@ -124,6 +124,20 @@ def test_min_length_and_max_length(eos_model):
         assert_same_generation(out, ref, beams="num_beams" in kw)
 
 
+def test_default_length_is_20_new_tokens_within_n_positions(eos_model):
+    """Without max_new_tokens / max_length, transformers 5.x generates 20 tokens after the prompt
+    (not up to a total of 20), stopping at n_positions (64 here)."""
+    torch_model, model = eos_model
+    kw = dict(eos_token_id=EOS, pad_token_id=PAD, suppress_tokens=[EOS])  # rows run to the limit
+    for length, total in ((5, 25), (50, 64)):
+        ids, mask = left_padded_batch(np.random.default_rng(length), 2, length, EOS_MODEL["vocab_size"], [0, 2])
+        out = jaxgen.generate(model, ids, mask, output_scores=True, **kw).trim()
+        assert out.sequences.shape == (2, total)
+        assert_same_generation(out, hf_generate(torch_model, ids, mask, do_sample=False, **kw))
+    with pytest.raises(ValueError, match=r"prompt length 64.*no room for a new token.*n_positions=64"):
+        jaxgen.generate(model, np.full((1, 64), 5), **kw)
+
+
 def test_output_logits(eos_model):
     torch_model, model = eos_model
     ids, mask = left_padded_batch(np.random.default_rng(6), 2, 4, EOS_MODEL["vocab_size"], [0, 2])

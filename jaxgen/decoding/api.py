@@ -103,19 +103,19 @@ def generate(model: GPT2, input_ids, attention_mask=None, **kwargs) -> GenerateO
         row ends in a real token (zeros before it may have holes). Without it, transformers' inferred
         mask: ``input_ids != pad_token_id`` where the pad id occurs in input_ids and is no EOS id,
         else all ones.
-      **kwargs: transformers' names and defaults: max_new_tokens / max_length (default 20),
-        min_new_tokens / min_length, num_beams, num_return_sequences, length_penalty,
-        early_stopping (True / False / "never"), eos_token_id (int or list; default the model's),
-        pad_token_id, do_sample with key (a jax PRNG key), temperature, top_h, top_k (default 50
-        when sampling), top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff, repetition_penalty,
-        no_repeat_ngram_size, bad_words_ids, sequence_bias, suppress_tokens,
-        begin_suppress_tokens, forced_bos_token_id, forced_eos_token_id,
-        exponential_decay_length_penalty, renormalize_logits, remove_invalid_values,
-        logits_processor (JAX callables ``fn(scores, ctx)``), output_scores, output_logits;
-        and jaxgen's prompt_bucket (default 32; None disables). ``generation_config``: a
-        transformers ``GenerationConfig`` (or a dict of its fields) whose set fields act as
-        arguments, under those passed by name. An argument not passed takes the value of
-        ``model.generation_config`` (the checkpoint's), as in transformers.
+      **kwargs: transformers' names and defaults: max_new_tokens / max_length (default: 20 new
+        tokens, at most up to the model's n_positions), min_new_tokens / min_length, num_beams,
+        num_return_sequences, length_penalty, early_stopping (True / False / "never"),
+        eos_token_id (int or list; default the model's), pad_token_id, do_sample with key (a jax
+        PRNG key), temperature, top_h, top_k (default 50 when sampling), top_p, min_p, typical_p,
+        epsilon_cutoff, eta_cutoff, repetition_penalty, no_repeat_ngram_size, bad_words_ids,
+        sequence_bias, suppress_tokens, begin_suppress_tokens, forced_bos_token_id,
+        forced_eos_token_id, exponential_decay_length_penalty, renormalize_logits,
+        remove_invalid_values, logits_processor (JAX callables ``fn(scores, ctx)``),
+        output_scores, output_logits; and jaxgen's prompt_bucket (default 32; None disables).
+        ``generation_config``: a transformers ``GenerationConfig`` (or a dict of its fields) whose
+        set fields act as arguments, under those passed by name. An argument not passed takes the
+        value of ``model.generation_config`` (the checkpoint's), as in transformers.
 
     Dispatch: ``num_beams > 1`` -> beam search (beam sampling with ``do_sample``), otherwise
     greedy search or sampling. Returns a `GenerateOutput`; ``.trim()`` gives transformers' shapes.

@@ -38,7 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "stop_sequences": None, "streamer": None, "prompt_bucket": 32, "key": None,
     "mesh": None, "data_axis": "data", "model_axis": "model",
 }
-HF_MAX_LENGTH = 20
+HF_MAX_NEW_TOKENS = 20  # without a length: max_length = prompt + 20, at most n_positions
 HF_TOP_K = 50
 HOST_SIDE = {
     "max_time": "max_time is a wall-clock criterion checked on the host between steps; a compiled "
@@ -210,8 +210,12 @@ def parse(model: GPT2, input_ids, attention_mask, kwargs: dict[str, Any], beam_s
     for new_tokens, length in generation_config.LENGTHS:  # transformers warns and ignores `length`
         if kw[new_tokens] is not None and kw[length] is not None:
             raise ValueError(f"pass either {new_tokens} ({kw[new_tokens]}) or {length} ({kw[length]}), not both")
-    if max_new_tokens is None:
-        max_length = HF_MAX_LENGTH if max_length is None else max_length
+    if max_new_tokens is None and max_length is None:  # transformers 5.x: 20 tokens after the prompt
+        max_new_tokens = min(prompt_len + HF_MAX_NEW_TOKENS, config.n_positions) - prompt_len
+        if max_new_tokens < 1:
+            _fail("input_ids", f"<prompt length {prompt_len}>",
+                  f"no room for a new token within the model's n_positions={config.n_positions}")
+    elif max_new_tokens is None:
         if max_length <= prompt_len:
             _fail("max_length", max_length, f"must exceed the prompt length {prompt_len}; or pass max_new_tokens")
         max_new_tokens = max_length - prompt_len

@@ -124,6 +124,7 @@ def test_min_length_and_max_length(eos_model):
         assert_same_generation(out, ref, beams="num_beams" in kw)
 
 
+@pytest.mark.filterwarnings("ignore:Using the model-agnostic default `max_length`")
 def test_default_length_is_20_new_tokens_within_n_positions(eos_model):
     """Without max_new_tokens / max_length, transformers 5.x generates 20 tokens after the prompt
     (not up to a total of 20), stopping at n_positions (64 here)."""

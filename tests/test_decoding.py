@@ -291,7 +291,7 @@ BAD_CALLS = [
     (dict(early_stopping="always", num_beams=2), "early_stopping='always'"),
     (dict(early_stopping=1, num_beams=2), "early_stopping=1"),
     (dict(eos_token_id=[2, 999]), r"eos_token_id=\[2, 999\].*\[0, 48\)"),
-    (dict(temperature=0.5), "only apply when sampling"),
+    (dict(temperature=0.5), "temperature applies only when sampling"),
     (dict(num_return_sequences=2), "greedy search returns one sequence"),
     (dict(max_time=3.0), "max_time is not supported"),
     (dict(stop_strings=["\n"]), "stop_strings is not supported.*stop_sequences"),

@@ -259,7 +259,8 @@ def parse(model: GPT2, input_ids, attention_mask, kwargs: dict[str, Any], beam_s
         given = [n for n in generation_config.SAMPLING_ONLY if kw[n] is not None]
         if given:
             raise ValueError(
-                f"{', '.join(given)} only apply when sampling; pass do_sample=True (or use jaxgen.sample)"
+                f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only when sampling; pass "
+                "do_sample=True (or use jaxgen.sample)"
             )
         key = None
 

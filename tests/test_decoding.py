@@ -346,6 +346,14 @@ def test_bad_inputs(eos_model):
         jaxgen.greedy_search(model, ids, num_beams=3, **kw)
     with pytest.raises(ValueError, match="model must be a jaxgen GPT2"):
         jaxgen.generate("gpt2", ids, **kw)
+    from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper
+
+    class Mine(LogitsProcessor):  # a transformers processor of the user's: torch too
+        def __call__(self, input_ids, scores):
+            return scores
+
+    with pytest.raises(ValueError, match=r"logits_processor='<TemperatureLogitsWarper, Mine>'.*torch tensors"):
+        jaxgen.generate(model, ids, logits_processor=LogitsProcessorList([TemperatureLogitsWarper(0.5), Mine()]), **kw)
 
 
 @pytest.mark.parametrize("length, kw", [

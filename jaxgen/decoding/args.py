@@ -297,6 +297,12 @@ def parse(model: GPT2, input_ids, attention_mask, kwargs: dict[str, Any], beam_s
     user_procs = kw["logits_processor"] or ()
     if not isinstance(user_procs, (list, tuple)) or not all(callable(p) for p in user_procs):
         _fail("logits_processor", user_procs, "expected a list of callables fn(scores, ctx) -> scores")
+    torch_procs = [type(p).__name__ for p in user_procs
+                   if any(c.__module__.startswith("transformers.") for c in type(p).__mro__)]
+    if torch_procs:
+        _fail("logits_processor", f"<{', '.join(torch_procs)}>",
+              "transformers' processors run on torch tensors; pass the matching generate argument "
+              "(temperature=..., top_p=..., ...) or a JAX function fn(scores, ctx) -> scores")
     for name in ("renormalize_logits", "remove_invalid_values", "output_scores", "output_logits"):
         _bool(kw, name)
     if kw["return_dict_in_generate"] is not True:

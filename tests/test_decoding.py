@@ -346,6 +346,14 @@ def test_bad_inputs(eos_model):
         jaxgen.greedy_search(model, ids, num_beams=3, **kw)
     with pytest.raises(ValueError, match="model must be a jaxgen GPT2"):
         jaxgen.generate("gpt2", ids, **kw)
+    # Token ids may come as arrays (numpy, jax, torch), as transformers takes tensors.
+    as_arrays = dict(max_new_tokens=4, eos_token_id=torch.tensor([EOS]), pad_token_id=jnp.int32(PAD),
+                     forced_eos_token_id=np.array(EOS))
+    np.testing.assert_array_equal(
+        jaxgen.generate(model, ids, **as_arrays).sequences,
+        jaxgen.generate(model, ids, **dict(kw, forced_eos_token_id=EOS)).sequences)
+    with pytest.raises(ValueError, match=r"eos_token_id=\[2.0\].*token id"):
+        jaxgen.generate(model, ids, **dict(kw, eos_token_id=torch.tensor([2.0])))
     from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper
 
     class Mine(LogitsProcessor):  # a transformers processor of the user's: torch too

@@ -105,8 +105,10 @@ def _is_int(v) -> bool:
 
 
 def _token_ids(name, value, vocab, allow_empty=False) -> tuple[int, ...]:
-    """An id or a list of ids -> tuple of ints in [0, vocab)."""
-    items = [value] if _is_int(value) else (value.tolist() if isinstance(value, np.ndarray) else value)
+    """An id or a list of ids (or a numpy / jax / torch array of them) -> tuple of ints in [0, vocab)."""
+    if not isinstance(value, (list, tuple)) and hasattr(value, "__array__"):
+        value = np.asarray(value).tolist()
+    items = [value] if _is_int(value) else value
     if not isinstance(items, (list, tuple)) or not all(_is_int(t) for t in items) or (not items and not allow_empty):
         _fail(name, value, "expected a token id or a list of token ids")
     ids = tuple(int(t) for t in items)

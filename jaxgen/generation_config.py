@@ -4,7 +4,7 @@ transformers 5.x resolves every generate argument as: the caller's value, else t
 ``generation_config`` (the checkpoint's ``generation_config.json``, or, when the checkpoint has
 none, the generation fields of its ``config.json``), else a global default. `from_checkpoint`
 reads the model's part when a checkpoint is loaded (it becomes ``GPT2.generation_config``);
-`with_call` merges it under a call's arguments, among which `from_argument` puts those of a
+`with_call` merges it under a call's arguments, among which `with_argument` puts those of a
 ``generation_config=`` argument.
 
 Only settings that change what is generated are kept: metadata, values equal to transformers'
@@ -101,15 +101,20 @@ def from_checkpoint(generation_json: dict[str, Any] | None, config_json: dict[st
     return FrozenDict(settings)
 
 
-def from_argument(value: Any, supported, hints: Mapping[str, str]) -> dict[str, Any]:
-    """The settings of a call's ``generation_config=``: a transformers ``GenerationConfig`` or a
-    mapping of its fields. transformers 5.x ranks the fields it sets (not None) with the call's
-    own arguments, above the model's; so does jaxgen, under the call's arguments.
+def with_argument(kwargs: dict[str, Any], supported, hints: Mapping[str, str]) -> dict[str, Any]:
+    """A call's ``kwargs`` with its ``generation_config=`` (a transformers ``GenerationConfig``,
+    or a mapping of its fields) expanded under the others. transformers 5.x ranks the fields it
+    sets (not None) with the call's own arguments, above the model's; so does jaxgen, under the
+    arguments passed by name (a length among them replaces the config's pair, as the model's).
 
     Dropped: metadata (``transformers_version``, ``_...``), and settings jaxgen has no argument
     for that cannot change its output: `INERT` ones, and the off value (`NEUTRAL`) of others
     (``output_attentions=False``). Any other setting outside ``supported`` raises ``ValueError``.
     """
+    kwargs = dict(kwargs)
+    value = kwargs.pop("generation_config", None)
+    if value is None:
+        return kwargs
     if callable(getattr(value, "to_dict", None)) and not isinstance(value, Mapping):
         value = value.to_dict()
     if not isinstance(value, Mapping):
@@ -125,7 +130,13 @@ def from_argument(value: Any, supported, hints: Mapping[str, str]) -> dict[str, 
             hint = f" ({hints[name]})" if name in hints else ""
             raise ValueError(f"generation_config sets {name}={v!r}, which jaxgen does not support{hint}")
         settings[name] = v
-    return settings
+    return {**_without_replaced_lengths(settings, kwargs), **kwargs}
+
+
+def _without_replaced_lengths(settings: dict[str, Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` less each length pair (`LENGTHS`) of which ``kwargs`` passes either name."""
+    replaced = {name for pair in LENGTHS if any(n in kwargs for n in pair) for name in pair}
+    return {name: v for name, v in settings.items() if name not in replaced}
 
 
 def with_call(generation_config: Any, kwargs: dict[str, Any], supported, hints: Mapping[str, str]) -> dict[str, Any]:
@@ -145,11 +156,7 @@ def with_call(generation_config: Any, kwargs: dict[str, Any], supported, hints: 
     if not isinstance(generation_config, Mapping):
         raise ValueError("model.generation_config must be a flax FrozenDict of hashable values (tuples, "
                          "not lists), e.g. FrozenDict({'num_beams': 4, 'bad_words_ids': ((13,),)})")
-    defaults = {k: v for k, v in generation_config.items() if v is not None}
-    for pair in LENGTHS:
-        if any(name in kwargs for name in pair):
-            for name in pair:
-                defaults.pop(name, None)
+    defaults = _without_replaced_lengths({k: v for k, v in generation_config.items() if v is not None}, kwargs)
     do_sample = kwargs.get("do_sample", defaults.get("do_sample", False))
     if not (isinstance(do_sample, (bool, np.bool_)) and do_sample):  # transformers builds no warpers
         for name in SAMPLING_ONLY:

@@ -77,17 +77,9 @@ def compile_generate(model: GPT2, input_ids, attention_mask=None, **kwargs) -> C
 
 
 def _call(kwargs: dict[str, Any], fn: str | None = None, **fixed) -> dict[str, Any]:
-    """A call's arguments: a ``generation_config=`` expanded under the others (a length the call
-    passes replaces the config's pair, as the model's), then the values that ``fn`` fixes."""
-    kwargs = dict(kwargs)
-    passed = kwargs.pop("generation_config", None)
-    if passed is not None:
-        settings = generation_config.from_argument(passed, args.DEFAULTS, args.HOST_SIDE)
-        for pair in generation_config.LENGTHS:
-            if any(name in kwargs for name in pair):
-                for name in pair:
-                    settings.pop(name, None)
-        kwargs = {**settings, **kwargs}
+    """A call's arguments: a ``generation_config=`` expanded under the others
+    (`generation_config.with_argument`), then the values that ``fn`` fixes."""
+    kwargs = generation_config.with_argument(kwargs, args.DEFAULTS, args.HOST_SIDE)
     for name, value in fixed.items():
         if name in kwargs and kwargs[name] != value:
             raise ValueError(f"{fn} runs with {name}={value!r}; got {name}={kwargs[name]!r} (use jaxgen.generate)")

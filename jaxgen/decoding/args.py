@@ -196,8 +196,9 @@ def parse(model: GPT2, input_ids, attention_mask, kwargs: dict[str, Any], beam_s
         host_mask = np.asarray(mask)
         if not np.isin(host_mask, (0, 1)).all():
             _fail("attention_mask", "<values>", "expected only 0 and 1")
-        if (host_mask[:, -1] == 0).any():
-            rows = np.nonzero(host_mask[:, -1] == 0)[0][:5].tolist()
+        ends_in_padding = host_mask[:, -1] == 0
+        if ends_in_padding.any():
+            rows = np.nonzero(ends_in_padding)[0][:5].tolist()
             source = (f"attention_mask (not passed; inferred as transformers does: input_ids != pad_token_id={pad}, "
                       "since that id occurs in input_ids and is no EOS id)" if inferred else "attention_mask")
             raise ValueError(

@@ -69,6 +69,12 @@ LENGTHS = (("max_new_tokens", "max_length"), ("min_new_tokens", "min_length"))
 SAMPLING_ONLY = ("temperature", "top_h", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
 
 
+def _changes_nothing(name: str, value: Any) -> bool:
+    """Whether a setting cannot change what jaxgen generates: an `INERT` field, or a field at its
+    `NEUTRAL` value."""
+    return name in INERT or (name in NEUTRAL and value == NEUTRAL[name])
+
+
 def _freeze(value: Any) -> Any:
     """JSON value -> hashable: lists become tuples, objects `FrozenDict`s."""
     if isinstance(value, (list, tuple)):
@@ -90,8 +96,7 @@ def from_checkpoint(generation_json: dict[str, Any] | None, config_json: dict[st
     raw = generation_json if generation_json is not None else config_json
     settings = {
         name: _freeze(value) for name, value in sorted(raw.items())
-        if name in HF_FIELDS and name not in INERT and value is not None
-        and not (name in NEUTRAL and value == NEUTRAL[name])
+        if name in HF_FIELDS and value is not None and not _changes_nothing(name, value)
     }
     for new_tokens, length in LENGTHS:
         if new_tokens in settings:
@@ -125,7 +130,7 @@ def with_argument(kwargs: dict[str, Any], supported, hints: Mapping[str, str]) -
         if v is None or name == "transformers_version" or name.startswith("_"):
             continue
         if name not in supported:
-            if name in INERT or (name in NEUTRAL and v == NEUTRAL[name]):
+            if _changes_nothing(name, v):
                 continue
             hint = f" ({hints[name]})" if name in hints else ""
             raise ValueError(f"generation_config sets {name}={v!r}, which jaxgen does not support{hint}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 
@@ -235,6 +236,29 @@ def test_token_step_updates_the_cache_in_place(eos_model, batch):
     spec, moves = _cache_moves(model, ids, mask, max_new_tokens=32)
     assert spec.phase_ends == (16, 32)
     assert not moves, moves[:2]
+
+
+@pytest.mark.parametrize("batch, num_beams", [(1, 1), (2, 1), (1, 3)])
+def test_bfloat16_program_keeps_no_float32_copy_of_a_block_weight(eos_model, batch, num_beams):
+    """XLA:CPU runs a bfloat16 matmul that returns bfloat16, or multiplies one row, by converting
+    the weight to float32 (a float32 copy of every weight per call, more memory than a float32
+    model). `_project` avoids both; only the embedding table is still converted (for its gather)."""
+    _, model = eos_model
+    c = model.config
+    model = model.replace(params=jax.tree.map(lambda x: x.astype(jnp.bfloat16), model.params),
+                          config=dataclasses.replace(c, dtype="bfloat16"))
+    from jaxgen.decoding import args
+    ids, mask = left_padded_batch(np.random.default_rng(5), batch, 6, c.vocab_size, [0, 2][:batch])
+    req = args.parse(model, ids, mask, dict(max_new_tokens=8, num_beams=num_beams, eos_token_id=EOS, pad_token_id=PAD))
+    hlo = api._decode.lower(model, *api._operands(req), spec=req.spec).compile().as_text()
+    d, inner = c.n_embd, c.inner_dim
+
+    def converted(shape):
+        return [line for line in hlo.splitlines() if f"= f32[{shape}]{{" in line and " convert(" in line]
+
+    assert converted(f"{c.vocab_size},{d}")  # the embedding table: where this test looks
+    for shape in (f"3,{d},{d}", f"{d},{d}", f"{inner},{d}", f"{d},{inner}"):
+        assert not converted(shape), converted(shape)[:1]
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import jaxgen
@@ -46,6 +47,7 @@ def test_reports_every_workload_once_outputs_agree(report):
     stdout, data, _ = report
     assert [r["workload"] for r in data["results"]] == list(WORKLOADS)
     assert data["results"][0]["outputs_equal"] is True  # compared with transformers' before any timing
+    assert data["results"][0]["steps_equal"] == NEW
     for name in WORKLOADS:
         assert sum(line.startswith(f"| {name} |") for line in stdout.splitlines()) == 1
     assert "outputs differ" not in stdout
@@ -71,3 +73,16 @@ def test_numbers_are_consistent(report):
         bound = step_bound(config, r["rows"], PROMPT, NEW, machine)
         assert r["bound_ms_per_step"] == pytest.approx(1e3 * bound)
         assert r["jax_peak_MB"] >= 0 and r["torch_peak_MB"] >= 0
+
+
+def test_agreeing_steps_counts_generated_steps_equal_in_every_row():
+    """What a bfloat16 run reports instead of gating on equal outputs."""
+    agreeing_steps = load_script().agreeing_steps
+    ours = np.array([[7, 7, 1, 2, 3, 4], [8, 8, 5, 6, 7, 8]])
+    assert agreeing_steps(ours, ours.copy(), prompt_len=2) == 4
+    theirs = ours.copy()
+    theirs[1, 4] = 0  # row 1 parts ways at step 2; a later match does not count
+    assert agreeing_steps(ours, theirs, prompt_len=2) == 2
+    theirs[0, 2] = 9
+    assert agreeing_steps(ours, theirs, prompt_len=2) == 0
+    assert agreeing_steps(ours, ours[:, :5], prompt_len=2) is None

@@ -11,7 +11,7 @@ bfloat16 the two libraries round differently and part ways after some steps, so 
 for how many steps they agree (both still decode every step). Reported: the first
 call (trace + compile + run), steady-state ms per generated step (median; prefill included),
 tokens/s, peak memory of one call (measured in a fresh process per library and workload: peak
-RSS growth over the loaded, warmed-up model on CPU; device peak on a GPU), the jaxgen /
+growth of anonymous RSS over the loaded model on CPU; device peak on a GPU), the jaxgen /
 transformers speed ratio (of the medians; in brackets its range over the back-to-back pairs,
 which shows how noisy the machine was), and a roofline bound per workload from this machine's
 measured memory bandwidth and matmul throughput (weights + KV cache bytes per step over
@@ -92,12 +92,15 @@ def step_bound(config, rows: int, prompt: int, new: int, machine: dict, dtype_by
 
 
 def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    """Anonymous resident memory (Linux): what the process allocated, without the file pages of
+    a memory-mapped checkpoint, which transformers reads in at its first call (~500 MB for GPT-2
+    124M, which total RSS would count as that call's memory)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
 
 
 def peak_memory(fn) -> int:
-    """Peak growth (bytes) during ``fn()``: device stats on a GPU, sampled RSS on CPU."""
+    """Peak growth (bytes) during ``fn()``: device stats on a GPU, sampled anonymous RSS on CPU."""
     if torch.cuda.is_available() and jax.default_backend() == "gpu":
         torch.cuda.reset_peak_memory_stats()
         before_t = torch.cuda.memory_allocated()

@@ -15,8 +15,9 @@ growth of anonymous RSS over the loaded model on CPU; device peak on a GPU), the
 transformers speed ratio (of the medians; in brackets its range over the back-to-back pairs,
 which shows how noisy the machine was), and a roofline bound per workload from this machine's
 measured memory bandwidth and matmul throughput (weights + KV cache bytes per step over
-bandwidth, or FLOPs over throughput, whichever is larger; each measured before and after the
-workloads, the better of the two kept: on a shared machine either can drop by half for minutes).
+bandwidth, or FLOPs over throughput, whichever is larger; each measured before and after every
+workload, the better of the two kept for it: on a shared machine either rate can halve or
+double for minutes at a time).
 Optional: transformers with its static cache and ``torch.compile`` (``--torch-compile``).
 Writes a markdown table to stdout and JSON to ``--json``.
 """
@@ -191,26 +192,28 @@ def main():
     torch_model = GPT2LMHeadModel.from_pretrained(path, dtype=torch_dtype).to(device).eval()
     model = jaxgen.from_pretrained(path, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
     pad = model.config.eos_token_id
-    before = measure_machine(model.dtype)
+    measurements = [measure_machine(model.dtype)]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} "
           f"on {jax.devices()[0].device_kind}, torch {torch.__version__} on {device} ({args.threads} threads); "
-          f"{_limits(before)}", flush=True)
+          f"{_limits(measurements[0])}", flush=True)
 
     results = []
-    with jax.default_matmul_precision("highest"):
-        for name in args.workloads:
-            results.append(run_workload(name, args, model, torch_model, device, pad))
-    after = measure_machine(model.dtype)
-    machine = {k: max(before[k], after[k]) for k in before}
-    print(f"machine after the workloads: {_limits(after)}; the bounds use the better of each")
-    for r in results:
+    for name in args.workloads:
+        with jax.default_matmul_precision("highest"):
+            r = run_workload(name, args, model, torch_model, device, pad)
+        measurements.append(measure_machine(model.dtype))
+        # The rates of a shared machine move for minutes at a time: each workload's bound uses
+        # the better of the measurements taken right before and right after it.
+        r["machine"] = {k: max(m[k] for m in measurements[-2:]) for k in measurements[-1]}
+        print(f"  machine after {name}: {_limits(measurements[-1])}", flush=True)
         if "jax_ms_per_step" in r:
-            bound = step_bound(model.config, r["rows"], args.prompt_len, args.new_tokens, machine,
+            bound = step_bound(model.config, r["rows"], args.prompt_len, args.new_tokens, r["machine"],
                                2 if args.dtype == "bfloat16" else 4)
             r.update(bound_ms_per_step=1e3 * bound, jax_of_bound=1e3 * bound / r["jax_ms_per_step"])
+        results.append(r)
     print_table(results, args)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"machine": machine, "machine_before": before, "machine_after": after,
+    args.json.write_text(json.dumps({"machine_measurements": measurements,
                                      "args": {k: str(v) for k, v in vars(args).items()}, "results": results},
                                     indent=1))
     print(f"\nJSON: {args.json}")

@@ -55,11 +55,13 @@ def test_reports_every_workload_once_outputs_agree(report):
 
 def test_numbers_are_consistent(report):
     _, data, config = report
-    machine = data["machine"]  # the better of the measurements before and after the workloads
-    for key, value in machine.items():
-        assert value == max(data["machine_before"][key], data["machine_after"][key]) > 0, key
+    measurements = data["machine_measurements"]  # before the first workload, then after each
+    assert len(measurements) == len(data["results"]) + 1
     step_bound = load_script().step_bound
-    for r in data["results"]:
+    for i, r in enumerate(data["results"]):
+        machine = r["machine"]  # the better of the measurements right before and right after it
+        for key, value in machine.items():
+            assert value == max(measurements[i][key], measurements[i + 1][key]) > 0, key
         batch = r["batch"]
         assert r["rows"] == WORKLOADS[r["workload"]]
         for key in ("jax_first_s", "torch_first_s", "jax_ms_per_step", "torch_ms_per_step", "bound_ms_per_step"):

@@ -208,7 +208,7 @@ def main():
         print(f"  machine after {name}: {_limits(measurements[-1])}", flush=True)
         if "jax_ms_per_step" in r:
             bound = step_bound(model.config, r["rows"], args.prompt_len, args.new_tokens, r["machine"],
-                               2 if args.dtype == "bfloat16" else 4)
+                               jnp.dtype(model.dtype).itemsize)
             r.update(bound_ms_per_step=1e3 * bound, jax_of_bound=1e3 * bound / r["jax_ms_per_step"])
         results.append(r)
     print_table(results, args)

@@ -11,7 +11,7 @@ bfloat16 the two libraries round differently and part ways after some steps, so 
 for how many steps they agree (both still decode every step). Reported: the first
 call (trace + compile + run), steady-state ms per generated step (median; prefill included),
 tokens/s, peak memory of one call (measured in a fresh process per library and workload: peak
-growth of anonymous RSS over the loaded model on CPU; device peak on a GPU), the jaxgen /
+growth of anonymous RSS over the loaded model on CPU; device memory on a GPU), the jaxgen /
 transformers speed ratio (of the medians; in brackets its range over the back-to-back pairs,
 which shows how noisy the machine was), and a roofline bound per workload from this machine's
 measured memory bandwidth and matmul throughput (weights + KV cache bytes per step over
@@ -19,7 +19,7 @@ bandwidth, or FLOPs over throughput, whichever is larger; each measured before a
 workload, the better of the two kept for it: on a shared machine either rate can halve or
 double for minutes at a time).
 Optional: transformers with its static cache and ``torch.compile`` (``--torch-compile``).
-Writes a markdown table to stdout and JSON to ``--json``.
+Writes a markdown table to stdout and JSON to ``--json`` (rewritten after every workload).
 """
 
 from __future__ import annotations
@@ -35,13 +35,17 @@ import threading
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import torch
+# On a GPU, JAX by default takes 75% of device memory at start; transformers shares the device
+# here and the memory probes run in fresh processes beside this one: allocate on demand instead.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-import jaxgen
-from jaxgen.decoding.api import compile_generate
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import jaxgen  # noqa: E402
+from jaxgen.decoding.api import compile_generate  # noqa: E402
 
 WORKLOADS = {  # name: (strategy, batch)
     "greedy-1": ("greedy", 1), "greedy-8": ("greedy", 8), "beam4-1": ("beam4", 1), "beam4-8": ("beam4", 8),
@@ -53,28 +57,30 @@ WORKLOADS = {  # name: (strategy, batch)
 
 
 def measure_machine(dtype=jnp.float32) -> dict:
-    """Read bandwidth (a jitted sum over 1 GiB) and matmul throughput (2048^3) in ``dtype``
-    (accumulated in float32, as the model's matmuls are)."""
+    """Read bandwidth (a jitted sum over 1 GiB) and matmul throughput (2048^3, random operands)
+    in ``dtype``, accumulated in float32 as the model's matmuls are. On an accelerator each
+    timing spans 20 calls dispatched back to back, so that the host's dispatch does not count."""
+    calls = 1 if jax.default_backend() == "cpu" else 20
     x = jnp.ones((256 * 1024 * 1024,), jnp.float32)
-    total = jax.jit(jnp.sum)
-    total(x).block_until_ready()
-    t = _best_of(lambda: total(x).block_until_ready(), 5)
-    bandwidth = x.nbytes / t
-    a = jnp.ones((2048, 2048), dtype)
+    bandwidth = x.nbytes / _seconds_per_call(jax.jit(jnp.sum), x, calls)
+    a = jax.random.normal(jax.random.key(0), (2048, 2048), dtype)
     with jax.default_matmul_precision("highest"):
         mm = jax.jit(lambda a: jnp.matmul(a, a, preferred_element_type=jnp.float32))
-        mm(a).block_until_ready()
-        t_mm = _best_of(lambda: mm(a).block_until_ready(), 5)
+        t_mm = _seconds_per_call(mm, a, calls)
     return {"bandwidth_GBps": bandwidth / 1e9, "matmul_GFLOPs": 2 * 2048**3 / t_mm / 1e9}
 
 
-def _best_of(fn, n):
-    times = []
-    for _ in range(n):
+def _seconds_per_call(fn, arg, calls: int, tries: int = 5) -> float:
+    """Best of ``tries`` timings of ``calls`` back-to-back calls (after one warm-up), per call."""
+    fn(arg).block_until_ready()
+    best = float("inf")
+    for _ in range(tries):
         t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        for _ in range(calls):
+            out = fn(arg)
+        out.block_until_ready()
+        best = min(best, (time.perf_counter() - t0) / calls)
+    return best
 
 
 def step_bound(config, rows: int, prompt: int, new: int, machine: dict, dtype_bytes=4) -> float:
@@ -101,16 +107,7 @@ def _rss() -> int:
 
 
 def peak_memory(fn) -> int:
-    """Peak growth (bytes) during ``fn()``: device stats on a GPU, sampled anonymous RSS on CPU."""
-    if torch.cuda.is_available() and jax.default_backend() == "gpu":
-        torch.cuda.reset_peak_memory_stats()
-        before_t = torch.cuda.memory_allocated()
-        dev = jax.devices()[0]
-        before_j = dev.memory_stats().get("bytes_in_use", 0)
-        fn()
-        torch_peak = torch.cuda.max_memory_allocated() - before_t
-        jax_peak = dev.memory_stats().get("peak_bytes_in_use", 0) - before_j
-        return max(torch_peak, jax_peak)
+    """Peak growth (bytes) of anonymous RSS during ``fn()``, sampled every 0.5 ms (CPU)."""
     base, peak, stop = _rss(), [0], threading.Event()
 
     def sample():
@@ -186,6 +183,7 @@ def main():
     from transformers import GPT2LMHeadModel
 
     torch.set_num_threads(args.threads)
+    torch.set_float32_matmul_precision("highest")  # its default; as jaxgen's below (no TF32 on a GPU)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     path = args.model or default_checkpoint(args.cache)
     torch_dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
@@ -197,6 +195,7 @@ def main():
           f"on {jax.devices()[0].device_kind}, torch {torch.__version__} on {device} ({args.threads} threads); "
           f"{_limits(measurements[0])}", flush=True)
 
+    args.json.parent.mkdir(parents=True, exist_ok=True)
     results = []
     for name in args.workloads:
         with jax.default_matmul_precision("highest"):
@@ -211,11 +210,10 @@ def main():
                                jnp.dtype(model.dtype).itemsize)
             r.update(bound_ms_per_step=1e3 * bound, jax_of_bound=1e3 * bound / r["jax_ms_per_step"])
         results.append(r)
+        args.json.write_text(json.dumps({"machine_measurements": measurements,  # after each workload
+                                         "args": {k: str(v) for k, v in vars(args).items()}, "results": results},
+                                        indent=1))
     print_table(results, args)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"machine_measurements": measurements,
-                                     "args": {k: str(v) for k, v in vars(args).items()}, "results": results},
-                                    indent=1))
     print(f"\nJSON: {args.json}")
 
 
@@ -303,8 +301,15 @@ def probe_in_subprocess(args, library: str, workload: str) -> float:
 
 
 def memory_probe(args, library: str, workload: str):
-    """Loads one library's model (and compiles the jaxgen program, without running it), returns
-    freed memory to the OS, then prints the peak MB of the first call over the memory in use."""
+    print(probe_bytes(args, library, workload) / 2**20)
+
+
+def probe_bytes(args, library: str, workload: str) -> int:
+    """Loads one library's model (and compiles the jaxgen program, without running it), then
+    returns the peak bytes of the first call over the memory in use. On CPU: anonymous RSS growth,
+    after freed memory went back to the OS. On a GPU: for transformers, the peak of PyTorch's
+    allocator; for jaxgen, the temporaries plus outputs of the compiled program (XLA allocates
+    them for the call; the device allocator's own peak would also count loading and autotuning)."""
     from transformers import GPT2LMHeadModel
 
     strategy, batch = WORKLOADS[workload]
@@ -315,7 +320,11 @@ def memory_probe(args, library: str, workload: str):
         ids, mask = prompts(batch, args.prompt_len, model.config.vocab_size)  # the timed run's prompts
         kw = hf_kwargs(strategy, args.new_tokens, model.config.eos_token_id)
         kw = dict(kw, key=jax.random.key(0)) if strategy == "sample" else kw
-        run_jax = compile_generate(model, ids, mask, **kw)
+        with jax.default_matmul_precision("highest"):  # the timed program
+            run_jax = compile_generate(model, ids, mask, **kw)
+        if jax.default_backend() != "cpu":
+            m = run_jax.compiled.memory_analysis()
+            return m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
         fn = lambda: jax.block_until_ready(run_jax())  # noqa: E731
     else:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -328,11 +337,16 @@ def memory_probe(args, library: str, workload: str):
         def fn():
             with torch.no_grad():
                 model.generate(t_ids, attention_mask=t_mask, **kw)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            fn()
+            return torch.cuda.max_memory_allocated() - before
     if sys.platform.startswith("linux"):
         import ctypes
 
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    print(peak_memory(fn) / 2**20)
+    return peak_memory(fn)
 
 
 def torch_compiled(run_torch, new, reps) -> dict:

@@ -11,6 +11,10 @@ from transformers import GPT2Config, GPT2LMHeadModel
 import jaxgen
 
 torch.set_num_threads(2)
+if jax.default_backend() != "cpu":
+    # Parity with PyTorch float32 needs full float32 matmuls: JAX's default precision on a GPU
+    # uses TF32, on a TPU bfloat16 passes (XLA:CPU is always full precision).
+    jax.config.update("jax_default_matmul_precision", "highest")
 
 # The tutorial's prompts ("Hello", "I love", "I want to") in GPT-2 ids, left-padded with 50256.
 TUTORIAL_IDS = np.array([[50256, 50256, 15496], [50256, 40, 1842], [40, 765, 284]])

@@ -69,11 +69,18 @@ def _run(model, input_ids, attention_mask, kwargs, beam_search=None) -> Generate
 
 def compile_generate(model: GPT2, input_ids, attention_mask=None, **kwargs) -> Callable[[], GenerateOutput]:
     """Validates and compiles a `generate` call without running it; returns a function that
-    runs the compiled program (the same one `generate` would use) and returns its output."""
+    runs the compiled program (the same one `generate` would use) and returns its output. The
+    function's ``compiled`` attribute is XLA's executable (``jax.stages.Compiled``:
+    ``as_text()``, ``memory_analysis()``, ``cost_analysis()``)."""
     req = args.parse(model, input_ids, attention_mask, _call(kwargs))
     model = _place(model, req)
     compiled = _decode.lower(model, *_operands(req), spec=req.spec).compile()
-    return lambda: _streaming(req, input_ids, lambda: compiled(model, *_operands(req)))
+
+    def run() -> GenerateOutput:
+        return _streaming(req, input_ids, lambda: compiled(model, *_operands(req)))
+
+    run.compiled = compiled
+    return run
 
 
 def _call(kwargs: dict[str, Any], fn: str | None = None, **fixed) -> dict[str, Any]:

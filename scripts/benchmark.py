@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -371,6 +372,11 @@ def torch_compiled(run_torch, new, reps) -> dict:
         return {"torch_compiled_error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
 
 
+def _ms(ms: float) -> str:
+    """Three significant digits (at least the units): a GPU step of 0.574 ms, a CPU one of 39.6."""
+    return f"{ms:.{max(0, 2 - math.floor(math.log10(ms)))}f}"
+
+
 def print_table(results, args):
     print(f"\nprompt {args.prompt_len} tokens, {args.new_tokens} new tokens, {args.dtype}, median of {args.reps}\n")
     cols = ["workload", "first call jaxgen / hf (s)", "ms/step jaxgen", "ms/step hf", "tokens/s jaxgen",
@@ -385,13 +391,13 @@ def print_table(results, args):
         if "speedup" not in r:
             print(f"| {r['workload']} | outputs differ | " + " | ".join([""] * (len(cols) - 2)) + " |")
             continue
-        cells = [r["workload"], f"{r['jax_first_s']:.1f} / {r['torch_first_s']:.1f}", f"{r['jax_ms_per_step']:.1f}",
-                 f"{r['torch_ms_per_step']:.1f}", f"{r['jax_tokens_per_s']:.0f}", f"{r['torch_tokens_per_s']:.0f}",
+        cells = [r["workload"], f"{r['jax_first_s']:.1f} / {r['torch_first_s']:.1f}", _ms(r["jax_ms_per_step"]),
+                 _ms(r["torch_ms_per_step"]), f"{r['jax_tokens_per_s']:.0f}", f"{r['torch_tokens_per_s']:.0f}",
                  f"{r['speedup']:.2f}x ({r['speedup_min']:.2f}-{r['speedup_max']:.2f})",
-                 f"{r['bound_ms_per_step']:.1f}", f"{100 * r['jax_of_bound']:.0f}%",
+                 _ms(r["bound_ms_per_step"]), f"{100 * r['jax_of_bound']:.0f}%",
                  f"{r['jax_peak_MB']:.0f} / {r['torch_peak_MB']:.0f}"]
         if args.torch_compile:
-            cells.append(f"{r['torch_compiled_ms_per_step']:.1f}" if "torch_compiled_ms_per_step" in r
+            cells.append(_ms(r["torch_compiled_ms_per_step"]) if "torch_compiled_ms_per_step" in r
                          else r.get("torch_compiled_error", "n/a"))
         if args.dtype != "float32":
             cells.append(f"{r['steps_equal']} of {r['new_tokens']}" if "steps_equal" in r else "n/a (sampled)")

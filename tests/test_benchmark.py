@@ -88,3 +88,9 @@ def test_agreeing_steps_counts_generated_steps_equal_in_every_row():
     theirs[0, 2] = 9
     assert agreeing_steps(ours, theirs, prompt_len=2) == 0
     assert agreeing_steps(ours, ours[:, :5], prompt_len=2) is None
+
+
+def test_milliseconds_keep_three_significant_digits():
+    """A GPU step (0.574 ms) keeps its digits in the table, as a CPU step (39.6 ms) does."""
+    ms = load_script()._ms
+    assert [ms(x) for x in (0.5744, 8.116, 39.62, 132.9, 1234.5)] == ["0.574", "8.12", "39.6", "133", "1234"]

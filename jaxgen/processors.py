@@ -69,9 +69,10 @@ def _sortable(x: jax.Array) -> jax.Array:
 
 def _bisect(ok, rows: int) -> jax.Array:
     """uint32[rows]: the largest key ``u`` with ``ok(u[:, None])`` true, for a predicate that is
-    true at 0 and monotone (true, then false). 32 halvings, each one vectorised pass, unrolled
-    eight to a loop iteration: on a GPU each iteration of a loop waits for the host to read its
-    condition (sampling with top-k and top-p on an H100: 1.54 ms a step rolled, 0.97 unrolled)."""
+    true at 0 and monotone (true, then false). 32 halvings, each one vectorised pass, eight to a
+    loop iteration: on a GPU each iteration of a loop waits for the host to read its condition
+    (sampling with top-k and top-p, GPT-2 124M at batch 8 on an H100: 1.52 ms a step with one
+    halving per iteration, 0.92 with eight; all 32 unrolled, 0.96 and 3 s more compile)."""
 
     def body(_, bounds):
         lo, hi = bounds

@@ -25,6 +25,7 @@ Writes a markdown table to stdout and JSON to ``--json`` (rewritten after every 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -308,7 +309,7 @@ def memory_probe(args, library: str, workload: str):
 def probe_bytes(args, library: str, workload: str) -> int:
     """Loads one library's model (and compiles the jaxgen program, without running it), then
     returns the peak bytes of the first call over the memory in use. On CPU: anonymous RSS growth,
-    after freed memory went back to the OS. On a GPU: for transformers, the peak of PyTorch's
+    after garbage was collected and freed memory went back to the OS. On a GPU: for transformers, the peak of PyTorch's
     allocator; for jaxgen, the temporaries plus outputs of the compiled program (XLA allocates
     them for the call; the device allocator's own peak would also count loading and autotuning)."""
     from transformers import GPT2LMHeadModel
@@ -343,6 +344,10 @@ def probe_bytes(args, library: str, workload: str) -> int:
             before = torch.cuda.memory_allocated()
             fn()
             return torch.cuda.max_memory_allocated() - before
+    # Free the garbage of loading and compiling now, not during the call (a collection there
+    # shrank RSS by more than the call grew it: -80 MB), and return freed memory to the OS.
+    gc.collect()
+    gc.disable()
     if sys.platform.startswith("linux"):
         import ctypes
 

@@ -49,6 +49,7 @@ import torch  # noqa: E402
 import jaxgen  # noqa: E402
 from jaxgen.decoding.api import compile_generate  # noqa: E402
 
+TORCH_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 WORKLOADS = {  # name: (strategy, batch)
     "greedy-1": ("greedy", 1), "greedy-8": ("greedy", 8), "beam4-1": ("beam4", 1), "beam4-8": ("beam4", 8),
     "sample-8": ("sample", 8),
@@ -144,6 +145,17 @@ def default_checkpoint(cache: Path) -> Path:
     return path
 
 
+def load(args, library: str):
+    """The checkpoint (``--model``, else the default one) in ``--dtype``: a jaxgen model, or a
+    transformers one in eval mode on ``TORCH_DEVICE``."""
+    path = args.model or default_checkpoint(args.cache)
+    if library == "jaxgen":
+        return jaxgen.from_pretrained(path, dtype=getattr(jnp, args.dtype))
+    from transformers import GPT2LMHeadModel
+
+    return GPT2LMHeadModel.from_pretrained(path, dtype=getattr(torch, args.dtype)).to(TORCH_DEVICE).eval()
+
+
 def hf_kwargs(strategy: str, new: int, pad: int) -> dict:
     kw = dict(max_new_tokens=new, min_new_tokens=new, pad_token_id=pad, eos_token_id=pad)
     if strategy == "beam4":
@@ -182,26 +194,20 @@ def main():
     if args.memory_probe:
         return memory_probe(args, *args.memory_probe)
 
-    from transformers import GPT2LMHeadModel
-
     torch.set_num_threads(args.threads)
     torch.set_float32_matmul_precision("highest")  # its default; as jaxgen's below (no TF32 on a GPU)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    path = args.model or default_checkpoint(args.cache)
-    torch_dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
-    torch_model = GPT2LMHeadModel.from_pretrained(path, dtype=torch_dtype).to(device).eval()
-    model = jaxgen.from_pretrained(path, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+    torch_model, model = load(args, "torch"), load(args, "jaxgen")
     pad = model.config.eos_token_id
     measurements = [measure_machine(model.dtype)]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} "
-          f"on {jax.devices()[0].device_kind}, torch {torch.__version__} on {device} ({args.threads} threads); "
+          f"on {jax.devices()[0].device_kind}, torch {torch.__version__} on {TORCH_DEVICE} ({args.threads} threads); "
           f"{_limits(measurements[0])}", flush=True)
 
     args.json.parent.mkdir(parents=True, exist_ok=True)
     results = []
     for name in args.workloads:
         with jax.default_matmul_precision("highest"):
-            r = run_workload(name, args, model, torch_model, device, pad)
+            r = run_workload(name, args, model, torch_model, pad)
         measurements.append(measure_machine(model.dtype))
         # The rates of a shared machine move for minutes at a time: each workload's bound uses
         # the better of the measurements taken right before and right after it.
@@ -223,17 +229,17 @@ def _limits(machine: dict) -> str:
     return f"read bandwidth {machine['bandwidth_GBps']:.1f} GB/s, matmul {machine['matmul_GFLOPs']:.0f} GFLOP/s"
 
 
-def run_workload(name, args, model, torch_model, device, pad) -> dict:
+def run_workload(name, args, model, torch_model, pad) -> dict:
     strategy, batch = WORKLOADS[name]
     new = args.new_tokens
     ids, mask = prompts(batch, args.prompt_len, model.config.vocab_size)
     kw = hf_kwargs(strategy, new, pad)
-    t_ids, t_mask = torch.tensor(ids, device=device), torch.tensor(mask, device=device)
+    t_ids, t_mask = torch.tensor(ids, device=TORCH_DEVICE), torch.tensor(mask, device=TORCH_DEVICE)
 
     def run_torch(model_kwargs=None):
         with torch.no_grad():
             out = torch_model.generate(t_ids, attention_mask=t_mask, **kw, **(model_kwargs or {}))
-        if device == "cuda":
+        if TORCH_DEVICE == "cuda":
             torch.cuda.synchronize()
         return out
 
@@ -308,17 +314,15 @@ def memory_probe(args, library: str, workload: str):
 
 def probe_bytes(args, library: str, workload: str) -> int:
     """Loads one library's model (and compiles the jaxgen program, without running it), then
-    returns the peak bytes of the first call over the memory in use. On CPU: anonymous RSS growth,
-    after garbage was collected and freed memory went back to the OS. On a GPU: for transformers, the peak of PyTorch's
-    allocator; for jaxgen, the temporaries plus outputs of the compiled program (XLA allocates
-    them for the call; the device allocator's own peak would also count loading and autotuning)."""
-    from transformers import GPT2LMHeadModel
-
+    returns the peak bytes of the first call over the memory in use. On CPU: anonymous RSS
+    growth, after garbage was collected and freed memory went back to the OS. On a GPU: for
+    transformers, the peak of PyTorch's allocator; for jaxgen, the temporaries plus outputs of the
+    compiled program (XLA allocates them for the call; the device allocator's own peak would also
+    count loading and autotuning)."""
     strategy, batch = WORKLOADS[workload]
     torch.set_num_threads(args.threads)
-    path = args.model or default_checkpoint(args.cache)
+    model = load(args, library)
     if library == "jaxgen":
-        model = jaxgen.from_pretrained(path, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
         ids, mask = prompts(batch, args.prompt_len, model.config.vocab_size)  # the timed run's prompts
         kw = hf_kwargs(strategy, args.new_tokens, model.config.eos_token_id)
         kw = dict(kw, key=jax.random.key(0)) if strategy == "sample" else kw
@@ -329,23 +333,21 @@ def probe_bytes(args, library: str, workload: str) -> int:
             return m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
         fn = lambda: jax.block_until_ready(run_jax())  # noqa: E731
     else:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
-        model = GPT2LMHeadModel.from_pretrained(path, dtype=dtype).to(device).eval()
         ids, mask = prompts(batch, args.prompt_len, model.config.vocab_size)
         kw = hf_kwargs(strategy, args.new_tokens, model.config.eos_token_id)
-        t_ids, t_mask = torch.tensor(ids, device=device), torch.tensor(mask, device=device)
+        t_ids, t_mask = torch.tensor(ids, device=TORCH_DEVICE), torch.tensor(mask, device=TORCH_DEVICE)
 
         def fn():
             with torch.no_grad():
                 model.generate(t_ids, attention_mask=t_mask, **kw)
-        if device == "cuda":
+        if TORCH_DEVICE == "cuda":
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
             fn()
             return torch.cuda.max_memory_allocated() - before
     # Free the garbage of loading and compiling now, not during the call (a collection there
-    # shrank RSS by more than the call grew it: -80 MB), and return freed memory to the OS.
+    # shrank RSS by more than the call grew it: -80 MB; the probe's process ends after it), and
+    # return freed memory to the OS.
     gc.collect()
     gc.disable()
     if sys.platform.startswith("linux"):

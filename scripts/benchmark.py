@@ -177,6 +177,32 @@ def prompts(batch: int, length: int, vocab: int, seed=0):
     return ids, mask
 
 
+def workload_calls(name: str, args, model, torch_model=None):
+    """A workload's prompts and generate() arguments, and its calls: ``(jaxgen, torch)``, the
+    compiled jaxgen program (sampling with a fixed key) and transformers' ``generate`` (taking
+    extra keyword arguments); each is None without its model."""
+    strategy, batch = WORKLOADS[name]
+    config = (model if model is not None else torch_model).config
+    ids, mask = prompts(batch, args.prompt_len, config.vocab_size)
+    kw = hf_kwargs(strategy, args.new_tokens, config.eos_token_id)
+    run_jax = run_torch = None
+    if model is not None:
+        jkw = dict(kw, key=jax.random.key(0)) if strategy == "sample" else kw
+        with jax.default_matmul_precision("highest"):  # full float32 matmuls on a GPU too, as torch's
+            run_jax = compile_generate(model, ids, mask, **jkw)
+    if torch_model is not None:
+        t_ids, t_mask = torch.tensor(ids, device=TORCH_DEVICE), torch.tensor(mask, device=TORCH_DEVICE)
+
+        def run_torch(**model_kwargs):
+            with torch.no_grad():
+                out = torch_model.generate(t_ids, attention_mask=t_mask, **kw, **model_kwargs)
+            if TORCH_DEVICE == "cuda":
+                torch.cuda.synchronize()
+            return out
+
+    return run_jax, run_torch
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="GPT-2 checkpoint (default: random GPT-2 124M saved to --cache)")
@@ -197,7 +223,6 @@ def main():
     torch.set_num_threads(args.threads)
     torch.set_float32_matmul_precision("highest")  # its default; as jaxgen's below (no TF32 on a GPU)
     torch_model, model = load(args, "torch"), load(args, "jaxgen")
-    pad = model.config.eos_token_id
     measurements = [measure_machine(model.dtype)]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} "
           f"on {jax.devices()[0].device_kind}, torch {torch.__version__} on {TORCH_DEVICE} ({args.threads} threads); "
@@ -206,8 +231,7 @@ def main():
     args.json.parent.mkdir(parents=True, exist_ok=True)
     results = []
     for name in args.workloads:
-        with jax.default_matmul_precision("highest"):
-            r = run_workload(name, args, model, torch_model, pad)
+        r = run_workload(name, args, model, torch_model)
         measurements.append(measure_machine(model.dtype))
         # The rates of a shared machine move for minutes at a time: each workload's bound uses
         # the better of the measurements taken right before and right after it.
@@ -229,23 +253,11 @@ def _limits(machine: dict) -> str:
     return f"read bandwidth {machine['bandwidth_GBps']:.1f} GB/s, matmul {machine['matmul_GFLOPs']:.0f} GFLOP/s"
 
 
-def run_workload(name, args, model, torch_model, pad) -> dict:
+def run_workload(name, args, model, torch_model) -> dict:
     strategy, batch = WORKLOADS[name]
     new = args.new_tokens
-    ids, mask = prompts(batch, args.prompt_len, model.config.vocab_size)
-    kw = hf_kwargs(strategy, new, pad)
-    t_ids, t_mask = torch.tensor(ids, device=TORCH_DEVICE), torch.tensor(mask, device=TORCH_DEVICE)
-
-    def run_torch(model_kwargs=None):
-        with torch.no_grad():
-            out = torch_model.generate(t_ids, attention_mask=t_mask, **kw, **(model_kwargs or {}))
-        if TORCH_DEVICE == "cuda":
-            torch.cuda.synchronize()
-        return out
-
-    jkw = dict(kw, key=jax.random.key(0)) if strategy == "sample" else kw
     t0 = time.perf_counter()
-    run_jax = compile_generate(model, ids, mask, **jkw)
+    run_jax, run_torch = workload_calls(name, args, model, torch_model)
     first_out = jax.block_until_ready(run_jax())
     jax_first = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -319,27 +331,16 @@ def probe_bytes(args, library: str, workload: str) -> int:
     transformers, the peak of PyTorch's allocator; for jaxgen, the temporaries plus outputs of the
     compiled program (XLA allocates them for the call; the device allocator's own peak would also
     count loading and autotuning)."""
-    strategy, batch = WORKLOADS[workload]
     torch.set_num_threads(args.threads)
     model = load(args, library)
     if library == "jaxgen":
-        ids, mask = prompts(batch, args.prompt_len, model.config.vocab_size)  # the timed run's prompts
-        kw = hf_kwargs(strategy, args.new_tokens, model.config.eos_token_id)
-        kw = dict(kw, key=jax.random.key(0)) if strategy == "sample" else kw
-        with jax.default_matmul_precision("highest"):  # the timed program
-            run_jax = compile_generate(model, ids, mask, **kw)
+        run_jax, _ = workload_calls(workload, args, model)  # the timed program, compiled, not run
         if jax.default_backend() != "cpu":
             m = run_jax.compiled.memory_analysis()
             return m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
         fn = lambda: jax.block_until_ready(run_jax())  # noqa: E731
     else:
-        ids, mask = prompts(batch, args.prompt_len, model.config.vocab_size)
-        kw = hf_kwargs(strategy, args.new_tokens, model.config.eos_token_id)
-        t_ids, t_mask = torch.tensor(ids, device=TORCH_DEVICE), torch.tensor(mask, device=TORCH_DEVICE)
-
-        def fn():
-            with torch.no_grad():
-                model.generate(t_ids, attention_mask=t_mask, **kw)
+        _, fn = workload_calls(workload, args, None, model)
         if TORCH_DEVICE == "cuda":
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
@@ -367,12 +368,12 @@ def torch_compiled(run_torch, new, reps) -> dict:
     extra = dict(cache_implementation="static", compile_config=config)
     try:
         t0 = time.perf_counter()
-        run_torch(extra)
+        run_torch(**extra)
         first = time.perf_counter() - t0
         times = []
         for _ in range(reps):
             t0 = time.perf_counter()
-            run_torch(extra)
+            run_torch(**extra)
             times.append(time.perf_counter() - t0)
         return {"torch_compiled_first_s": first, "torch_compiled_ms_per_step": 1e3 * statistics.median(times) / new}
     except Exception as e:  # torch.compile needs a working toolchain; report, do not fail

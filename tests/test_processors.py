@@ -46,7 +46,7 @@ MAX_LENGTH = 9
 CASES = {
     "temperature": (dict(do_sample=True, temperature=0.7), lambda p: hf.TemperatureLogitsWarper(0.7)),
     "top_k": (dict(do_sample=True, top_k=7), lambda p: hf.TopKLogitsWarper(7)),
-    "top_k_bisection": (dict(do_sample=True, top_k=30), lambda p: hf.TopKLogitsWarper(30)),
+    "top_k_most_of_vocab": (dict(do_sample=True, top_k=30), lambda p: hf.TopKLogitsWarper(30)),
     "top_h": (dict(do_sample=True, top_h=0.4), lambda p: hf.TopHLogitsWarper(0.4)),
     "top_h_high": (dict(do_sample=True, top_h=0.95), lambda p: hf.TopHLogitsWarper(0.95)),
     "top_p_low": (dict(do_sample=True, top_p=0.3), lambda p: hf.TopPLogitsWarper(0.3)),
@@ -99,14 +99,16 @@ def test_processor_equals_transformers(name, cur_len):
         np.testing.assert_allclose(ours[finite], ref[finite], atol=1e-5, rtol=1e-6)
 
 
-@pytest.mark.parametrize("k", [1, 5, 17, 33, 40])
+@pytest.mark.parametrize("k", [1, 5, 50, 256, 257, 400])
 def test_kth_largest_with_ties_and_infinities(k):
-    """The bisection (k > 16) and top_k (k <= 16) paths agree with numpy, ties counted."""
+    """Every path agrees with numpy, ties counted: the maximum (k=1), the chunked top-k (k <= 256;
+    over 9000 scores it takes its two-pass route) and the bisection (k > 256)."""
     rng = np.random.default_rng(k)
-    scores = np.round(rng.standard_normal((6, VOCAB)) * 2).astype(np.float32)  # many ties
+    scores = np.round(rng.standard_normal((6, 9000)) * 2).astype(np.float32)  # many ties
     scores[1, :5] = -np.inf
     scores[2, 3] = np.inf
     scores[3] = -np.inf
+    scores[4, 100:] = -np.inf  # fewer finite scores than k for the larger k
     expected = -np.sort(-scores, axis=-1)[:, k - 1]
     np.testing.assert_array_equal(np.asarray(_kth_largest(jnp.asarray(scores), k))[:, 0], expected)
 

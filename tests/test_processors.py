@@ -101,8 +101,9 @@ def test_processor_equals_transformers(name, cur_len):
 
 @pytest.mark.parametrize("k", [1, 5, 50, 256, 257, 400])
 def test_kth_largest_with_ties_and_infinities(k):
-    """Every path agrees with numpy, ties counted: the maximum (k=1), the chunked top-k (k <= 256;
-    over 9000 scores it takes its two-pass route) and the bisection (k > 256)."""
+    """Every path agrees with numpy, ties counted: the maximum (k=1), `select.top_k` (k <= 256:
+    over 9000 scores its two-pass route for k=5 and 50, one ``lax.top_k`` for 256) and the
+    bisection (k > 256)."""
     rng = np.random.default_rng(k)
     scores = np.round(rng.standard_normal((6, 9000)) * 2).astype(np.float32)  # many ties
     scores[1, :5] = -np.inf

@@ -28,6 +28,7 @@ from flax import struct
 from jaxgen.decoding import select
 
 NEG_INF = -jnp.inf
+_CHUNKED_TOP_K_MAX = 256  # thresholds for k up to this come from `select.top_k`, beyond by bisection
 
 
 @struct.dataclass
@@ -96,7 +97,7 @@ def _kth_largest(scores: jax.Array, k: int) -> jax.Array:
     """
     if k == 1:
         return scores.max(-1, keepdims=True)
-    if k <= 256:
+    if k <= _CHUNKED_TOP_K_MAX:
         return select.top_k(scores, k, chunk=32)[0][..., -1:]
     keys = _sortable(scores)
     kth = _bisect(lambda u: (keys >= u).sum(-1) >= k, scores.shape[0])
@@ -343,16 +344,33 @@ class TopP:
     token tied with the ``min_tokens_to_keep``-th best. transformers splits such a group at a
     position that depends on how ``torch.sort`` (not stable on CPU) happened to order it, so no
     deterministic rule matches it there; everywhere else the result is the same.
+
+    After `TopK` (``top_k`` set, as in transformers' default sampling) ``candidates`` is its k:
+    every score below the ``candidates``-th best is -inf, so the cut is looked for among those
+    best, their probabilities renormalised among them with the tokens tied with the last of them
+    counted on it. The 32 halvings then read ``[rows, candidates]``, not the vocabulary (top-k 50
+    and top-p 0.9 on ``[8, 50257]``: a GPT-2 124M sampling step 25.9 -> 23.8 ms on 2 Zen 5 cores).
     """
 
     top_p: jax.Array
     min_tokens_to_keep: int = struct.field(pytree_node=False)
+    candidates: int | None = struct.field(pytree_node=False, default=None)
 
     def __call__(self, scores, ctx):
-        probs = jax.nn.softmax(scores, -1)
         keys = _sortable(scores)
-        tail = _bisect(lambda u: jnp.sum(jnp.where(keys <= u, probs, 0.0), -1) <= 1 - self.top_p, scores.shape[0])
-        remove = (keys <= tail[:, None]) & (scores < _kth_largest(scores, self.min_tokens_to_keep))
+        if self.candidates is None or self.candidates > min(_CHUNKED_TOP_K_MAX, scores.shape[-1]):
+            probs, cut_keys = jax.nn.softmax(scores, -1), keys
+            kth = _kth_largest(scores, self.min_tokens_to_keep)
+        else:
+            best = select.top_k(scores, self.candidates, chunk=32)[0]  # [rows, candidates]
+            top, last = best[:, :1], best[:, -1:]
+            ties_outside = jnp.sum(scores == last, -1, keepdims=True) - jnp.sum(best == last, -1, keepdims=True)
+            weights = jnp.exp(best - top).at[:, -1:].multiply(1 + ties_outside.astype(jnp.float32))
+            probs = weights / jnp.sum(weights, -1, keepdims=True)
+            cut_keys = _sortable(best)
+            kth = best[:, self.min_tokens_to_keep - 1:self.min_tokens_to_keep]
+        tail = _bisect(lambda u: jnp.sum(jnp.where(cut_keys <= u, probs, 0.0), -1) <= 1 - self.top_p, scores.shape[0])
+        remove = (keys <= tail[:, None]) & (scores < kth)
         return jnp.where(remove, NEG_INF, scores)
 
 
@@ -517,7 +535,7 @@ def build_processors(
         if top_k:
             procs.append(TopK(max(top_k, keep)))
         if top_p is not None and top_p < 1.0:
-            procs.append(TopP(f32(top_p), keep))
+            procs.append(TopP(f32(top_p), keep, max(top_k, keep) if top_k else None))
         if min_p is not None:
             procs.append(MinP(f32(min_p), keep))
         if typical_p is not None and typical_p < 1.0:

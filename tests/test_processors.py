@@ -9,7 +9,7 @@ import torch
 from transformers.generation import logits_process as hf
 
 import jaxgen
-from jaxgen.processors import ProcessorContext, TopH, Typical, _kth_largest, build_processors
+from jaxgen.processors import ProcessorContext, TopH, Typical, _kth_largest, apply, build_processors
 from tests.conftest import EOS, EOS_MODEL, PAD, assert_same_generation, hf_generate, left_padded_batch
 
 VOCAB = 40
@@ -146,6 +146,36 @@ def test_top_h_over_a_vocabulary(top_h):
     ref = hf.TopHLogitsWarper(top_h)(torch.zeros((5, 2), dtype=torch.long), torch.tensor(scores)).numpy()
     np.testing.assert_array_equal(ours, ref)
     assert (np.isfinite(ours).sum(-1) < np.minimum(np.isfinite(scores).sum(-1), 100)).all()
+
+
+@pytest.mark.parametrize("top_k, top_p, num_beams", [(50, 0.9, 1), (50, 0.3, 2), (8, 0.99, 1), (256, 0.6, 1)])
+def test_top_p_after_top_k_over_a_vocabulary(top_k, top_p, num_beams):
+    """After top-k, top-p looks for its cut among the ``top_k`` candidates only; over GPT-2's
+    vocabulary: plain rows, masked tokens, a row with fewer finite scores than ``top_k``, one
+    with a single finite score, and one with as many as transformers' top-k keeps. Equal to
+    transformers (no ties here) and, with scores rounded to a few values, to the cut over the
+    whole vocabulary: ties with the k-th score outside the candidates (all of the last row) count."""
+    rng = np.random.default_rng(top_k + num_beams)
+    scores = (rng.standard_normal((6, 50257)) * 4).astype(np.float32)
+    scores[1, ::2] = -np.inf
+    scores[2, 20:] = -np.inf
+    scores[3, 1:] = -np.inf
+    _, _, ctx = _history(2, 0)
+    procs = build_processors(prompt_len=2, max_length=9, eos_token_ids=(EOS,), num_beams=num_beams,
+                             do_sample=True, top_k=top_k, top_p=top_p)
+    assert [type(p).__name__ for p in procs] == ["TopK", "TopP"] and procs[1].candidates == max(top_k, num_beams)
+    ours = np.asarray(apply(procs, jnp.asarray(scores), ctx))
+    keep = 2 if num_beams > 1 else 1
+    t, z = torch.tensor(scores), torch.zeros((6, 2), dtype=torch.long)
+    ref = hf.TopPLogitsWarper(top_p, min_tokens_to_keep=keep)(z, hf.TopKLogitsWarper(top_k)(z, t)).numpy()
+    np.testing.assert_array_equal(ours, ref)
+
+    tied = np.round(scores)
+    tied[5] = 1.0  # every score tied with the k-th
+    whole_vocab = procs[:1] + (procs[1].replace(candidates=None),)
+    ours = np.asarray(apply(procs, jnp.asarray(tied), ctx))
+    np.testing.assert_array_equal(ours, np.asarray(apply(whole_vocab, jnp.asarray(tied), ctx)))
+    assert np.isfinite(ours[0]).sum() > 1 and np.isfinite(ours[5]).all()
 
 
 def test_remove_invalid_values():

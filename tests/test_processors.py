@@ -178,6 +178,26 @@ def test_top_p_after_top_k_over_a_vocabulary(top_k, top_p, num_beams):
     assert np.isfinite(ours[5]).all()
 
 
+@pytest.mark.parametrize("cur_len", [6, 2])
+def test_sequence_bias_in_groups_of_prefix_length(cur_len):
+    """Sequences of four prefix lengths, last tokens shared between them, tokens biased alone and
+    after a prefix; every row ends with one or more prefixes. At ``cur_len=2`` the longer
+    prefixes reach before the history, into columns of 6s (bucket padding) that must not match."""
+    bias = {(6, 7): 0.5, (4,): 2.5, (1, 7): -3.0, (2, 6, 7): 2.0, (9,): -1.0, (6, 6, 6, 4): -2.0, (6, 2): 1.5,
+            (3, 5, 6, 2, 9): 1.0, (5, 6, 4): 0.25}
+    ids = np.array([[0, 3, 5, 6, 2, 6], [9, 9, 3, 5, 6, 2], [4, 6, 6, 6, 6, 6], [1, 2, 3, 4, 5, 6],
+                    [0, 0, 0, 0, 0, 1]])[:, -cur_len:]
+    buffer = np.concatenate([np.full((5, 4), 6), ids, np.zeros((5, 2), int)], axis=1)
+    ctx = ProcessorContext(jnp.asarray(buffer, jnp.int32), jnp.int32(cur_len), jnp.zeros(5, jnp.int32), jnp.int32(4))
+    (proc,) = build_processors(prompt_len=2, max_length=9, eos_token_ids=(EOS,), num_beams=1, do_sample=False,
+                               sequence_bias=bias)
+    scores = _scores(0)[:, :12]
+    ours = np.asarray(proc(jnp.asarray(scores), ctx))
+    ref = hf.SequenceBiasLogitsProcessor(bias)(torch.tensor(ids), torch.tensor(scores)).numpy()
+    np.testing.assert_array_equal(ours, ref)
+    assert len(np.unique(np.round(ours - scores, 4))) >= (6 if cur_len == 6 else 4)  # many matches
+
+
 def test_remove_invalid_values():
     scores = np.array([[np.nan, np.inf, -np.inf, 1.5]], np.float32)
     (proc,) = build_processors(prompt_len=1, max_length=3, eos_token_ids=(), num_beams=1, do_sample=False,

@@ -27,7 +27,7 @@ CONFIG = dict(vocab_size=96, n_positions=64, n_embd=64, n_layer=2, n_head=8, ini
 MESHES = {"8x1": (8, 1), "4x2": (4, 2), "1x8": (1, 8)}
 KW = dict(max_new_tokens=8, eos_token_id=2, pad_token_id=0, output_scores=True)
 STRATEGIES = {"greedy": dict(), "beam": dict(num_beams=3, num_return_sequences=2),
-              "sample": dict(do_sample=True, top_k=20)}
+              "sample": dict(do_sample=True, top_k=20, top_p=0.9)}
 
 
 def mesh_of(shape):

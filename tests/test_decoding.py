@@ -263,6 +263,22 @@ def test_bfloat16_program_keeps_no_float32_copy_of_a_block_weight(eos_model, bat
         assert not converted(shape), converted(shape)[:1]
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="a property of XLA:CPU's GEMM")
+@pytest.mark.parametrize("batch, num_beams, lanes", [(5, 1, 8), (1, 5, 8), (3, 4, 16)])
+def test_cpu_projections_take_rows_in_whole_lane_tiles(eos_model, batch, num_beams, lanes):
+    """A decode step's 5 or 12 rows reach XLA:CPU's GEMM as 8 or 16 (`gpt2._gemm_rows`: a part
+    tile of lanes runs extra passes over the weight); the prompt's rows, above 64 or up to 4, as
+    they are."""
+    _, model = eos_model
+    from jaxgen.decoding import args
+    ids, mask = left_padded_batch(np.random.default_rng(5), batch, 6, model.config.vocab_size, [0, 2, 1][:batch])
+    req = args.parse(model, ids, mask, dict(max_new_tokens=8, num_beams=num_beams, eos_token_id=EOS, pad_token_id=PAD))
+    hlo = api._decode.lower(model, *api._operands(req), spec=req.spec).compile().as_text()
+    products = re.findall(r"= f32\[[\d,]*?(\d+)\]\{[\d,]+\} dot\((?:(?!batch_dims).)*rhs_contracting_dims=\{1\}", hlo)
+    counts = set(map(int, products))  # also the prompt's last positions, batch <= 4 rows, as they are
+    assert lanes in counts and counts <= {lanes, batch * req.spec.bucket_len, *range(1, 5)}, counts
+
+
 @pytest.mark.parametrize("num_beams", [1, 3])
 def test_long_generation_across_loop_phases(eos_model, num_beams):
     """40 new tokens run in two loop phases (20 + 20 steps, the cache grown in between); rows

@@ -2,6 +2,10 @@
 
     python scripts/benchmark.py                       # GPT-2 124M architecture, random weights
     python scripts/benchmark.py --model path/to/gpt2 --new-tokens 32 --workloads greedy-1 beam4-8
+    python scripts/benchmark.py --workloads beam5-1 greedy-6 sample-12   # any strategy-batch
+
+A workload is ``greedy-B``, ``sample-B`` (top-k 50, top-p 0.9, temperature 0.8) or ``beamK-B``
+(K beams) at batch B; the default five are the ones the README reports.
 
 For each workload both libraries decode the same left-padded prompts (``--prompt-len`` tokens,
 ``--new-tokens`` new tokens, every step run: ``min_new_tokens`` keeps EOS away), alternating
@@ -30,6 +34,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -50,10 +55,20 @@ import jaxgen  # noqa: E402
 from jaxgen.decoding.api import compile_generate  # noqa: E402
 
 TORCH_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-WORKLOADS = {  # name: (strategy, batch)
-    "greedy-1": ("greedy", 1), "greedy-8": ("greedy", 8), "beam4-1": ("beam4", 1), "beam4-8": ("beam4", 8),
-    "sample-8": ("sample", 8),
-}
+WORKLOADS = ("greedy-1", "greedy-8", "beam4-1", "beam4-8", "sample-8")  # the default ones
+
+
+def workload(name: str) -> tuple[str, int, int]:
+    """``"beam4-8"`` -> (strategy, num_beams, batch): ``("beam", 4, 8)``; also ``greedy-B``, ``sample-B``."""
+    m = re.fullmatch(r"(greedy|sample|beam([1-9]\d*))-([1-9]\d*)", name)
+    if m is None:
+        raise argparse.ArgumentTypeError(f"{name!r}: expected greedy-B, sample-B or beamK-B (K beams, batch B)")
+    return ("beam" if m.group(2) else m.group(1)), int(m.group(2) or 1), int(m.group(3))
+
+
+def _workload_name(name: str) -> str:
+    workload(name)
+    return name
 
 
 # --- machine limits ------------------------------------------------------------------------------
@@ -156,10 +171,10 @@ def load(args, library: str):
     return GPT2LMHeadModel.from_pretrained(path, dtype=getattr(torch, args.dtype)).to(TORCH_DEVICE).eval()
 
 
-def hf_kwargs(strategy: str, new: int, pad: int) -> dict:
+def hf_kwargs(strategy: str, num_beams: int, new: int, pad: int) -> dict:
     kw = dict(max_new_tokens=new, min_new_tokens=new, pad_token_id=pad, eos_token_id=pad)
-    if strategy == "beam4":
-        kw.update(num_beams=4)
+    if strategy == "beam":
+        kw.update(num_beams=num_beams)
     elif strategy == "sample":
         kw.update(do_sample=True, top_k=50, top_p=0.9, temperature=0.8)
     else:
@@ -181,10 +196,10 @@ def workload_calls(name: str, args, model, torch_model=None):
     """A workload's prompts and generate() arguments, and its calls: ``(jaxgen, torch)``, the
     compiled jaxgen program (sampling with a fixed key) and transformers' ``generate`` (taking
     extra keyword arguments); each is None without its model."""
-    strategy, batch = WORKLOADS[name]
+    strategy, num_beams, batch = workload(name)
     config = (model if model is not None else torch_model).config
     ids, mask = prompts(batch, args.prompt_len, config.vocab_size)
-    kw = hf_kwargs(strategy, args.new_tokens, config.eos_token_id)
+    kw = hf_kwargs(strategy, num_beams, args.new_tokens, config.eos_token_id)
     run_jax = run_torch = None
     if model is not None:
         jkw = dict(kw, key=jax.random.key(0)) if strategy == "sample" else kw
@@ -207,7 +222,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="GPT-2 checkpoint (default: random GPT-2 124M saved to --cache)")
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "jaxgen-bench")
-    ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    ap.add_argument("--workloads", nargs="+", type=_workload_name, default=list(WORKLOADS), metavar="WORKLOAD",
+                    help=f"greedy-B, sample-B or beamK-B (default: {' '.join(WORKLOADS)})")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=5)
@@ -254,7 +270,7 @@ def _limits(machine: dict) -> str:
 
 
 def run_workload(name, args, model, torch_model) -> dict:
-    strategy, batch = WORKLOADS[name]
+    strategy, num_beams, batch = workload(name)
     new = args.new_tokens
     t0 = time.perf_counter()
     run_jax, run_torch = workload_calls(name, args, model, torch_model)
@@ -264,7 +280,7 @@ def run_workload(name, args, model, torch_model) -> dict:
     torch_out = run_torch()
     torch_first = time.perf_counter() - t0
 
-    result = {"workload": name, "batch": batch, "rows": batch * (4 if strategy == "beam4" else 1), "new_tokens": new}
+    result = {"workload": name, "batch": batch, "rows": batch * num_beams, "new_tokens": new}
     if strategy != "sample":
         steps = agreeing_steps(first_out.trim().sequences, torch_out.cpu().numpy(), args.prompt_len)
         result.update(outputs_equal=steps == new, steps_equal=steps)

@@ -4,6 +4,7 @@ with each other. Speed itself is never asserted (the machine is noisy; the scrip
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import math
@@ -94,3 +95,13 @@ def test_milliseconds_keep_three_significant_digits():
     """A GPU step (0.574 ms) keeps its digits in the table, as a CPU step (39.6 ms) does."""
     ms = load_script()._ms
     assert [ms(x) for x in (0.5744, 8.116, 39.62, 132.9, 1234.5)] == ["0.574", "8.12", "39.6", "133", "1234"]
+
+
+def test_workload_names_give_strategy_beams_and_batch():
+    workload = load_script().workload
+    assert workload("beam5-3") == ("beam", 5, 3)
+    assert workload("greedy-6") == ("greedy", 1, 6)
+    assert workload("sample-12") == ("sample", 1, 12)
+    for bad in ("beam-3", "greedy-0", "beam4", "topk-8", "beam04-2", "greedy-8 "):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected greedy-B, sample-B or beamK-B"):
+            workload(bad)

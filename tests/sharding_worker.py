@@ -46,7 +46,8 @@ def main():
     build_checkpoint(path, seed=0, eos_boost=2.0, **CONFIG)
     model = jaxgen.from_pretrained(path)
     ids, mask = left_padded_batch(np.random.default_rng(0), 8, 6, CONFIG["vocab_size"], [0, 2, 4, 1, 0, 3, 5, 2])
-    results = {"single": {}, "meshes": {}, "param_specs": {}, "all_gathers": [], "errors": {}}
+    results = {"single": {}, "meshes": {}, "param_specs": {}, "all_gathers": [], "collective_permutes": [],
+               "errors": {}}
     for name, extra in STRATEGIES.items():
         key = {"key": jax.random.key(3)} if extra.get("do_sample") else {}
         results["single"][name] = summary(jaxgen.generate(model, ids, mask, **KW, **extra, **key))
@@ -84,7 +85,8 @@ def main():
         results["one_row"][name] = [summary(jaxgen.generate(m, ids[:1], mask[:1], **KW, **extra, **key, **mesh_kw))
                                     for m, mesh_kw in ((model, {}), (sharded, {"mesh": mesh}))]
 
-    # The compiled program on the 4x2 mesh: which all-gathers remain, and of what shapes.
+    # The compiled program on the 4x2 mesh: which all-gathers remain, and of what shapes; and
+    # whether rows move between devices (beam: 6 rows a device, padded to 8 for the CPU GEMM).
     mesh = mesh_of((4, 2))
     sharded = jaxgen.shard(model, mesh)
     for name, extra in (("greedy", STRATEGIES["greedy"]), ("beam", STRATEGIES["beam"])):
@@ -93,6 +95,8 @@ def main():
         hlo = api._decode.lower(sharded, *api._operands(req), spec=req.spec).compile().as_text()
         for shape in re.findall(r"= (\w+\[[\d,]*\])[^\n]*? all-gather\(", hlo):
             results["all_gathers"].append([name, shape])
+        for shape in re.findall(r"= (\w+\[[\d,]*\])[^\n]*? collective-permute(?:-start)?\(", hlo):
+            results["collective_permutes"].append([name, shape])
 
     # Errors.
     def error_of(fn):

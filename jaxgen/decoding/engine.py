@@ -61,6 +61,11 @@ class DecodeSpec:
         return self.bucket_len + self.max_new_tokens
 
     @property
+    def row_shards(self) -> int:
+        """How many devices split the rows (`gpt2.forward`'s ``row_shards``)."""
+        return 1 if self.mesh is None else sharding.axis_size(self.mesh, self.data_axis)
+
+    @property
     def phase_ends(self) -> tuple[int, ...]:
         """The decode loop runs in ``phases`` equal phases (`loop_phases`); phase ``i`` ends once
         ``phase_ends[i]`` tokens are generated, and its cache has ``P + phase_ends[i]`` slots."""
@@ -119,9 +124,10 @@ def prefill(model: GPT2, input_ids: jax.Array, attention_mask: jax.Array, prompt
     mask = attention_mask.astype(bool)
     kv_mask = jnp.concatenate([mask, jnp.ones((batch, spec.max_new_tokens), bool)], axis=1)
     positions = positions_from_mask(attention_mask)
-    hidden, prompt = forward(model, input_ids, positions, mask)  # the prompt's own keys / values
+    hidden, prompt = forward(model, input_ids, positions, mask, row_shards=spec.row_shards)  # prompt: its keys, values
     pad_lengths = jnp.argmax(attention_mask, axis=-1).astype(jnp.int32) - (spec.bucket_len - prompt_len)
-    logits, positions, pad_lengths = map(rows, (lm_head(model, hidden[:, -1]), positions[:, -1] + 1, pad_lengths))
+    logits = lm_head(model, hidden[:, -1], spec.row_shards)
+    logits, positions, pad_lengths = map(rows, (logits, positions[:, -1] + 1, pad_lengths))
     if share_prompt:
         cache = model.init_cache(batch, spec.bucket_len + spec.phase_ends[0], expand, spec.bucket_len)
     else:
@@ -144,8 +150,8 @@ def pin_rows(x: jax.Array, spec: DecodeSpec) -> jax.Array:
 def decode_step(model: GPT2, tokens: jax.Array, positions: jax.Array, kv_mask: jax.Array, cache: KVCache,
                 slot: jax.Array, spec: DecodeSpec) -> tuple[jax.Array, KVCache]:
     """Feeds ``tokens: int32[rows]`` at cache slot ``slot``; returns float32[rows, V] logits."""
-    hidden, cache = forward(model, tokens[:, None], positions[:, None], kv_mask, cache, slot)
-    return lm_head(model, hidden[:, 0]), pin_cache(cache, spec)
+    hidden, cache = forward(model, tokens[:, None], positions[:, None], kv_mask, cache, slot, spec.row_shards)
+    return lm_head(model, hidden[:, 0], spec.row_shards), pin_cache(cache, spec)
 
 
 def run_loop(state, choose, advance, spec: DecodeSpec):

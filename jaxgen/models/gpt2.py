@@ -230,15 +230,16 @@ def _layer_norm(p, x, eps):
     return (y * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)).astype(x.dtype)
 
 
-def _linear(p, x):
+def _linear(p, x, row_shards: int = 1):
     """``x @ kernel^T + bias``: x: dtype[..., in], kernel: [*out, in] -> dtype[..., *out]. The
     product and the bias are summed in float32 and rounded once (as ``torch.addmm`` in
     transformers' Conv1D)."""
-    return (_project(x, p["kernel"]) + p["bias"].astype(jnp.float32)).astype(x.dtype)
+    return (_project(x, p["kernel"], row_shards) + p["bias"].astype(jnp.float32)).astype(x.dtype)
 
 
-def _project(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x: [..., in], w: [*out, in] -> float32[..., *out], accumulated in float32.
+def _project(x: jax.Array, w: jax.Array, row_shards: int = 1) -> jax.Array:
+    """x: [..., in], w: [*out, in] -> float32[..., *out], accumulated in float32. ``row_shards``:
+    into how many equal blocks of consecutive rows a mesh splits ``x`` (see `forward`).
 
     On CPU the product is computed as ``w @ x^T`` (output ``[*out, rows]``) and transposed after
     an optimization barrier: XLA:CPU's GEMM tiles the output's first axis, so a decode
@@ -257,7 +258,8 @@ def _project(x: jax.Array, w: jax.Array) -> jax.Array:
     The rows are the GEMM's vector lanes there, and a count that leaves part of a lane tile
     empty makes it run extra passes over the weight: 5-7 rows cost more than 8, 28 rows 1.4
     times 32. So the product on CPU takes its rows zero-padded (`_gemm_rows`) and drops
-    the extra ones.
+    the extra ones; each of the ``row_shards`` blocks its own, so that no row moves between
+    devices (padded as one, 24 rows on 8 devices took a collective-permute per product).
     """
     rows = x.reshape(-1, x.shape[-1])
 
@@ -268,10 +270,13 @@ def _project(x: jax.Array, w: jax.Array) -> jax.Array:
         if rows.shape[0] == 1 and w.dtype == jnp.bfloat16:
             two_rows = jnp.pad(rows, ((0, 1), (0, 0)))
             return row_major(two_rows, w.reshape(-1, w.shape[-1]))[:1].reshape(1, *w.shape[:-1])
-        n = rows.shape[0]
-        rows = jnp.pad(rows, ((0, _gemm_rows(n) - n), (0, 0)))
+        n = rows.shape[0] // row_shards  # rows of one block
+        lanes = _gemm_rows(n)
+        rows = jnp.pad(rows.reshape(row_shards, n, -1), ((0, 0), (0, lanes - n), (0, 0)))
+        rows = rows.reshape(row_shards * lanes, -1)
         y = jax.lax.dot_general(w, rows, (((w.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        return jnp.moveaxis(jax.lax.optimization_barrier(y), -1, 0)[:n]
+        y = jnp.moveaxis(jax.lax.optimization_barrier(y), -1, 0).reshape(row_shards, lanes, *w.shape[:-1])
+        return y[:, :n].reshape(row_shards * n, *w.shape[:-1])
 
     y = jax.lax.platform_dependent(rows, w, cpu=cpu, default=row_major)
     return y.reshape(*x.shape[:-1], *w.shape[:-1])
@@ -343,6 +348,7 @@ def forward(
     kv_mask: jax.Array,
     cache: KVCache | None = None,
     cache_index: jax.Array | int = 0,
+    row_shards: int = 1,
 ) -> tuple[jax.Array, KVCache]:
     """Runs the blocks over a chunk of tokens; returns the final hidden states and the cache.
 
@@ -361,6 +367,8 @@ def forward(
         ``[cache_index, cache_index + seq)`` of each row's own cache row (at or after
         ``cache.shared`` when ``group > 1``), then read as above.
       cache_index: int scalar (may be traced), first slot of the chunk.
+      row_shards: static; the number of devices a mesh splits the rows over (its data axis), so
+        that the weight products pad each device's rows on their own (`_project`).
 
     Returns:
       hidden: dtype[rows, seq, n_embd] after the final LayerNorm; the updated cache, or without
@@ -388,7 +396,7 @@ def forward(
     new_keys, new_values = [], []
     for i, block in enumerate(p["h"]):
         h = _layer_norm(block["ln_1"], x, c.layer_norm_epsilon)
-        qkv = _linear(block["attn"]["c_attn"], h)  # [rows, s, 3, d]
+        qkv = _linear(block["attn"]["c_attn"], h, row_shards)  # [rows, s, 3, d]
         q = _grouped_heads(qkv[:, :, 0], c.n_head, group)
         k, v = (_cache_layout(qkv[:, :, j].astype(dtype), c.n_head, group, keys=j == 1) for j in (1, 2))
         if cache is not None:
@@ -397,19 +405,20 @@ def forward(
             v = jax.lax.dynamic_update_slice(cache.values[i], v, (*lead, slot, 0))
         new_keys.append(k)
         new_values.append(v)
-        x = x + _linear(block["attn"]["c_proj"], _attention(c, i, q, k, v, mask))
+        x = x + _linear(block["attn"]["c_proj"], _attention(c, i, q, k, v, mask), row_shards)
         h = _layer_norm(block["ln_2"], x, c.layer_norm_epsilon)
         act = ACTIVATIONS[c.activation_function]
-        x = x + _linear(block["mlp"]["c_proj"], act(_linear(block["mlp"]["c_fc"], h)))
+        x = x + _linear(block["mlp"]["c_proj"], act(_linear(block["mlp"]["c_fc"], h, row_shards)), row_shards)
     x = _layer_norm(p["ln_f"], x, c.layer_norm_epsilon)
     new_cache = KVCache(tuple(new_keys), tuple(new_values)) if cache is None else cache.replace(
         keys=tuple(new_keys), values=tuple(new_values))
     return x, new_cache
 
 
-def lm_head(model: GPT2, hidden: jax.Array) -> jax.Array:
-    """dtype[..., n_embd] -> float32 logits [..., vocab] (tied to ``wte`` unless untied)."""
-    return _project(hidden, model.params.get("lm_head", model.params["wte"]))
+def lm_head(model: GPT2, hidden: jax.Array, row_shards: int = 1) -> jax.Array:
+    """dtype[..., n_embd] -> float32 logits [..., vocab] (tied to ``wte`` unless untied);
+    ``row_shards`` as in `forward`."""
+    return _project(hidden, model.params.get("lm_head", model.params["wte"]), row_shards)
 
 
 @jax.jit

@@ -183,9 +183,9 @@ def test_each_step_equals_transformers_on_the_drawn_tokens(eos_model, monkeypatc
 
 
 def _warper_cases(n, seed=2026):
-    """``n`` random combinations of warpers and the processors that run before them (each warper
-    in transformers' order, so combinations test what every one leaves to the next), from a
-    fixed seed."""
+    """``n`` random combinations of warpers and the processors that run before them (all in
+    transformers' order, so a combination tests what each one leaves to the next), from a fixed
+    seed."""
     rng = np.random.default_rng(seed)
     cases = []
     for _ in range(n):

@@ -2,9 +2,10 @@
 
     jaxgen generate "The meaning of life is" --num-beams 4 --num-return-sequences 2 --show-scores
 
-Prompts are tokenized with left padding; outputs are decoded without pad tokens. Without
-``--model`` the small GPT-2 shipped in ``jaxgen/demo_model`` is used, so the command works
-offline. Status lines (load, compile, generation speed) go to stderr; ``--json`` prints only
+Prompts are tokenized with left padding (``--chat``: each as a user message, through the
+tokenizer's chat template); outputs are decoded without pad tokens. ``--model`` takes a hub id or
+a directory of any supported family; without it the small GPT-2 shipped in ``jaxgen/demo_model``
+is used, so the command works offline. Status lines (load, compile, generation speed) go to stderr; ``--json`` prints only
 JSON on stdout. Bad input exits with status 2 and one ``jaxgen: error: ...`` line.
 """
 
@@ -54,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling")
     g.add_argument("--repetition-penalty", type=float)
     g.add_argument("--no-repeat-ngram-size", type=int)
-    g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="params dtype (default: the checkpoint's, as transformers)")
+    g.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to each prompt")
     g.add_argument("--show-scores", action="store_true", help="per-token log-probabilities")
     g.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
@@ -107,11 +110,11 @@ def _generated_lengths(generated, stop_ids):
 
 def run_generate(args) -> int:
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     import jaxgen
     from jaxgen.decoding.api import compile_generate
+    from jaxgen.models.config import token_ids
 
     status = _Status(args.json)
     if not all(p.strip() for p in args.prompts):
@@ -122,21 +125,31 @@ def run_generate(args) -> int:
         raise ValueError("--stream and --json cannot be combined")
 
     t0 = time.perf_counter()
-    model = jaxgen.from_pretrained(args.model, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+    model = jaxgen.from_pretrained(args.model, dtype=args.dtype)
     try:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(args.model, padding_side="left")
     except Exception as e:  # transformers raises OSError, ValueError, ...
         raise ValueError(f"cannot load the tokenizer of {args.model!r}: {str(e).splitlines()[0]}") from None
-    status(f"loaded {args.model} ({sum(x.size for x in jax.tree.leaves(model.params)) / 1e6:.1f}M params, "
-           f"{args.dtype}) in {time.perf_counter() - t0:.1f}s")
+    status(f"loaded {args.model} ({model.config.model_type}, "
+           f"{sum(x.size for x in jax.tree.leaves(model.params)) / 1e6:.1f}M params, {model.config.dtype}) "
+           f"in {time.perf_counter() - t0:.1f}s")
 
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    # The model's stop ids (a Llama 3 checkpoint has several), else the tokenizer's.
+    eos = list(token_ids(model.generation_config.get("eos_token_id", model.config.eos_token_id)))
+    if not eos and tokenizer.eos_token_id is not None:
+        eos = [tokenizer.eos_token_id]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token_id = pad
-    batch = tokenizer(args.prompts, return_tensors="np", padding=True)
+    texts = args.prompts
+    if args.chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"--chat: the tokenizer of {args.model!r} has no chat template")
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                               tokenize=False) for p in args.prompts]
+    batch = tokenizer(texts, return_tensors="np", padding=True, add_special_tokens=not args.chat)
     # Options left out leave the model's generation_config.json in charge, as in transformers.
     optional = dict(repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
@@ -151,7 +164,7 @@ def run_generate(args) -> int:
     elif any(v is not None for v in (args.temperature, args.top_k, args.top_p)):
         raise ValueError("--temperature / --top-k / --top-p need --do-sample")
     if args.stream:
-        kwargs["streamer"] = _PrintStreamer(tokenizer, [eos])
+        kwargs["streamer"] = _PrintStreamer(tokenizer, eos)
 
     t0 = time.perf_counter()
     run = compile_generate(model, batch.input_ids, batch.attention_mask, **kwargs)
@@ -162,7 +175,7 @@ def run_generate(args) -> int:
 
     prompt_len = batch.input_ids.shape[1]
     generated = out.sequences[:, prompt_len:]
-    lengths = _generated_lengths(generated, {eos})
+    lengths = _generated_lengths(generated, set(eos))
     status(f"generated {sum(lengths)} tokens in {seconds:.2f}s ({sum(lengths) / max(seconds, 1e-9):.1f} tokens/s)")
 
     beams = args.num_beams > 1

@@ -1,16 +1,19 @@
 """Data- and tensor-parallel decoding on a ``jax.sharding.Mesh``.
 
-Layout (Megatron-style, one reduction per attention and per MLP):
+Layout (Megatron-style, one reduction per attention and per MLP), the same for every family
+since all store their params in one layout (`jaxgen.models`):
 
-- attention: the fused q/k/v kernel ``[3, d, d]`` (``[out, in]``) is split along its output
-  features, i.e. by heads (column-parallel); ``c_proj`` ``[d, d]`` along its input features
-  (row-parallel);
-- MLP: ``c_fc`` ``[inner, d]`` column-parallel, ``c_proj`` ``[d, inner]`` row-parallel;
-- embeddings ``wte`` / ``wpe``, the (tied) LM head and LayerNorms are replicated: logits stay
-  whole on every model shard, so top-k, sorting and sampling over the vocabulary need no
-  collective (for GPT-2 XL this costs 321 MB of ``wte`` per device);
-- the KV cache (keys ``[batch, heads, head_dim, slots]``, values ``[batch, heads, slots,
-  head_dim]``, without the batch dim at batch 1) is split by batch along ``data_axis`` and by
+- attention: the fused q/k/v kernel ``[n_kv_heads, heads_per_kv + 2, head_dim, d]`` is split
+  along its first axis, i.e. by kv heads with their query heads (column-parallel); the output
+  projection ``[d, n_heads * head_dim]`` along its input features (row-parallel). A model axis
+  larger than the kv head count replicates each kv head over as many devices as needed (their
+  query heads are split among the copies), so each device holds whole heads;
+- MLP: ``up`` ``[inner, d]`` and ``gate_up`` ``[2, inner, d]`` split along ``inner``
+  (column-parallel), ``down`` ``[d, inner]`` along its input (row-parallel);
+- embeddings, norms and the LM head are replicated: logits stay whole on every model shard, so
+  top-k, sorting and sampling over the vocabulary need no collective;
+- the KV cache (keys ``[batch, kv_heads, head_dim, slots]``, values ``[batch, kv_heads, slots,
+  head_dim]``, without the batch dim at batch 1) is split by batch along ``data_axis`` and by kv
   heads along ``model_axis``; every per-row decoder array is split by rows (a batch row's beams
   stay on one device).
 
@@ -19,15 +22,21 @@ An axis given as ``None`` (or of size 1) means replication along it.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
+import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxgen.models.gpt2 import GPT2, KVCache
+from jaxgen.models.cache import KVCache
+from jaxgen.models.config import ModelConfig
 
-_COLUMN = {("attn", "c_attn", "kernel"): P(None, "M", None), ("attn", "c_attn", "bias"): P(None, "M"),
-           ("mlp", "c_fc", "kernel"): P("M", None), ("mlp", "c_fc", "bias"): P("M")}
-_ROW = {("attn", "c_proj", "kernel"): P(None, "M"), ("mlp", "c_proj", "kernel"): P(None, "M")}
+# Which axis of a layer's param the model axis splits, by its path below the layer.
+_SPLIT = {("attn", "qkv", "kernel"): 0, ("attn", "qkv", "bias"): 0, ("attn", "out", "kernel"): 1,
+          ("mlp", "up", "kernel"): 0, ("mlp", "up", "bias"): 0, ("mlp", "gate_up", "kernel"): 1,
+          ("mlp", "gate_up", "bias"): 1, ("mlp", "down", "kernel"): 1}
 
 
 def axis_size(mesh: Mesh, axis: str | None) -> int:
@@ -51,7 +60,7 @@ def auto_axes(mesh: Mesh) -> Mesh:
 
     jaxgen lays out every array of its program itself (``with_sharding_constraint``), which JAX
     allows only along ``Auto`` axes, while ``jax.make_mesh`` gives ``Explicit`` ones by default
-    in recent JAX (0.10 here). A mesh only tells jaxgen which devices to use, so both are accepted.
+    in recent JAX. A mesh only tells jaxgen which devices to use, so both are accepted.
     """
     if all(t.name == "Auto" for t in getattr(mesh, "axis_types", ())):  # older JAX: no axis types
         return mesh
@@ -69,39 +78,73 @@ def check_context() -> None:
         )
 
 
-def param_specs(model: GPT2, model_axis: str | None):
-    """A PartitionSpec for every param leaf (a pytree of the params' structure)."""
+def plan(config: ModelConfig, mesh: Mesh, model_axis: str | None) -> tuple[ModelConfig, int]:
+    """The config of ``config``'s model split along ``model_axis``, and by how many devices each
+    kv head is replicated (1 unless the axis is larger than the kv head count).
 
+    Raises ValueError unless every device gets whole query heads and an equal part of the MLP.
+    """
+    m = axis_size(mesh, model_axis)
+    inner = getattr(config, "inner_dim", 0)
+    kv = config.n_kv_heads
+    if config.n_heads % m or inner % m or (kv % m and m % kv):
+        raise ValueError(
+            f"model_axis={model_axis!r} has {m} devices, but n_heads={config.n_heads} and the MLP width {inner} "
+            f"must be divisible by it, and n_kv_heads={kv} divisible by it or a divisor of it"
+        )
+    repeat = 1 if kv % m == 0 else m // kv
+    return dataclasses.replace(config, n_kv_heads=kv * repeat), repeat
+
+
+def repeat_kv_heads(qkv, heads_per_kv: int, repeat: int):
+    """A fused q/k/v param ``[kv, heads_per_kv + 2, ...]`` -> ``[kv * repeat, heads_per_kv /
+    repeat + 2, ...]``: each kv head copied ``repeat`` times, its query heads split among the
+    copies in order (numpy or jax arrays alike). The same attention, over more kv heads."""
+    if repeat == 1:
+        return qkv
+    xp = np if isinstance(qkv, np.ndarray) else jnp
+    kv, rest = qkv.shape[0], qkv.shape[2:]
+    q = qkv[:, :heads_per_kv].reshape(kv, repeat, heads_per_kv // repeat, *rest)
+    k_v = xp.broadcast_to(qkv[:, None, heads_per_kv:], (kv, repeat, 2, *rest))
+    return xp.concatenate([q, k_v], axis=2).reshape(kv * repeat, heads_per_kv // repeat + 2, *rest)
+
+
+def param_spec(path: tuple, ndim: int, model_axis: str | None) -> P:
+    """The PartitionSpec of the param at ``path`` (keys from the params' root)."""
+    axis = _SPLIT.get(tuple(path[2:])) if path[:1] == ("layers",) and model_axis is not None else None
+    return P(*(model_axis if a == axis else None for a in range(ndim))) if axis is not None else P()
+
+
+def param_specs(params, model_axis: str | None):
+    """A PartitionSpec for every param leaf (a pytree of the params' structure)."""
     def spec(path, leaf):
         keys = tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)
-        if keys[0] != "h" or model_axis is None:
-            return P()
-        rule = _COLUMN.get(keys[2:]) or _ROW.get(keys[2:]) or P()
-        return P(*(model_axis if s == "M" else s for s in rule))
+        return param_spec(keys, leaf.ndim, model_axis)
 
-    return jax.tree_util.tree_map_with_path(spec, model.params)
+    return jax.tree_util.tree_map_with_path(spec, params)
 
 
-def shard(model: GPT2, mesh: Mesh, *, data_axis: str | None = "data", model_axis: str | None = "model") -> GPT2:
+def shard(model, mesh: Mesh, *, data_axis: str | None = "data", model_axis: str | None = "model"):
     """Places ``model``'s params on ``mesh`` (tensor-parallel along ``model_axis``).
 
-    Raises ValueError for a mesh without the named axes, or heads / MLP width not divisible by
-    the model axis. ``data_axis`` is only checked here; decoders shard the batch along it.
+    Raises ValueError for a mesh without the named axes, or heads / MLP width that do not split
+    evenly (`plan`). ``data_axis`` is only checked here; decoders shard the batch along it.
     """
     check_mesh(mesh, data_axis, model_axis)
     mesh = auto_axes(mesh)
-    m = axis_size(mesh, model_axis)
-    c = model.config
-    if c.n_head % m or c.inner_dim % m:
-        raise ValueError(
-            f"model_axis={model_axis!r} has {m} devices, but n_head={c.n_head} and the MLP width "
-            f"{c.inner_dim} must both be divisible by it"
-        )
-    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(model, model_axis))
-    return model.replace(params=jax.device_put(model.params, shardings))
+    config, repeat = plan(model.config, mesh, model_axis)
+    params = model.params
+    if repeat > 1:
+        per_kv = model.config.n_heads // model.config.n_kv_heads
+        params = {**params, "layers": [
+            {**layer, "attn": {**layer["attn"], "qkv": jax.tree.map(lambda x: repeat_kv_heads(x, per_kv, repeat),
+                                                                       layer["attn"]["qkv"])}}
+            for layer in params["layers"]]}
+    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(params, model_axis))
+    return model.replace(params=jax.device_put(params, shardings), config=config)
 
 
-def is_on(model: GPT2, mesh: Mesh) -> bool:
+def is_on(model, mesh: Mesh) -> bool:
     """Whether every param already lives on ``mesh`` (e.g. placed by `shard`)."""
     return all(isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh for x in jax.tree.leaves(model.params))
 
@@ -112,8 +155,8 @@ def rows_sharding(mesh: Mesh, data_axis: str | None, ndim: int) -> NamedSharding
 
 
 def constrain_cache(cache: KVCache, mesh: Mesh | None, data_axis, model_axis) -> KVCache:
-    """Pins the cache layout ``[batch, heads, ...]`` -> (data, model, -, -); a one-row cache,
-    stored ``[heads, ...]``, -> (model, -, -)."""
+    """Pins the cache layout ``[batch, kv_heads, ...]`` -> (data, model, -, -); a one-row cache,
+    stored ``[kv_heads, ...]``, -> (model, -, -)."""
     if mesh is None:
         return cache
 

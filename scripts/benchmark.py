@@ -101,15 +101,20 @@ def _seconds_per_call(fn, arg, calls: int, tries: int = 5) -> float:
     return best
 
 
-def step_bound(config, rows: int, prompt: int, new: int, machine: dict, dtype_bytes=4) -> float:
-    """Seconds per decoding step at the roofline: max(bytes / bandwidth, flops / throughput)."""
-    d, layers, vocab = config.n_embd, config.n_layer, config.vocab_size
-    block = 12 * d * d + 13 * d  # c_attn + c_proj + c_fc + c_proj (+ biases)
-    weights = layers * block + vocab * d  # the LM head reads all of wte
+def step_bound(model, rows: int, prompt: int, new: int, machine: dict) -> float:
+    """Seconds per decoding step at the roofline: max(bytes / bandwidth, flops / throughput).
+
+    A step reads every weight once (the LM head all of its matrix; of the embedding tables only
+    a row per token, counted as nothing, unless the head is the tied embedding) and each row's
+    KV cache up to the average context."""
+    c, params = model.config, model.params
+    lookups = [params["embed"], params.get("pos_embed")] if "lm_head" in params else [params.get("pos_embed")]
+    weights = sum(x.size for x in jax.tree.leaves(params)) - sum(x.size for x in lookups if x is not None)
+    itemsize = jnp.dtype(model.dtype).itemsize
     avg_ctx = prompt + new / 2
-    kv = rows * layers * 2 * avg_ctx * d
-    flops = 2 * rows * weights + rows * layers * 4 * avg_ctx * d
-    return max((weights + kv) * dtype_bytes / (machine["bandwidth_GBps"] * 1e9),
+    kv_bytes = rows * avg_ctx * c.kv_bytes_per_slot
+    flops = 2 * rows * weights + rows * c.n_layers * 4 * avg_ctx * c.n_heads * c.head_dim
+    return max((weights * itemsize + kv_bytes) / (machine["bandwidth_GBps"] * 1e9),
                flops / (machine["matmul_GFLOPs"] * 1e9))
 
 
@@ -146,29 +151,49 @@ def peak_memory(fn) -> int:
 # --- the two libraries -------------------------------------------------------------------------
 
 
-def default_checkpoint(cache: Path) -> Path:
-    """GPT-2 124M architecture (``GPT2Config()``) with random weights, saved once.
+# Architectures with random weights (--arch): transformers config class and its arguments.
+# initializer_range above the usual 0.02 makes next-token distributions peaked enough for greedy
+# and beam outputs of both libraries to agree exactly (no float-noise near-ties).
+ARCHS = {
+    "gpt2-124m": ("GPT2Config", dict(initializer_range=0.1)),
+    "qwen2.5-0.5b": ("Qwen2Config", dict(
+        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+        num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151643, initializer_range=0.1)),
+    "llama-3.2-1b": ("LlamaConfig", dict(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=64, max_position_embeddings=131072, rms_norm_eps=1e-5,
+        rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=8192), rope_theta=500000.0,
+        tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001, initializer_range=0.1)),
+}
 
-    initializer_range=0.1 (not 0.02) so that next-token distributions are peaked enough for
-    greedy and beam outputs of both libraries to agree exactly (no float-noise near-ties)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
 
-    path = cache / "gpt2-124M-random"
-    if not (path / "model.safetensors").exists():
+def default_checkpoint(cache: Path, arch: str, layers: int | None = None) -> Path:
+    """``arch``'s architecture (`ARCHS`; ``layers`` overrides its depth) with random weights,
+    saved once under ``cache``."""
+    import transformers
+
+    config_class, kwargs = ARCHS[arch]
+    if layers is not None:
+        kwargs = {**kwargs, ("n_layer" if arch.startswith("gpt2") else "num_hidden_layers"): layers}
+    path = cache / f"{arch}{'' if layers is None else f'-{layers}L'}-random"
+    if not (path / "config.json").exists():
         torch.manual_seed(0)
-        GPT2LMHeadModel(GPT2Config(initializer_range=0.1)).save_pretrained(path)
+        config = getattr(transformers, config_class)(**kwargs)
+        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
     return path
 
 
 def load(args, library: str):
-    """The checkpoint (``--model``, else the default one) in ``--dtype``: a jaxgen model, or a
-    transformers one in eval mode on ``TORCH_DEVICE``."""
-    path = args.model or default_checkpoint(args.cache)
+    """The checkpoint (``--model``, else ``--arch`` with random weights) in ``--dtype``: a jaxgen
+    model, or a transformers one in eval mode on ``TORCH_DEVICE``."""
+    path = args.model or default_checkpoint(args.cache, args.arch, args.layers)
     if library == "jaxgen":
-        return jaxgen.from_pretrained(path, dtype=getattr(jnp, args.dtype))
-    from transformers import GPT2LMHeadModel
+        return jaxgen.from_pretrained(path, dtype=args.dtype)
+    from transformers import AutoModelForCausalLM
 
-    return GPT2LMHeadModel.from_pretrained(path, dtype=getattr(torch, args.dtype)).to(TORCH_DEVICE).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).to(TORCH_DEVICE).eval()
 
 
 def hf_kwargs(strategy: str, num_beams: int, new: int, pad: int) -> dict:
@@ -197,9 +222,9 @@ def workload_calls(name: str, args, model, torch_model=None):
     compiled jaxgen program (sampling with a fixed key) and transformers' ``generate`` (taking
     extra keyword arguments); each is None without its model."""
     strategy, num_beams, batch = workload(name)
-    config = (model if model is not None else torch_model).config
-    ids, mask = prompts(batch, args.prompt_len, config.vocab_size)
-    kw = hf_kwargs(strategy, num_beams, args.new_tokens, config.eos_token_id)
+    vocab = (model if model is not None else torch_model).config.vocab_size
+    ids, mask = prompts(batch, args.prompt_len, vocab)
+    kw = hf_kwargs(strategy, num_beams, args.new_tokens, 0)
     run_jax = run_torch = None
     if model is not None:
         jkw = dict(kw, key=jax.random.key(0)) if strategy == "sample" else kw
@@ -220,7 +245,10 @@ def workload_calls(name: str, args, model, torch_model=None):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="GPT-2 checkpoint (default: random GPT-2 124M saved to --cache)")
+    ap.add_argument("--model", help="checkpoint directory of any family (default: --arch with random weights)")
+    ap.add_argument("--arch", choices=sorted(ARCHS), default="gpt2-124m",
+                    help="architecture of the random-weight default checkpoint (saved to --cache)")
+    ap.add_argument("--layers", type=int, help="override --arch's number of layers")
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "jaxgen-bench")
     ap.add_argument("--workloads", nargs="+", type=_workload_name, default=list(WORKLOADS), metavar="WORKLOAD",
                     help=f"greedy-B, sample-B or beamK-B (default: {' '.join(WORKLOADS)})")
@@ -254,8 +282,7 @@ def main():
         r["machine"] = {k: max(m[k] for m in measurements[-2:]) for k in measurements[-1]}
         print(f"  machine after {name}: {_limits(measurements[-1])}", flush=True)
         if "jax_ms_per_step" in r:
-            bound = step_bound(model.config, r["rows"], args.prompt_len, args.new_tokens, r["machine"],
-                               jnp.dtype(model.dtype).itemsize)
+            bound = step_bound(model, r["rows"], args.prompt_len, args.new_tokens, r["machine"])
             r.update(bound_ms_per_step=1e3 * bound, jax_of_bound=1e3 * bound / r["jax_ms_per_step"])
         results.append(r)
         args.json.write_text(json.dumps({"machine_measurements": measurements,  # after each workload
@@ -329,7 +356,8 @@ def probe_in_subprocess(args, library: str, workload: str) -> float:
     would otherwise hide it)."""
     cmd = [sys.executable, __file__, "--memory-probe", library, workload, "--prompt-len", str(args.prompt_len),
            "--new-tokens", str(args.new_tokens), "--dtype", args.dtype, "--threads", str(args.threads),
-           "--cache", str(args.cache)] + (["--model", args.model] if args.model else [])
+           "--cache", str(args.cache), "--arch", args.arch] + (["--model", args.model] if args.model else []) + (
+               ["--layers", str(args.layers)] if args.layers else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode:
         raise RuntimeError(f"memory probe {library} {workload} failed:\n{proc.stderr[-2000:]}")

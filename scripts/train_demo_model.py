@@ -6,7 +6,7 @@ ASCII-art files and without the offensive ``off/`` collection. Each fortune is o
 separated by ``<|endoftext|>``.
 
 Tokenizer: a byte-level BPE (``tokenizers``) with 4096 tokens, saved as a transformers GPT-2
-tokenizer. Model: jaxgen's own GPT-2 (``jaxgen.models.gpt2.forward``) trained with optax AdamW
+tokenizer. Model: jaxgen's own GPT-2 (``jaxgen.models.model.forward``) trained with optax AdamW
 on 128-token windows; saved in Hugging Face layout (``config.json``, ``model.safetensors``
 with transformers' names), so that PyTorch ``GPT2LMHeadModel.from_pretrained`` loads it
 unchanged. Everything is seeded: the same machine and versions give the same files.
@@ -28,16 +28,8 @@ import numpy as np
 import optax
 import safetensors.numpy
 
-from jaxgen.models.gpt2 import (
-    GPT2,
-    GPT2Config,
-    expected_shapes,
-    flatten_params,
-    forward,
-    lm_head,
-    positions_from_mask,
-    unflatten_params,
-)
+import jaxgen
+from jaxgen.models.model import forward, logits, positions_from_mask
 
 EOT = "<|endoftext|>"
 FORTUNE_DIR = Path("/usr/share/games/fortunes")
@@ -67,40 +59,38 @@ def train_tokenizer(docs: list[str], vocab_size: int, out: Path):
     return tok
 
 
-def init_params(config: GPT2Config, key) -> dict:
-    """GPT-2's initialisation: normal(0.02) weights, residual projections scaled by 1/sqrt(2 n_layer)."""
-    flat = {}
-    shapes = expected_shapes(config)
-    keys = jax.random.split(key, len(shapes))
-    for k, (name, shape) in zip(keys, sorted(shapes.items())):
-        if name.endswith(("scale",)):
-            flat[name] = jnp.ones(shape)
-        elif name.endswith("bias"):
-            flat[name] = jnp.zeros(shape)
-        else:
-            std = 0.02 / (2 * config.n_layer) ** 0.5 if name.endswith("c_proj.kernel") else 0.02
-            flat[name] = std * jax.random.normal(k, shape)
-    return unflatten_params(flat, config.n_layer)
+def init_model(hf_config, key_seed: int, out: Path) -> jaxgen.CausalLM:
+    """A GPT-2 with transformers' initialisation (normal(0.02), residual projections scaled
+    by 1/sqrt(2 n_layer)), saved to ``out`` and loaded as a jaxgen model."""
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(key_seed)
+    GPT2LMHeadModel(hf_config).save_pretrained(out)
+    return jaxgen.from_pretrained(out, dtype="float32")
 
 
-def to_hf_state_dict(params: dict, config: GPT2Config) -> dict[str, np.ndarray]:
-    """jaxgen params -> transformers' GPT2LMHeadModel names and shapes (Conv1D weights [in, out])."""
-    out = {}
-    for name, value in flatten_params(params).items():
-        name = name.replace(".kernel", ".weight").replace(".scale", ".weight")
-        if "." not in name:  # wte, wpe, lm_head
-            name += ".weight"
-        out[name if name.startswith("lm_head") else "transformer." + name] = value
+def to_hf_state_dict(params: dict, config) -> dict[str, np.ndarray]:
+    """jaxgen's GPT-2 params -> transformers' GPT2LMHeadModel names and shapes (the inverse of
+    `jaxgen.models.gpt2.checkpoint_table`: Conv1D weights [in, out], q/k/v fused as [d, 3d])."""
+    d = config.d_model
+    def norm(name, p):
+        return {name + ".weight": p["scale"], name + ".bias": p["bias"]}
+
+    def conv(name, p):  # [out, in] -> Conv1D's [in, out]
+        return {name + ".weight": p["kernel"].T, name + ".bias": p["bias"]}
+
+    out = {"transformer.wte.weight": params["embed"], "transformer.wpe.weight": params["pos_embed"],
+           **norm("transformer.ln_f", params["final_norm"])}
+    for i, layer in enumerate(params["layers"]):
+        pre = f"transformer.h.{i}."
+        qkv = layer["attn"]["qkv"]
+        out.update({**norm(pre + "ln_1", layer["attn_norm"]), **norm(pre + "ln_2", layer["mlp_norm"]),
+                    pre + "attn.c_attn.weight": jnp.moveaxis(qkv["kernel"], 1, 0).reshape(3 * d, d).T,
+                    pre + "attn.c_attn.bias": jnp.moveaxis(qkv["bias"], 1, 0).reshape(3 * d),
+                    **conv(pre + "attn.c_proj", layer["attn"]["out"]), **conv(pre + "mlp.c_fc", layer["mlp"]["up"]),
+                    **conv(pre + "mlp.c_proj", layer["mlp"]["down"])})
     return {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in out.items()}
-
-
-def write_config(config: GPT2Config, out: Path):
-    from transformers import GPT2Config as HFConfig
-
-    hf = HFConfig(vocab_size=config.vocab_size, n_positions=config.n_positions, n_embd=config.n_embd,
-                  n_layer=config.n_layer, n_head=config.n_head, bos_token_id=config.bos_token_id,
-                  eos_token_id=config.eos_token_id, architectures=["GPT2LMHeadModel"])
-    hf.save_pretrained(out)
 
 
 def main():
@@ -126,9 +116,12 @@ def main():
     stream = np.concatenate([np.asarray(e.ids + [eot], np.int32) for e in encoded])
     print(f"{len(docs)} fortunes, {len(stream)} tokens, vocab {len(tok)}", flush=True)
 
-    config = GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=args.n_embd, n_layer=args.n_layer,
-                        n_head=args.n_head, bos_token_id=eot, eos_token_id=eot)
-    params = init_params(config, jax.random.key(args.seed))
+    from transformers import GPT2Config
+
+    hf_config = GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=args.n_embd, n_layer=args.n_layer,
+                           n_head=args.n_head, bos_token_id=eot, eos_token_id=eot, architectures=["GPT2LMHeadModel"])
+    model = init_model(hf_config, args.seed, args.out)
+    params, config = model.params, model.config
     warmup = min(100, args.steps // 10)
     schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, warmup, args.steps, args.lr / 20)
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.05))
@@ -136,11 +129,10 @@ def main():
     holdout = len(stream) // 50  # the last 2% for validation
 
     def loss_fn(p, batch):
-        model = GPT2(p, config)
+        m = model.replace(params=p)
         mask = jnp.ones(batch.shape, jnp.int32)
-        hidden, _ = forward(model, batch[:, :-1], positions_from_mask(mask[:, :-1]), mask[:, :-1])
-        logits = lm_head(model, hidden)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
+        hidden, _ = forward(m, batch[:, :-1], positions_from_mask(mask[:, :-1]), mask[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits(m, hidden), batch[:, 1:]).mean()
 
     @jax.jit
     def train_step(p, s, batch):
@@ -164,7 +156,7 @@ def main():
 
     safetensors.numpy.save_file(to_hf_state_dict(params, config), str(args.out / "model.safetensors"),
                                 metadata={"format": "pt"})
-    write_config(config, args.out)
+    hf_config.save_pretrained(args.out)
     card = (Path(__file__).with_name("demo_model_card.md").read_text()
             .replace("{steps}", str(args.steps)).replace("{tokens}", str(len(stream)))
             .replace("{docs}", str(len(docs))).replace("{val_loss}", f"{val_loss:.3f}")

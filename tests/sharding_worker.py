@@ -55,11 +55,11 @@ def main():
         mesh = mesh_of(shape)
         sharded = jaxgen.shard(model, mesh)
         results["param_specs"][mesh_name] = {
-            "c_attn": str(sharded.params["h"][0]["attn"]["c_attn"]["kernel"].sharding.spec),
-            "c_proj": str(sharded.params["h"][0]["attn"]["c_proj"]["kernel"].sharding.spec),
-            "c_fc": str(sharded.params["h"][0]["mlp"]["c_fc"]["kernel"].sharding.spec),
-            "wte": str(sharded.params["wte"].sharding.spec),
-            "c_attn_shard_shape": list(sharded.params["h"][0]["attn"]["c_attn"]["kernel"]
+            "c_attn": str(sharded.params["layers"][0]["attn"]["qkv"]["kernel"].sharding.spec),
+            "c_proj": str(sharded.params["layers"][0]["attn"]["out"]["kernel"].sharding.spec),
+            "c_fc": str(sharded.params["layers"][0]["mlp"]["up"]["kernel"].sharding.spec),
+            "wte": str(sharded.params["embed"].sharding.spec),
+            "c_attn_shard_shape": list(sharded.params["layers"][0]["attn"]["qkv"]["kernel"]
                                        .addressable_shards[0].data.shape),
         }
         results["meshes"][mesh_name] = {}

@@ -41,7 +41,7 @@ def report(tmp_path_factory):
          "--prompt-len", str(PROMPT), "--new-tokens", str(NEW), "--reps", "2", "--threads", "2", "--json", str(out)],
         capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout, json.loads(out.read_text()), jaxgen.from_pretrained(path / "model").config
+    return proc.stdout, json.loads(out.read_text()), jaxgen.from_pretrained(path / "model")
 
 
 def test_reports_every_workload_once_outputs_agree(report):
@@ -55,7 +55,7 @@ def test_reports_every_workload_once_outputs_agree(report):
 
 
 def test_numbers_are_consistent(report):
-    _, data, config = report
+    _, data, model = report
     measurements = data["machine_measurements"]  # before the first workload, then after each
     assert len(measurements) == len(data["results"]) + 1
     step_bound = load_script().step_bound
@@ -73,7 +73,7 @@ def test_numbers_are_consistent(report):
         assert r["jax_tokens_per_s"] == pytest.approx(batch * 1e3 / r["jax_ms_per_step"])
         assert r["torch_tokens_per_s"] == pytest.approx(batch * 1e3 / r["torch_ms_per_step"])
         assert r["jax_of_bound"] == pytest.approx(r["bound_ms_per_step"] / r["jax_ms_per_step"])
-        bound = step_bound(config, r["rows"], PROMPT, NEW, machine)
+        bound = step_bound(model, r["rows"], PROMPT, NEW, machine)
         assert r["bound_ms_per_step"] == pytest.approx(1e3 * bound)
         assert r["jax_peak_MB"] >= 0 and r["torch_peak_MB"] >= 0
 

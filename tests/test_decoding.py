@@ -205,7 +205,7 @@ def _cache_moves(model, ids, mask, **kwargs):
     hlo = api._decode.lower(model, *api._operands(req), spec=req.spec).compile().as_text()
     c, spec = model.config, req.spec
     rows, group = len(ids), spec.num_beams if spec.beam_search else 1
-    lead = f"{rows},{c.n_head}" if rows > 1 else f"{c.n_head}"  # one row is stored without its batch dim
+    lead = f"{rows},{c.n_kv_heads}" if rows > 1 else f"{c.n_kv_heads}"  # one row is stored without its batch dim
     shapes = []
     for end in spec.phase_ends:
         slots = spec.bucket_len + end * group  # beam search stores the prompt once per batch row
@@ -243,7 +243,7 @@ def test_token_step_updates_the_cache_in_place(eos_model, batch):
 def test_bfloat16_program_keeps_no_float32_copy_of_a_block_weight(eos_model, batch, num_beams):
     """XLA:CPU runs a bfloat16 matmul that returns bfloat16, or multiplies one row, by converting
     the weight to float32 (a float32 copy of every weight per call, more memory than a float32
-    model). `_project` avoids both; only the embedding table is still converted (for its gather)."""
+    model). `kernels.matmul.project` avoids both; only the embedding table is still converted (for its gather)."""
     _, model = eos_model
     c = model.config
     model = model.replace(params=jax.tree.map(lambda x: x.astype(jnp.bfloat16), model.params),
@@ -252,21 +252,21 @@ def test_bfloat16_program_keeps_no_float32_copy_of_a_block_weight(eos_model, bat
     ids, mask = left_padded_batch(np.random.default_rng(5), batch, 6, c.vocab_size, [0, 2][:batch])
     req = args.parse(model, ids, mask, dict(max_new_tokens=8, num_beams=num_beams, eos_token_id=EOS, pad_token_id=PAD))
     hlo = api._decode.lower(model, *api._operands(req), spec=req.spec).compile().as_text()
-    d, inner = c.n_embd, c.inner_dim
+    d, inner = c.d_model, c.inner_dim
 
     def converted(shape):
         return [line for line in hlo.splitlines() if f"= f32[{shape}]{{" in line and " convert(" in line]
 
     assert converted(f"{c.vocab_size},{d}"), "the search finds no convert at all (XLA:CPU converts the " \
         "embedding table for its gather; if it no longer does, anchor the search elsewhere)"
-    for shape in (f"3,{d},{d}", f"{d},{d}", f"{inner},{d}", f"{d},{inner}"):
+    for shape in (f"{c.n_heads},3,{c.head_dim},{d}", f"{d},{d}", f"{inner},{d}", f"{d},{inner}"):
         assert not converted(shape), converted(shape)[:1]
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="a property of XLA:CPU's GEMM")
 @pytest.mark.parametrize("batch, num_beams, lanes", [(5, 1, 8), (1, 5, 8), (3, 4, 16)])
 def test_cpu_projections_take_rows_in_whole_lane_tiles(eos_model, batch, num_beams, lanes):
-    """A decode step's 5 or 12 rows reach XLA:CPU's GEMM as 8 or 16 (`gpt2._gemm_rows`: a part
+    """A decode step's 5 or 12 rows reach XLA:CPU's GEMM as 8 or 16 (`kernels.matmul.gemm_rows`: a part
     tile of lanes runs extra passes over the weight); the prompt's rows, above 64 or up to 4, as
     they are."""
     _, model = eos_model
@@ -386,7 +386,7 @@ def test_bad_inputs(eos_model):
         jaxgen.beam_search(model, ids, **kw)
     with pytest.raises(ValueError, match="greedy_search runs with num_beams=1"):
         jaxgen.greedy_search(model, ids, num_beams=3, **kw)
-    with pytest.raises(ValueError, match="model must be a jaxgen GPT2"):
+    with pytest.raises(ValueError, match="model must be a jaxgen CausalLM"):
         jaxgen.generate("gpt2", ids, **kw)
     # Token ids may come as arrays (numpy, jax, torch), as transformers takes tensors.
     as_arrays = dict(max_new_tokens=4, eos_token_id=torch.tensor([EOS]), pad_token_id=jnp.int32(PAD),

@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from transformers import GPT2Model, LlamaConfig, LlamaForCausalLM
+from transformers import BertConfig, BertModel, GPT2Model
 
 import jaxgen
-from jaxgen.models.gpt2 import forward, lm_head, positions_from_mask
+from jaxgen.models.model import forward, logits, positions_from_mask
 from tests.conftest import build_checkpoint, left_padded_batch
 
 BASE = dict(vocab_size=80, n_positions=48, n_embd=32, n_layer=2, n_head=4, initializer_range=0.2,
@@ -57,7 +57,7 @@ def test_logits_match_pytorch_on_left_padded_batch(pair):
 def test_untied_head_is_really_untied(tmp_path):
     build_checkpoint(tmp_path, seed=1, **{**BASE, "tie_word_embeddings": False})
     params = jaxgen.from_pretrained(tmp_path).params
-    assert "lm_head" in params and not np.allclose(params["lm_head"], params["wte"])
+    assert "lm_head" in params and not np.allclose(params["lm_head"], params["embed"])
 
 
 @pytest.mark.parametrize("batch", [3, 1])
@@ -73,11 +73,11 @@ def test_prefill_then_cached_steps_equal_full_forward(pair, batch):
     cache = model.init_cache(batch, 16)
     assert cache.batch == batch and cache.values[0].ndim == (4 if batch > 1 else 3)
     hidden, cache = forward(model, jnp.asarray(ids[:, :prompt]), positions[:, :prompt], kv_mask, cache, 0)
-    np.testing.assert_allclose(np.asarray(lm_head(model, hidden))[:, -1], full[:, prompt - 1], atol=1e-4)
+    np.testing.assert_allclose(np.asarray(logits(model, hidden))[:, -1], full[:, prompt - 1], atol=1e-4)
     step = jax.jit(forward)
     for t in range(prompt, prompt + 10):
         hidden, cache = step(model, jnp.asarray(ids[:, t:t + 1]), positions[:, t:t + 1], kv_mask, cache, t)
-        np.testing.assert_allclose(np.asarray(lm_head(model, hidden))[:, 0], full[:, t], atol=1e-4,
+        np.testing.assert_allclose(np.asarray(logits(model, hidden))[:, 0], full[:, t], atol=1e-4,
                                    err_msg=f"cached step at position {t}")
 
 
@@ -111,7 +111,7 @@ def test_grouped_cache_rows_read_their_ancestors_slots(pair, batch):
         hidden, cache = step(model, jnp.asarray(tokens[:, None]), jnp.asarray(next_pos[:, None]),
                              jnp.asarray(reads.reshape(batch * group, total, group)), cache, prompt + t)
         next_pos += 1
-        np.testing.assert_allclose(np.asarray(lm_head(model, hidden))[:, 0], np.asarray(model(seqs, seq_mask))[:, -1],
+        np.testing.assert_allclose(np.asarray(logits(model, hidden))[:, 0], np.asarray(model(seqs, seq_mask))[:, -1],
                                    atol=1e-4, err_msg=f"step {t}")
     with pytest.raises(ValueError, match="group=3 needs kv_mask"):
         forward(model, jnp.asarray(tokens[:, None]), jnp.asarray(next_pos[:, None]), jnp.ones((6, total), bool),
@@ -125,7 +125,7 @@ def test_half_precision_stays_within_documented_tolerance(pair, dtype, tol):
     measured 0.8-1.7% and 0.13-0.25% on these configs)."""
     torch_model, _, path = pair
     model = jaxgen.from_pretrained(path, dtype=dtype)
-    assert model.params["wte"].dtype == dtype
+    assert model.params["embed"].dtype == dtype
     ids, mask = left_padded_batch(np.random.default_rng(2), 2, 9, BASE["vocab_size"], pads=[0, 4], low=0)
     ours = np.asarray(model(ids, mask))
     assert ours.dtype == np.float32
@@ -237,11 +237,10 @@ def test_shapes_disagreeing_with_config(tmp_path, good_dir):
         jaxgen.from_pretrained(bad)
 
 
-def test_llama_checkpoint_is_rejected(tmp_path):
-    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2)
-    LlamaForCausalLM(config).save_pretrained(tmp_path)
-    with pytest.raises(jaxgen.CheckpointError, match="model_type='llama'.*GPT-2 checkpoints only"):
+def test_unsupported_model_type_is_rejected(tmp_path):
+    BertModel(BertConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2)).save_pretrained(tmp_path)
+    with pytest.raises(jaxgen.CheckpointError, match="model_type='bert' is not supported; jaxgen runs gpt2, llama"):
         jaxgen.from_pretrained(tmp_path)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-WEIGHT_SHAPES = {"f32[64,3,64]", "f32[64,192]", "f32[64,64]", "f32[64,256]", "f32[256,64]", "f32[64,96]"}
+WEIGHT_SHAPES = {"f32[8,3,8,64]", "f32[64,192]", "f32[64,64]", "f32[64,256]", "f32[256,64]", "f32[64,96]"}
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +57,11 @@ def test_one_prompt_split_by_heads_equals_single_device(results, strategy):
 
 def test_params_are_really_split(results):
     specs = results["param_specs"]
-    assert specs["4x2"]["c_attn"] == "P(None, 'model', None)" and specs["4x2"]["c_proj"] == "P(None, 'model')"
+    assert specs["4x2"]["c_attn"] == "P('model', None, None, None)" and specs["4x2"]["c_proj"] == "P(None, 'model')"
     assert specs["4x2"]["c_fc"] == "P('model', None)" and specs["4x2"]["wte"] == "P()"
-    assert specs["4x2"]["c_attn_shard_shape"] == [3, 32, 64]  # 4 of 8 heads per device
-    assert specs["1x8"]["c_attn_shard_shape"] == [3, 8, 64]
-    assert specs["8x1"]["c_attn_shard_shape"] == [3, 64, 64]
+    assert specs["4x2"]["c_attn_shard_shape"] == [4, 3, 8, 64]  # 4 of 8 heads per device
+    assert specs["1x8"]["c_attn_shard_shape"] == [1, 3, 8, 64]
+    assert specs["8x1"]["c_attn_shard_shape"] == [8, 3, 8, 64]
 
 
 def test_compiled_program_gathers_no_whole_weight(results):
@@ -70,7 +70,7 @@ def test_compiled_program_gathers_no_whole_weight(results):
 
 
 def test_compiled_program_moves_no_row_between_devices(results):
-    """Each device pads its own rows for XLA:CPU's GEMM (`gpt2._project`'s ``row_shards``): the
+    """Each device pads its own rows for XLA:CPU's GEMM (`kernels.matmul.project`'s ``row_shards``): the
     beam program's 6 rows a device become 8 there, with no collective-permute."""
     assert not results["collective_permutes"], results["collective_permutes"][:3]
 
@@ -78,7 +78,7 @@ def test_compiled_program_moves_no_row_between_devices(results):
 def test_clear_errors(results):
     errors = results["errors"]
     assert "divisible by the 4 devices of data_axis='data'" in errors["batch"]
-    assert "n_head=3" in errors["heads"] and "divisible" in errors["heads"]
+    assert "n_heads=3" in errors["heads"] and "divisible" in errors["heads"]
     assert "not an axis of the mesh" in errors["axes"]
     assert "must be a jax.sharding.Mesh" in errors["not_a_mesh"]
     assert errors["explicit_context"].startswith("mesh cannot be used") and "jax.set_mesh" in errors["explicit_context"]

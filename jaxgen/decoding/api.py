@@ -17,7 +17,7 @@ import numpy as np
 from jaxgen import generation_config, sharding
 from jaxgen.decoding import args, beam, engine, greedy
 from jaxgen.decoding.engine import DecodeSpec
-from jaxgen.models.gpt2 import GPT2
+from jaxgen.models.model import CausalLM
 from jaxgen.outputs import GenerateOutput
 
 
@@ -47,7 +47,7 @@ def _streaming(req: args.Request, input_ids, run: Callable[[], GenerateOutput]) 
     return out
 
 
-def _place(model: GPT2, req: args.Request) -> GPT2:
+def _place(model: CausalLM, req: args.Request) -> CausalLM:
     """With a mesh: params onto it (if `jaxgen.shard` was not called) and the batch split along
     the data axis (concrete inputs; traced ones are pinned inside the program)."""
     spec = req.spec
@@ -67,7 +67,7 @@ def _run(model, input_ids, attention_mask, kwargs, beam_search=None) -> Generate
     return _streaming(req, input_ids, lambda: _decode(model, *_operands(req), spec=req.spec))
 
 
-def compile_generate(model: GPT2, input_ids, attention_mask=None, **kwargs) -> Callable[[], GenerateOutput]:
+def compile_generate(model: CausalLM, input_ids, attention_mask=None, **kwargs) -> Callable[[], GenerateOutput]:
     """Validates and compiles a `generate` call without running it; returns a function that
     runs the compiled program (the same one `generate` would use) and returns its output. The
     function's ``compiled`` attribute is XLA's executable (``jax.stages.Compiled``:
@@ -93,7 +93,7 @@ def _call(kwargs: dict[str, Any], fn: str | None = None, **fixed) -> dict[str, A
     return {**kwargs, **fixed}
 
 
-def generate(model: GPT2, input_ids, attention_mask=None, **kwargs) -> GenerateOutput:
+def generate(model: CausalLM, input_ids, attention_mask=None, **kwargs) -> GenerateOutput:
     """transformers ``generate()`` for a jaxgen model, compiled.
 
     Args:
@@ -103,7 +103,7 @@ def generate(model: GPT2, input_ids, attention_mask=None, **kwargs) -> GenerateO
         mask: ``input_ids != pad_token_id`` where the pad id occurs in input_ids and is no EOS id,
         else all ones.
       **kwargs: transformers' names and defaults: max_new_tokens / max_length (default: 20 new
-        tokens, at most up to the model's n_positions), min_new_tokens / min_length, num_beams,
+        tokens, at most up to the model's max_position_embeddings), min_new_tokens / min_length, num_beams,
         num_return_sequences, length_penalty, early_stopping (True / False / "never"),
         eos_token_id (int or list; default the model's), pad_token_id, do_sample with key (a jax
         PRNG key), temperature, top_h, top_k (default 50 when sampling), top_p, min_p, typical_p,
@@ -122,12 +122,12 @@ def generate(model: GPT2, input_ids, attention_mask=None, **kwargs) -> GenerateO
     return _run(model, input_ids, attention_mask, _call(kwargs))
 
 
-def greedy_search(model: GPT2, input_ids, attention_mask=None, **kwargs) -> GenerateOutput:
+def greedy_search(model: CausalLM, input_ids, attention_mask=None, **kwargs) -> GenerateOutput:
     """Greedy decoding (``generate`` with ``num_beams=1, do_sample=False``)."""
     return _run(model, input_ids, attention_mask, _call(kwargs, "greedy_search", num_beams=1, do_sample=False), False)
 
 
-def beam_search(model: GPT2, input_ids, attention_mask=None, **kwargs) -> GenerateOutput:
+def beam_search(model: CausalLM, input_ids, attention_mask=None, **kwargs) -> GenerateOutput:
     """Beam search (``generate`` with ``num_beams`` beams, ``do_sample=False``); always runs the
     beam algorithm, also for ``num_beams=1``. ``num_beams`` may come from the model's
     ``generation_config``."""
@@ -137,7 +137,7 @@ def beam_search(model: GPT2, input_ids, attention_mask=None, **kwargs) -> Genera
     return _run(model, input_ids, attention_mask, kwargs, True)
 
 
-def sample(model: GPT2, input_ids, attention_mask=None, *, key=None, **kwargs) -> GenerateOutput:
+def sample(model: CausalLM, input_ids, attention_mask=None, *, key=None, **kwargs) -> GenerateOutput:
     """Multinomial sampling (``generate`` with ``do_sample=True``); with ``num_beams > 1``, beam
     sampling. ``key``: a ``jax.random.key``; the same key gives the same output."""
     return _run(model, input_ids, attention_mask, {**_call(kwargs, "sample", do_sample=True), "key": key})

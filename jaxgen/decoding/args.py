@@ -19,7 +19,7 @@ import numpy as np
 
 from jaxgen import generation_config, sharding
 from jaxgen.decoding.engine import DecodeSpec, loop_phases
-from jaxgen.models.gpt2 import GPT2
+from jaxgen.models.model import CausalLM
 from jaxgen.processors import build_processors
 
 # Hugging Face's names and defaults (GenerationConfig._get_default_generation_params).
@@ -38,7 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "stop_sequences": None, "streamer": None, "prompt_bucket": 32, "key": None,
     "mesh": None, "data_axis": "data", "model_axis": "model",
 }
-HF_MAX_NEW_TOKENS = 20  # without a length: max_length = prompt + 20, at most n_positions
+HF_MAX_NEW_TOKENS = 20  # without a length: max_length = prompt + 20, at most max_position_embeddings
 HF_TOP_K = 50
 HOST_SIDE = {
     "max_time": "max_time is a wall-clock criterion checked on the host between steps; a compiled "
@@ -139,7 +139,8 @@ def _bool(kw, name):
     return bool(kw[name])
 
 
-def parse(model: GPT2, input_ids, attention_mask, kwargs: dict[str, Any], beam_search: bool | None = None) -> Request:
+def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
+          beam_search: bool | None = None) -> Request:
     """Validates a ``generate`` call and resolves its defaults as transformers: the caller's
     arguments, else the model's ``generation_config``, else Hugging Face's defaults.
 
@@ -153,8 +154,8 @@ def parse(model: GPT2, input_ids, attention_mask, kwargs: dict[str, Any], beam_s
         close = difflib.get_close_matches(name, DEFAULTS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(f"unknown generate argument {name!r}{hint}; supported: {', '.join(sorted(DEFAULTS))}")
-    if not isinstance(model, GPT2):
-        raise ValueError(f"model must be a jaxgen GPT2 (from jaxgen.from_pretrained), got {type(model).__name__}")
+    if not isinstance(model, CausalLM):
+        raise ValueError(f"model must be a jaxgen CausalLM (from jaxgen.from_pretrained), got {type(model).__name__}")
     kw = {**DEFAULTS, **generation_config.with_call(model.generation_config, kwargs, DEFAULTS, HOST_SIDE)}
     config = model.config
     vocab = config.vocab_size
@@ -213,19 +214,21 @@ def parse(model: GPT2, input_ids, attention_mask, kwargs: dict[str, Any], beam_s
     for new_tokens, length in generation_config.LENGTHS:  # transformers warns and ignores `length`
         if kw[new_tokens] is not None and kw[length] is not None:
             raise ValueError(f"pass either {new_tokens} ({kw[new_tokens]}) or {length} ({kw[length]}), not both")
+    limit_name = "n_positions" if config.position_limit is not None else "max_position_embeddings"
     if max_new_tokens is None and max_length is None:  # transformers 5.x: 20 tokens after the prompt
-        max_new_tokens = min(prompt_len + HF_MAX_NEW_TOKENS, config.n_positions) - prompt_len
+        cap = config.max_position_embeddings or prompt_len + HF_MAX_NEW_TOKENS
+        max_new_tokens = min(prompt_len + HF_MAX_NEW_TOKENS, cap) - prompt_len
         if max_new_tokens < 1:
             _fail("input_ids", f"<prompt length {prompt_len}>",
-                  f"no room for a new token within the model's n_positions={config.n_positions}")
+                  f"no room for a new token within the model's {limit_name}={cap}; pass max_new_tokens")
     elif max_new_tokens is None:
         if max_length <= prompt_len:
             _fail("max_length", max_length, f"must exceed the prompt length {prompt_len}; or pass max_new_tokens")
         max_new_tokens = max_length - prompt_len
-    if prompt_len + max_new_tokens > config.n_positions:
+    if config.position_limit is not None and prompt_len + max_new_tokens > config.position_limit:
         raise ValueError(
             f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} = {prompt_len + max_new_tokens} "
-            f"exceeds the model's n_positions={config.n_positions}"
+            f"exceeds the model's n_positions={config.position_limit}"
         )
 
     # --- strategy ---------------------------------------------------------------------------
@@ -378,6 +381,7 @@ def parse(model: GPT2, input_ids, attention_mask, kwargs: dict[str, Any], beam_s
         beam_search=beam_search, num_return_sequences=nrs, early_stopping=early_stopping,
         output_scores=kw["output_scores"], output_logits=kw["output_logits"], stream=streamer is not None,
         mesh=mesh, data_axis=data_axis, model_axis=model_axis,
+        recompute=config.recompute_at is not None and 1 <= config.recompute_at - prompt_len < max_new_tokens,
     )
     spec = dataclasses.replace(spec, phases=loop_phases(model, ids.shape[0], spec))
     ids, mask = _left_pad(ids, mask, bucket_len, pad if pad is not None else 0)

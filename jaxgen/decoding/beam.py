@@ -24,7 +24,8 @@ from flax import struct
 
 from jaxgen.decoding import engine, select
 from jaxgen.decoding.engine import DecodeSpec
-from jaxgen.models.gpt2 import GPT2, KVCache
+from jaxgen.models.cache import KVCache
+from jaxgen.models.model import CausalLM
 from jaxgen.outputs import GenerateOutput
 
 BIG = -1.0e9
@@ -85,7 +86,7 @@ def _top_candidates(acc: jax.Array, k: int, key, step, do_sample: bool, beams: i
     return jnp.take_along_axis(logp, order, -1), jnp.take_along_axis(idx, order, -1)
 
 
-def decode(model: GPT2, input_ids, attention_mask, prompt_len, processors, key, length_penalty,
+def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, key, length_penalty,
            spec: DecodeSpec) -> GenerateOutput:
     """Beam search over ``input_ids: int32[batch, P]`` (left-padded to the bucket)."""
     batch, beams, n = input_ids.shape[0], spec.num_beams, spec.max_new_tokens
@@ -178,10 +179,15 @@ def decode(model: GPT2, input_ids, attention_mask, prompt_len, processors, key, 
         source = jax.lax.dynamic_index_in_dim(s.running_beam_indices, step, axis=2, keepdims=False) - batch_offset
         own_row = jnp.broadcast_to(jnp.arange(beams, dtype=jnp.int32), (batch, beams))
         ancestry = _set_column(_gather(s.ancestry, source), column, own_row)
+        redo = None
+        if spec.recompute:  # the cache is rebuilt from each beam's sequence: every beam reads its own row
+            when = engine.recomputes(model, prompt_len, s.step, spec)
+            ancestry = jnp.where(when, own_row[:, :, None], ancestry)
+            redo = (when, s.running_sequences.reshape(batch * beams, -1), jnp.repeat(pre.kv_mask, beams, 0))
         reads = pre.kv_mask[:, None, :, None] & (ancestry[..., None] == jnp.arange(beams))  # [batch, beams, S, beams]
         tokens = jax.lax.dynamic_index_in_dim(s.running_sequences, column, axis=2, keepdims=False).reshape(-1)
         logits, cache = engine.decode_step(model, tokens, s.positions, reads.reshape(batch * beams, -1, beams),
-                                           s.cache, column, spec)
+                                           s.cache, column, spec, redo)
         return s.replace(logits=logits, cache=cache, ancestry=ancestry, positions=s.positions + 1)
 
     final = engine.run_loop(state, choose, advance, spec)

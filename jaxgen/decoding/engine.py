@@ -6,7 +6,7 @@ Shapes (``rows`` = batch x beams or batch x return sequences, ``P`` = bucketed p
 - the token buffer ``sequences: int32[rows, P + N]``: prompt in ``[:P]``, step ``i``'s token at
   column ``P + i``;
 - the KV cache: slot ``j`` holds the token of buffer column ``j`` (beam search: of the row that
-  computed it; see `jaxgen.models.gpt2.KVCache`); it has ``P + N`` slots in the last phase of
+  computed it; see `jaxgen.models.cache.KVCache`); it has ``P + N`` slots in the last phase of
   the loop, fewer before (`DecodeSpec.phase_ends`);
 - ``kv_mask: bool[rows, P + N]``: prompt mask, then ones (transformers keeps attending to
   generated tokens, pads of finished rows included);
@@ -26,7 +26,9 @@ from flax import struct
 from jax.experimental import io_callback
 
 from jaxgen import sharding
-from jaxgen.models.gpt2 import GPT2, KVCache, forward, lm_head, positions_from_mask
+from jaxgen.models.cache import KVCache
+from jaxgen.models.model import CausalLM, forward, positions_from_mask
+from jaxgen.models.model import logits as logits_of
 from jaxgen.processors import ProcessorContext, apply
 
 
@@ -55,6 +57,7 @@ class DecodeSpec:
     data_axis: str | None = None
     model_axis: str | None = None
     phases: int = 1  # of the decode loop, see `loop_phases`
+    recompute: bool = False  # the sequence reaches config.recompute_at during this call (`recomputes`)
 
     @property
     def total_len(self) -> int:
@@ -62,7 +65,7 @@ class DecodeSpec:
 
     @property
     def row_shards(self) -> int:
-        """How many devices split the rows (`gpt2.forward`'s ``row_shards``)."""
+        """How many devices split the rows (`model.forward`'s ``row_shards``)."""
         return 1 if self.mesh is None else sharding.axis_size(self.mesh, self.data_axis)
 
     @property
@@ -72,7 +75,7 @@ class DecodeSpec:
         return tuple(self.max_new_tokens * (i + 1) // self.phases for i in range(self.phases))
 
 
-def loop_phases(model: GPT2, batch: int, spec: DecodeSpec) -> int:
+def loop_phases(model: CausalLM, batch: int, spec: DecodeSpec) -> int:
     """How many phases the decode loop of ``batch`` prompts runs in (`DecodeSpec.phase_ends`).
 
     A phase's steps attend over the cache slots written by its end, not all ``P + N``. That pays
@@ -85,10 +88,9 @@ def loop_phases(model: GPT2, batch: int, spec: DecodeSpec) -> int:
     23.6 in three; beam 4 at batch 1 (0.16x) runs one, and four would take 20.1 -> 18.7 ms a step
     for 1.7 s more compile (0.35 s saved a call: a net loss for a script that calls once).
     """
-    c = model.config
     slots = batch * (spec.bucket_len + spec.max_new_tokens * spec.num_beams) if spec.beam_search else (
         batch * spec.num_return_sequences * spec.total_len)
-    cache = 2 * c.n_layer * c.n_embd * slots * jnp.dtype(model.dtype).itemsize
+    cache = model.config.kv_bytes_per_slot * slots
     weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(model.params))
     return max(1, min(4, spec.max_new_tokens // 16, round(8 * cache / weights)))
 
@@ -112,7 +114,7 @@ class Prefilled:
     pad_lengths: jax.Array
 
 
-def prefill(model: GPT2, input_ids: jax.Array, attention_mask: jax.Array, prompt_len: jax.Array, spec: DecodeSpec,
+def prefill(model: CausalLM, input_ids: jax.Array, attention_mask: jax.Array, prompt_len: jax.Array, spec: DecodeSpec,
             expand: int, share_prompt: bool = False) -> Prefilled:
     """One forward over ``input_ids: int32[batch, P]``; every row then repeated ``expand`` times
     (consecutive copies, as transformers' ``repeat_interleave``) or, with ``share_prompt``, the
@@ -129,7 +131,7 @@ def prefill(model: GPT2, input_ids: jax.Array, attention_mask: jax.Array, prompt
     positions = positions_from_mask(attention_mask)
     hidden, prompt = forward(model, input_ids, positions, mask, row_shards=spec.row_shards)  # prompt: its keys, values
     pad_lengths = jnp.argmax(attention_mask, axis=-1).astype(jnp.int32) - (spec.bucket_len - prompt_len)
-    logits = lm_head(model, hidden[:, -1], spec.row_shards)
+    logits = logits_of(model, hidden[:, -1], spec.row_shards)
     logits, positions, pad_lengths = map(rows, (logits, positions[:, -1] + 1, pad_lengths))
     if share_prompt:
         cache = model.init_cache(batch, spec.bucket_len + spec.phase_ends[0], expand, spec.bucket_len)
@@ -150,11 +152,38 @@ def pin_rows(x: jax.Array, spec: DecodeSpec) -> jax.Array:
     return sharding.constrain_rows(x, spec.mesh, spec.data_axis)
 
 
-def decode_step(model: GPT2, tokens: jax.Array, positions: jax.Array, kv_mask: jax.Array, cache: KVCache,
-                slot: jax.Array, spec: DecodeSpec) -> tuple[jax.Array, KVCache]:
-    """Feeds ``tokens: int32[rows]`` at cache slot ``slot``; returns float32[rows, V] logits."""
-    hidden, cache = forward(model, tokens[:, None], positions[:, None], kv_mask, cache, slot, spec.row_shards)
-    return lm_head(model, hidden[:, 0], spec.row_shards), pin_cache(cache, spec)
+def decode_step(model: CausalLM, tokens: jax.Array, positions: jax.Array, kv_mask: jax.Array, cache: KVCache,
+                slot: jax.Array, spec: DecodeSpec, redo=None) -> tuple[jax.Array, KVCache]:
+    """Feeds ``tokens: int32[rows]`` at cache slot ``slot``; returns float32[rows, V] logits.
+
+    ``redo``: with ``spec.recompute``, ``(when: bool[], sequences: int32[rows, S], mask:
+    bool[rows, S])``: when ``when``, the whole sequence runs again instead and its keys and values
+    replace the cache (`recomputes`)."""
+    def one():
+        hidden, new = forward(model, tokens[:, None], positions[:, None], kv_mask, cache, slot, spec.row_shards)
+        return logits_of(model, hidden[:, 0], spec.row_shards), pin_cache(new, spec)
+
+    if redo is None:
+        return one()
+    when, sequences, mask = redo
+
+    def again():
+        length = cache.max_len
+        mask_now = mask[:, :length]
+        hidden, rows = forward(model, sequences[:, :length], positions_from_mask(mask_now), mask_now,
+                               row_shards=spec.row_shards)
+        last = jax.lax.dynamic_index_in_dim(hidden, slot, axis=1, keepdims=False)
+        return logits_of(model, last, spec.row_shards), pin_cache(rows.regroup(cache.group, cache.shared), spec)
+
+    return jax.lax.cond(when, again, one)
+
+
+def recomputes(model: CausalLM, prompt_len: jax.Array, step: jax.Array, spec: DecodeSpec) -> jax.Array | bool:
+    """Whether the forward pass that yields the logits of token ``step`` runs the whole sequence
+    again: transformers' Phi-3 drops its cache when the sequence (prompt as passed + generated)
+    reaches ``config.recompute_at``, where its longrope factors switch, so that every key is
+    rotated with the long factors."""
+    return spec.recompute and prompt_len + step == model.config.recompute_at
 
 
 def run_loop(state, choose, advance, spec: DecodeSpec):

@@ -13,7 +13,8 @@ from flax import struct
 
 from jaxgen.decoding import engine, select
 from jaxgen.decoding.engine import DecodeSpec
-from jaxgen.models.gpt2 import GPT2, KVCache
+from jaxgen.models.cache import KVCache
+from jaxgen.models.model import CausalLM
 from jaxgen.outputs import GenerateOutput
 
 
@@ -44,7 +45,7 @@ def select_token(scores: jax.Array, key: jax.Array | None, step: jax.Array, do_s
     return select.categorical(jax.random.fold_in(key, step), scores)
 
 
-def decode(model: GPT2, input_ids, attention_mask, prompt_len, processors, key, streamer_id,
+def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, key, streamer_id,
            spec: DecodeSpec) -> GenerateOutput:
     """Greedy / sampling decode of ``input_ids: int32[batch, P]`` (left-padded to the bucket)."""
     pre = engine.prefill(model, input_ids, attention_mask, prompt_len, spec, spec.num_return_sequences)
@@ -81,7 +82,8 @@ def decode(model: GPT2, input_ids, attention_mask, prompt_len, processors, key, 
     def advance(s: TokenState) -> TokenState:
         column = spec.bucket_len + s.step - 1
         tokens = jax.lax.dynamic_index_in_dim(s.sequences, column, axis=1, keepdims=False)
-        logits, cache = engine.decode_step(model, tokens, s.positions, pre.kv_mask, s.cache, column, spec)
+        redo = (engine.recomputes(model, prompt_len, s.step, spec), s.sequences, pre.kv_mask) if spec.recompute else None
+        logits, cache = engine.decode_step(model, tokens, s.positions, pre.kv_mask, s.cache, column, spec, redo)
         return s.replace(logits=logits, cache=cache, positions=s.positions + 1)
 
     final = engine.run_loop(state, choose, advance, spec)

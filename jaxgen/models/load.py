@@ -1,13 +1,18 @@
-"""Hugging Face GPT-2 checkpoint (hub id or local directory) -> `GPT2` model object.
+"""Hugging Face checkpoint (hub id or local directory) -> `CausalLM`, for every family.
 
-Reads ``config.json``, ``generation_config.json`` when there is one (the model's generation
-settings, as transformers' ``model.generation_config``) and one of, in this order:
-``model.safetensors``, sharded safetensors (``model.safetensors.index.json``),
+Reads ``config.json`` (through transformers' own config class of its ``model_type``, so that
+every default and legacy field means what it means there), ``generation_config.json`` when there
+is one (the model's generation settings, as transformers' ``model.generation_config``), and the
+weights: ``model.safetensors``, sharded safetensors (``model.safetensors.index.json``),
 ``pytorch_model.bin`` or its sharded index (through ``torch.load(weights_only=True)``; needs
-torch). Every GPT-2 naming variant is mapped: with or without the ``transformer.`` prefix, with
-a tied, a missing or an untied ``lm_head``, with or without the legacy ``attn.bias`` /
-``attn.masked_bias`` mask buffers. Anything else is an error: jaxgen never loads a checkpoint
-it only half understands.
+torch). The family's checkpoint table (`jaxgen.models.checkpoint`) says which tensors make each
+param; a tensor it does not name, one it names that is missing, or a shape that disagrees with
+the config is an error: jaxgen never loads a checkpoint it only half understands.
+
+Memory: tensors are read one at a time, straight into 64-byte-aligned host buffers that JAX's
+CPU client adopts without a copy, and converted only when the requested dtype differs, so the
+host holds the model about once, plus one tensor. With ``mesh=`` each device receives only its
+shard of each tensor.
 """
 
 from __future__ import annotations
@@ -19,12 +24,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from jax.sharding import NamedSharding
 
-from jaxgen import generation_config
-from jaxgen.models.gpt2 import ACTIVATIONS, DTYPES, GPT2, GPT2Config, expected_shapes, unflatten_params
+from jaxgen import generation_config, sharding
+from jaxgen.models import family_of
+from jaxgen.models.checkpoint import Source
+from jaxgen.models.config import DTYPES, CheckpointError
+from jaxgen.models.model import CausalLM
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -33,94 +41,131 @@ WEIGHT_FILES = (
     "pytorch_model.bin.index.json",
 )
 
-# Buffers some GPT-2 checkpoints carry (the causal mask); not parameters.
-_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
-
 _SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be found, read, or mapped onto jaxgen's GPT-2."""
+_ALIGN = 64
 
 
 def from_pretrained(
     name_or_path: str | os.PathLike,
     *,
-    dtype: Any = jnp.float32,
+    dtype: Any = "auto",
+    mesh: jax.sharding.Mesh | None = None,
+    data_axis: str | None = "data",
+    model_axis: str | None = "model",
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool | None = None,
-) -> GPT2:
-    """Loads a GPT-2 checkpoint from a local directory or the Hugging Face hub.
+) -> CausalLM:
+    """Loads a checkpoint of any supported family (`jaxgen.models.FAMILIES`) from a local
+    directory or the Hugging Face hub.
 
     Args:
       name_or_path: a local directory in Hugging Face layout, or a hub id such as ``"gpt2"``.
-      dtype: params and activations dtype: float32 (default), bfloat16 or float16. Softmax,
-        LayerNorm statistics and logits stay float32.
+      dtype: params and activations dtype: ``"auto"`` (default, as transformers 5.x: the
+        checkpoint's ``dtype`` / ``torch_dtype`` from ``config.json``, float32 where it names
+        none), ``"float32"``, ``"bfloat16"`` or ``"float16"`` (names or jnp dtypes). Softmax,
+        norm statistics and logits stay float32.
+      mesh, data_axis, model_axis: place each param straight onto ``mesh`` as `jaxgen.shard`
+        lays it out (tensor-parallel along ``model_axis``), each device receiving only its shard.
       revision, cache_dir: passed to ``huggingface_hub.hf_hub_download`` for hub ids.
       local_files_only: use only the local hub cache; ``None`` follows ``HF_HUB_OFFLINE``.
 
     Raises:
       CheckpointError (a ValueError) naming the problem: a missing directory or weights file, an
-      unreadable file, a non-GPT-2 architecture, an unsupported config option, or tensors whose
-      names or shapes disagree with the config.
+      unreadable file, an unsupported ``model_type`` or config option, or tensors whose names or
+      shapes disagree with the config.
     """
-    dtype_name = _dtype_name(dtype)
     fetch = _local_fetcher(name_or_path) if _is_local(name_or_path) else _hub_fetcher(
         str(name_or_path), revision, cache_dir, local_files_only
     )
     raw_config = _read_json(fetch("config.json", required=True))
-    config = config_from_json(raw_config, dtype_name)
+    family = family_of(raw_config.get("model_type"))
+    dtype_name = _dtype_name(dtype, raw_config)
+    config = family.config_from_hf(_hf_config(raw_config), dtype_name)
     generation_path = fetch("generation_config.json")
     generation = generation_config.from_checkpoint(
         None if generation_path is None else _read_json(generation_path), raw_config)
-    flat = _read_weights(fetch, str(name_or_path))
-    params = _map_hf_names(flat, config, str(name_or_path))
-    target = DTYPES[dtype_name]
-    params = jax.tree.map(lambda x: jnp.asarray(x.astype(np.float32), dtype=target), params)
-    return GPT2(params=params, config=config, generation_config=generation)
+
+    place, placed_config = _placer(config, mesh, data_axis, model_axis)
+    repeat = placed_config.n_kv_heads // config.n_kv_heads
+    tensors = _open_weights(fetch, str(name_or_path))
+    table = family.checkpoint_table(config)
+    used: set[str] = set()
+
+    def load(path, source: Source):
+        arrays = [tensors.read(_resolve(tensors, name, family.PREFIX, str(name_or_path), used), shape)
+                  for name, shape in zip(source.names, source.shapes)]
+        value = source.build(*arrays)
+        del arrays
+        if repeat > 1 and _path_keys(path)[2:4] == ("attn", "qkv"):
+            value = sharding.repeat_kv_heads(value, config.n_heads // config.n_kv_heads, repeat)
+        return place(_path_keys(path), _aligned(value, DTYPES[dtype_name]))
+
+    params = jax.tree_util.tree_map_with_path(load, table, is_leaf=lambda x: isinstance(x, Source))
+    _check_all_used(tensors.names, used, family, config, str(name_or_path))
+    return CausalLM(params=params, config=placed_config, generation_config=generation)
 
 
-def config_from_json(raw: dict[str, Any], dtype_name: str = "float32") -> GPT2Config:
-    """A Hugging Face ``config.json`` dict -> `GPT2Config`, rejecting what jaxgen cannot run."""
-    model_type = raw.get("model_type")
-    architectures = raw.get("architectures") or []
-    if model_type != "gpt2":
-        raise CheckpointError(
-            f"config.json describes model_type={model_type!r} (architectures={architectures}); "
-            "jaxgen's loader supports GPT-2 checkpoints only (model_type 'gpt2')"
-        )
-    defaults = GPT2Config()
-    fields = {f: raw.get(f, getattr(defaults, f)) for f in (
-        "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner",
-        "activation_function", "layer_norm_epsilon", "scale_attn_weights",
-        "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "tie_word_embeddings",
-        "bos_token_id", "eos_token_id",
-    )}
-    if raw.get("add_cross_attention"):
-        raise CheckpointError("config.json sets add_cross_attention=true; jaxgen runs decoder-only GPT-2")
-    if fields["activation_function"] not in ACTIVATIONS:
-        raise CheckpointError(
-            f"config.json activation_function={fields['activation_function']!r} is not supported; "
-            f"supported: {sorted(ACTIVATIONS)}"
-        )
-    if fields["n_head"] <= 0 or fields["n_embd"] % fields["n_head"]:
-        raise CheckpointError(
-            f"config.json n_embd={fields['n_embd']} is not divisible by n_head={fields['n_head']}"
-        )
-    if isinstance(fields["eos_token_id"], list):  # GPT-2 configs hold one id; keep the first
-        fields["eos_token_id"] = fields["eos_token_id"][0] if fields["eos_token_id"] else None
-    return GPT2Config(**fields, dtype=dtype_name)
+def _hf_config(raw: dict[str, Any]):
+    """transformers' config object for ``raw`` (its model_type's class, defaults filled in)."""
+    from transformers import CONFIG_MAPPING
+
+    try:
+        return CONFIG_MAPPING[raw["model_type"]].from_dict(dict(raw))
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"config.json is not a valid {raw['model_type']} config: {e}") from None
 
 
-def _dtype_name(dtype: Any) -> str:
+def _dtype_name(dtype: Any, raw_config: dict[str, Any]) -> str:
+    if isinstance(dtype, str) and dtype == "auto":
+        dtype = raw_config.get("dtype") or raw_config.get("torch_dtype") or "float32"
+        if str(dtype).removeprefix("torch.") not in DTYPES:
+            raise CheckpointError(f"config.json gives dtype {dtype!r}; pass dtype= one of {sorted(DTYPES)}")
+        return str(dtype).removeprefix("torch.")
     for name, dt in DTYPES.items():
-        if dtype == name or np.dtype(dtype) == np.dtype(dt):
+        if dtype == name or (not isinstance(dtype, str) and np.dtype(dtype) == np.dtype(dt)):
             return name
-    raise ValueError(f"dtype={dtype!r} is not supported; use one of {sorted(DTYPES)}")
+    raise ValueError(f"dtype={dtype!r} is not supported; use 'auto' or one of {sorted(DTYPES)}")
+
+
+def _path_keys(path) -> tuple:
+    return tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)
+
+
+def _placer(config, mesh, data_axis, model_axis) -> tuple[Callable[[tuple, np.ndarray], jax.Array], Any]:
+    """(path, host array) -> device array, and the config of the placed model (`sharding.plan`:
+    a mesh may replicate kv heads)."""
+    if mesh is None:
+        return (lambda path, x: jax.device_put(x)), config
+    sharding.check_mesh(mesh, data_axis, model_axis)
+    mesh = sharding.auto_axes(mesh)
+    placed_config, _ = sharding.plan(config, mesh, model_axis)
+
+    def place(path, x):
+        target = NamedSharding(mesh, sharding.param_spec(path, x.ndim, model_axis))
+        return jax.make_array_from_callback(x.shape, target, lambda index: x[index])
+
+    return place, placed_config
+
+
+def _aligned(x: np.ndarray, dtype) -> np.ndarray:
+    """``x`` as a C-contiguous ``dtype`` array on a 64-byte boundary (which ``jax.device_put``
+    adopts without copying on CPU); no copy when it already is one."""
+    if x.dtype == dtype and x.flags.c_contiguous and x.ctypes.data % _ALIGN == 0:
+        return x
+    out = _empty_aligned(x.shape, dtype)
+    out[...] = x
+    return out
+
+
+def _empty_aligned(shape, dtype) -> np.ndarray:
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    buf = np.empty(nbytes + _ALIGN, np.uint8)
+    start = (-buf.ctypes.data) % _ALIGN
+    return buf[start:start + nbytes].view(dtype).reshape(shape)
 
 
 # --- where files come from -------------------------------------------------------------------
@@ -193,7 +238,29 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot read {path}: {e}") from None
 
 
-def _read_weights(fetch: Fetcher, name: str) -> dict[str, np.ndarray]:
+class _Tensors:
+    """The tensors of a checkpoint's weight files, read one at a time on demand."""
+
+    def __init__(self, files: list[Path]):
+        self.files = {}  # name -> reader
+        for path in files:
+            reader = _SafetensorsFile(path) if path.name.endswith(".safetensors") else _TorchFile(path)
+            self.files.update({name: reader for name in reader.names})
+
+    @property
+    def names(self) -> set[str]:
+        return set(self.files)
+
+    def read(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        reader = self.files[name]
+        found = reader.shape(name)
+        if found != tuple(shape):
+            raise CheckpointError(f"{reader.path}: tensor {name!r} has shape {found} but config.json implies "
+                                  f"{tuple(shape)}; the weights do not belong to this config")
+        return reader.read(name)
+
+
+def _open_weights(fetch: Fetcher, name: str) -> _Tensors:
     for filename in WEIGHT_FILES:
         path = fetch(filename)
         if path is None:
@@ -202,103 +269,103 @@ def _read_weights(fetch: Fetcher, name: str) -> dict[str, np.ndarray]:
             shards = sorted(set(_read_json(path).get("weight_map", {}).values()))
             if not shards:
                 raise CheckpointError(f"{path} has an empty weight_map")
-            flat: dict[str, np.ndarray] = {}
-            for shard in shards:
-                flat.update(_read_file(fetch(shard, required=True)))
-            return flat
-        return _read_file(path)
+            return _Tensors([fetch(shard, required=True) for shard in shards])
+        return _Tensors([path])
     raise CheckpointError(f"{name!r} has no weights file; looked for {', '.join(WEIGHT_FILES)}")
 
 
-def _read_file(path: Path) -> dict[str, np.ndarray]:
-    return read_safetensors(path) if path.name.endswith(".safetensors") else _read_torch_bin(path)
+class _SafetensorsFile:
+    """A .safetensors file: its header parsed and checked at once, each tensor read on demand
+    into an aligned buffer (no mapping of the whole file)."""
 
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        size = self.path.stat().st_size
+        try:
+            with open(self.path, "rb") as f:
+                (header_len,) = _struct.unpack("<Q", f.read(8))
+                if header_len > size - 8:
+                    raise ValueError(f"header of {header_len} bytes is longer than the file")
+                header = json.loads(f.read(header_len))
+            header.pop("__metadata__", None)
+            self.start = 8 + header_len
+            self.entries = {}
+            for key, info in header.items():
+                dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+                begin, end = info["data_offsets"]
+                shape = tuple(info["shape"])
+                if self.start + end > size:
+                    raise ValueError(f"tensor {key!r} ends at byte {self.start + end}, past the end of the file")
+                if end - begin != int(np.prod(shape)) * dtype.itemsize:
+                    raise ValueError(f"tensor {key!r} has {end - begin} bytes for shape {shape} {dtype}")
+                self.entries[key] = (dtype, shape, begin)
+        except (ValueError, KeyError, TypeError, _struct.error, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path} is not a valid safetensors file (truncated or corrupted?): {e}") from None
 
-def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """Reads a .safetensors file into numpy (bfloat16 through ml_dtypes), checking every offset."""
-    path = Path(path)
-    size = path.stat().st_size
-    try:
-        with open(path, "rb") as f:
-            (header_len,) = _struct.unpack("<Q", f.read(8))
-            if header_len > size - 8:
-                raise ValueError(f"header of {header_len} bytes is longer than the file")
-            header = json.loads(f.read(header_len))
-        data_start = 8 + header_len
-        header.pop("__metadata__", None)
-        buf = np.memmap(path, dtype=np.uint8, mode="r")
-        out = {}
-        for key, info in header.items():
-            dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
-            begin, end = info["data_offsets"]
-            shape = tuple(info["shape"])
-            if data_start + end > size:
-                raise ValueError(f"tensor {key!r} ends at byte {data_start + end}, past the end of the file")
-            if end - begin != int(np.prod(shape)) * dtype.itemsize:
-                raise ValueError(f"tensor {key!r} has {end - begin} bytes for shape {shape} {dtype}")
-            out[key] = np.array(buf[data_start + begin:data_start + end].view(dtype).reshape(shape))
+    @property
+    def names(self):
+        return self.entries.keys()
+
+    def shape(self, name):
+        return self.entries[name][1]
+
+    def read(self, name) -> np.ndarray:
+        dtype, shape, begin = self.entries[name]
+        out = _empty_aligned(shape, dtype)
+        with open(self.path, "rb") as f:
+            f.seek(self.start + begin)
+            if f.readinto(out.reshape(-1).view(np.uint8)) != out.nbytes:
+                raise CheckpointError(f"{self.path}: tensor {name!r} is truncated")
         return out
-    except (ValueError, KeyError, TypeError, _struct.error, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not a valid safetensors file (truncated or corrupted?): {e}") from None
 
 
-def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
-    try:
+class _TorchFile:
+    """A PyTorch pickle (``pytorch_model.bin``), memory-mapped by ``torch.load``."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            import torch
+        except ImportError:
+            raise CheckpointError(f"{path} is a PyTorch pickle; reading it needs torch (`pip install torch`), "
+                                  "or convert the checkpoint to safetensors") from None
+        try:
+            self.state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # torch raises many types for bad pickles
+            raise CheckpointError(f"cannot read {path} with torch.load(weights_only=True): {e}") from None
+
+    @property
+    def names(self):
+        return self.state.keys()
+
+    def shape(self, name):
+        return tuple(self.state[name].shape)
+
+    def read(self, name) -> np.ndarray:
         import torch
-    except ImportError:
+
+        t = self.state[name].detach().contiguous()
+        if t.dtype == torch.bfloat16:
+            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return t.numpy()
+
+
+def _resolve(tensors: _Tensors, name: str, prefix: str, source: str, used: set[str]) -> str:
+    """The checkpoint's name for the table's ``name``: as it is, or without the family's prefix
+    (a checkpoint of the base model, saved without its head's wrapper)."""
+    for candidate in (name, name.removeprefix(prefix)):
+        if candidate in tensors.files:
+            used.add(candidate)
+            return candidate
+    raise CheckpointError(f"{source!r}: checkpoint lacks tensor {name!r}")
+
+
+def _check_all_used(names: set[str], used: set[str], family, config, source: str) -> None:
+    left = {n for n in names - used if not n.endswith(family.IGNORED)}
+    if config.tie_word_embeddings:
+        left.discard("lm_head.weight")  # tied: the head is the embedding
+    if left:
         raise CheckpointError(
-            f"{path} is a PyTorch pickle; reading it needs torch (`pip install torch`), "
-            "or convert the checkpoint to safetensors"
-        ) from None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for bad pickles
-        raise CheckpointError(f"cannot read {path} with torch.load(weights_only=True): {e}") from None
-    return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}
-
-
-# --- Hugging Face names -> params pytree ---------------------------------------------------------
-
-
-def _hf_to_jaxgen_name(key: str) -> str | None:
-    """``transformer.h.0.ln_1.weight`` -> ``h.0.ln_1.scale``; ``None`` for buffers to skip."""
-    key = key.removeprefix("transformer.")
-    if key.endswith(_BUFFER_SUFFIXES):
-        return None
-    if key in ("wte.weight", "wpe.weight", "lm_head.weight"):
-        return key.removesuffix(".weight")
-    if key.endswith((".ln_1.weight", ".ln_2.weight")) or key == "ln_f.weight":
-        return key.removesuffix("weight") + "scale"
-    if key.endswith(".weight"):
-        return key.removesuffix("weight") + "kernel"
-    return key
-
-
-def _map_hf_names(flat: dict[str, np.ndarray], config: GPT2Config, name: str) -> dict[str, Any]:
-    expected = expected_shapes(config)
-    mapped: dict[str, np.ndarray] = {}
-    unexpected = []
-    for key, value in flat.items():
-        new = _hf_to_jaxgen_name(key)
-        if new is None:
-            continue
-        if new == "lm_head" and config.tie_word_embeddings:
-            continue  # tied: the head is wte
-        if new not in expected:
-            unexpected.append(key)
-            continue
-        if tuple(value.shape) != expected[new]:
-            raise CheckpointError(
-                f"{name!r}: tensor {key!r} has shape {tuple(value.shape)} but config.json implies "
-                f"{expected[new]}; the weights do not belong to this config"
-            )
-        mapped[new] = value
-    if unexpected:
-        raise CheckpointError(
-            f"{name!r}: {len(unexpected)} tensors are not part of GPT-2 as configured "
-            f"(e.g. {unexpected[:3]}); is this a GPT-2 LM checkpoint?"
+            f"{source!r}: {len(left)} tensors are not part of {config.model_type} as configured "
+            f"(e.g. {sorted(left)[:3]}); is this a {config.model_type} causal LM checkpoint?"
         )
-    missing = sorted(set(expected) - set(mapped))
-    if missing:
-        raise CheckpointError(f"{name!r}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
-    return unflatten_params(mapped, config.n_layer)

@@ -1,0 +1,1 @@
+"""Platform-specific tuning: the one place that knows how each backend runs the model's products."""

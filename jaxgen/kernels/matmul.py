@@ -1,0 +1,53 @@
+"""Weight products ``x @ w^T`` as each platform runs them fastest (docs/performance.md has the
+measurements behind every rule here).
+
+On XLA:CPU a GEMM tiles its output's first axis, so a decode step's few rows placed there leave
+most of each tile empty; the product is taken weight-major (``w @ x^T``) with the rows as the
+vector lanes, padded to whole lane tiles. A bfloat16 product runs on XLA:CPU's bfloat16 GEMM
+only when it returns float32 and has two rows or more (otherwise XLA converts the weight to
+float32, and keeps that copy for the whole decode loop), so a single bfloat16 row is padded to
+two. Elsewhere (GPU, TPU) the product is a plain dot.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def project(x: jax.Array, w: jax.Array, row_shards: int = 1) -> jax.Array:
+    """x: dtype[..., in], w: dtype[*out, in] -> float32[..., *out], accumulated in float32.
+
+    ``row_shards``: into how many equal blocks of consecutive rows a mesh splits ``x`` (its data
+    axis); each block is padded on its own, so that no row moves between devices.
+    """
+    rows = x.reshape(-1, x.shape[-1])
+
+    def row_major(rows, w):
+        return jax.lax.dot_general(rows, w, (((1,), (w.ndim - 1,)), ((), ())), preferred_element_type=jnp.float32)
+
+    def cpu(rows, w):
+        if rows.shape[0] == 1 and w.dtype == jnp.bfloat16:
+            two_rows = jnp.pad(rows, ((0, 1), (0, 0)))
+            return row_major(two_rows, w.reshape(-1, w.shape[-1]))[:1].reshape(1, *w.shape[:-1])
+        n = rows.shape[0] // row_shards  # rows of one block
+        lanes = gemm_rows(n)
+        rows = jnp.pad(rows.reshape(row_shards, n, -1), ((0, 0), (0, lanes - n), (0, 0)))
+        rows = rows.reshape(row_shards * lanes, -1)
+        y = jax.lax.dot_general(w, rows, (((w.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        # The barrier keeps XLA from folding the transpose back into the dot.
+        y = jnp.moveaxis(jax.lax.optimization_barrier(y), -1, 0).reshape(row_shards, lanes, *w.shape[:-1])
+        return y[:, :n].reshape(row_shards * n, *w.shape[:-1])
+
+    y = jax.lax.platform_dependent(rows, w, cpu=cpu, default=row_major)
+    return y.reshape(*x.shape[:-1], *w.shape[:-1])
+
+
+def gemm_rows(n: int) -> int:
+    """How many rows XLA:CPU's GEMM gets for ``n`` rows of a weight-major `project`: 5-8 -> 8,
+    9-64 -> a multiple of 16 (whole AVX2 and AVX-512 vectors); up to 4 rows (a kernel of their
+    own) and above 64 (compute-bound, where padding costs in proportion) as they are."""
+    if n <= 4 or n > 64:
+        return n
+    step = 8 if n <= 8 else 16
+    return -(-n // step) * step

@@ -1,0 +1,62 @@
+"""The layers families share: norms, linear maps, MLPs, the LM head. Pure functions over params
+dicts; activations in the model dtype, statistics and products accumulated in float32."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxgen.kernels.matmul import project
+
+ACTIVATIONS = {
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
+
+
+def layer_norm(p, x, eps: float):
+    """LayerNorm with ``scale`` and ``bias``, its statistics in float32 (``torch.nn.LayerNorm``)."""
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    return (y * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)).astype(x.dtype)
+
+
+def rms_norm(p, x, eps: float):
+    """RMSNorm as Llama's: normalised in float32, rounded to the input dtype, then scaled in it."""
+    x32 = x.astype(jnp.float32)
+    y = (x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps)).astype(x.dtype)
+    return p["scale"].astype(x.dtype) * y
+
+
+def linear(p, x, row_shards: int = 1):
+    """``x @ kernel^T (+ bias)``: x dtype[..., in], kernel [*out, in] -> dtype[..., *out]; the
+    product and the bias summed in float32 and rounded once (as ``torch.addmm``)."""
+    y = project(x, p["kernel"], row_shards)
+    if "bias" in p:
+        y = y + p["bias"].astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def mlp(p, x, activation: str, row_shards: int = 1):
+    """``down(act(up(x)))`` (GPT-2's ``c_fc`` / ``c_proj``)."""
+    return linear(p["down"], ACTIVATIONS[activation](linear(p["up"], x, row_shards)), row_shards)
+
+
+def gated_mlp(p, x, activation: str, row_shards: int = 1):
+    """``down(act(gate(x)) * up(x))`` with ``gate_up.kernel: [2, inner, d]`` (gate first)."""
+    gate_up = linear(p["gate_up"], x, row_shards)  # [..., 2, inner]
+    return linear(p["down"], ACTIVATIONS[activation](gate_up[..., 0, :]) * gate_up[..., 1, :], row_shards)
+
+
+def lm_head(params, hidden, row_shards: int = 1):
+    """dtype[..., d] -> float32 logits [..., vocab]: ``lm_head``, or the embedding when tied."""
+    return project(hidden, params.get("lm_head", params["embed"]), row_shards)

@@ -1,0 +1,131 @@
+"""The model object every decoder calls, and the forward pass all families share.
+
+A family (``jaxgen/models/<family>.py``) supplies its config, its checkpoint table and four
+pure functions: ``embed`` (tokens, positions -> hidden states, and the rotary tables its layers
+share), ``block`` (one decoder layer), ``final`` (the last norm) and ``logits`` (the head);
+everything else here is shared. The decoders see only this module's
+protocol::
+
+    model.init_cache(batch, max_len, group, shared) -> KVCache
+    forward(model, tokens, positions, kv_mask, cache, slot) -> (hidden, cache)
+    logits(model, hidden) -> float32[..., vocab]
+
+and ``model.config``'s `ModelConfig` fields.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+from flax.core import FrozenDict
+
+from jaxgen import models
+from jaxgen.models import attention
+from jaxgen.models.cache import KVCache
+from jaxgen.models.config import DTYPES, ModelConfig
+
+
+@struct.dataclass
+class CausalLM:
+    """A causal language model of any supported family: ``params`` (pytree leaves), ``config``
+    and ``generation_config`` (static): the checkpoint's generation settings, which a call uses
+    where it passes none, as transformers' ``model.generation_config`` (see
+    `jaxgen.generation_config`). Pass it through ``jax.jit``, ``device_put`` or ``jax.tree.map``
+    like any pytree."""
+
+    params: Any
+    config: ModelConfig = struct.field(pytree_node=False)
+    generation_config: FrozenDict = struct.field(pytree_node=False, default=FrozenDict())
+
+    @property
+    def dtype(self):
+        return DTYPES[self.config.dtype]
+
+    @property
+    def family(self):
+        """The module that implements this model's family (`jaxgen.models.family_of`)."""
+        return models.family_of(self.config.model_type)
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None) -> jax.Array:
+        """Full forward without cache: float32 logits ``[batch, seq, vocab]``.
+
+        ``input_ids``: int[batch, seq]; ``attention_mask``: {0,1}[batch, seq] (default all ones);
+        ``position_ids``: int[batch, seq], derived from the mask as generation does when omitted
+        (``cumsum(mask) - 1``), so a left-padded batch gives the logits generation sees.
+        """
+        input_ids = jnp.asarray(input_ids)
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        attention_mask = jnp.asarray(attention_mask)
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask)
+        return _jitted_logits(self, input_ids, attention_mask, jnp.asarray(position_ids))
+
+    def init_cache(self, batch_size: int, max_len: int, group: int = 1, shared: int = 0) -> KVCache:
+        """An empty cache of ``max_len`` slots for ``batch_size`` groups of ``group`` rows that
+        store their first ``shared`` slots once per group (see `KVCache`)."""
+        c = self.config
+        return KVCache.empty(n_layers=c.n_layers, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim, dtype=self.dtype,
+                             batch=batch_size, max_len=max_len, group=group, shared=shared)
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """Position ids of a left-padded batch (holes too): ``cumsum(mask) - 1``, padded slots set to 0.
+
+    As ``GenerationMixin._prepare_position_ids_for_generation`` in transformers 5.x. The value at
+    padded slots never reaches a real token (padded keys are masked out).
+    """
+    mask = attention_mask.astype(jnp.int32)
+    return jnp.where(mask == 0, 0, jnp.cumsum(mask, axis=-1) - 1)
+
+
+def forward(model: CausalLM, input_ids: jax.Array, position_ids: jax.Array, kv_mask: jax.Array,
+            cache: KVCache | None = None, cache_index: jax.Array | int = 0,
+            row_shards: int = 1) -> tuple[jax.Array, KVCache]:
+    """Runs the layers over a chunk of tokens; returns the final hidden states and the cache.
+
+    Args:
+      input_ids: int[rows, seq], the chunk; ``rows = batch * cache.group`` (``batch`` without a
+        cache).
+      position_ids: int[rows, seq].
+      kv_mask: which key slots each row may read (see `attention.view`; the causal and window
+        limits are added there).
+      cache: if given, the chunk's keys and values are written at slots
+        ``[cache_index, cache_index + seq)`` of each row's own cache row (at or after
+        ``cache.shared`` when ``group > 1``), then read as ``kv_mask`` says.
+      cache_index: first slot of the chunk: int32[] (may be traced), or int32[rows] where rows
+        stand at different lengths (``group == 1``).
+      row_shards: static; how many devices a mesh splits the rows over (its data axis), so that
+        the weight products pad each device's rows on their own (`kernels.matmul.project`).
+
+    Returns:
+      hidden: dtype[rows, seq, d_model] after the final norm; the updated cache, or without one
+      the chunk's own keys and values as a ``seq``-slot cache (`KVCache.fill_prompt` writes a
+      prompt's into a longer one).
+    """
+    family, config, params = model.family, model.config, model.params
+    view = attention.view(kv_mask, input_ids.shape[1], cache, cache_index, config.windows)
+    x, rotary = family.embed(params, config, input_ids, position_ids)
+    keys, values = [], []
+    for i, layer in enumerate(params["layers"]):
+        x, (k, v) = family.block(layer, config, i, x, rotary, view, row_shards)
+        keys.append(k)
+        values.append(v)
+    x = family.final(params, config, x)
+    if cache is None:
+        return x, KVCache(tuple(keys), tuple(values))
+    return x, cache.replace(keys=tuple(keys), values=tuple(values))
+
+
+def logits(model: CausalLM, hidden: jax.Array, row_shards: int = 1) -> jax.Array:
+    """dtype[..., d_model] -> float32 logits [..., vocab]; ``row_shards`` as in `forward`."""
+    return model.family.logits(model.params, model.config, hidden, row_shards)
+
+
+@jax.jit
+def _jitted_logits(model, input_ids, attention_mask, position_ids):
+    hidden, _ = forward(model, input_ids, position_ids, attention_mask)
+    return logits(model, hidden)

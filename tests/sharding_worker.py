@@ -119,7 +119,36 @@ def main():
 
     results["errors"]["explicit_context"] = error_of(in_explicit_context)
     results["errors"]["not_a_mesh"] = error_of(lambda: jaxgen.generate(model, ids, mask, mesh="4x2", **KW))
+    results["gqa"] = gqa_family()
     json.dump(results, sys.stdout)
+
+
+def gqa_family():
+    """A Llama with 8 query and 2 kv heads: split by kv heads (4x2 mesh), and with each kv head
+    replicated on two devices (2x4 mesh), placed by `jaxgen.shard` or straight by the loader."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tempfile.mkdtemp()
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                 num_attention_heads=8, num_key_value_heads=2, initializer_range=0.3,
+                                 bos_token_id=1, eos_token_id=2)).save_pretrained(path)
+    model = jaxgen.from_pretrained(path)
+    ids, mask = left_padded_batch(np.random.default_rng(1), 8, 6, 96, [0, 2, 4, 1, 0, 3, 5, 2])
+    out = {"single": {}, "meshes": {}, "kv_heads": {}, "qkv_shard_shape": {}}
+    for name in ("greedy", "beam"):
+        out["single"][name] = summary(jaxgen.generate(model, ids, mask, **KW, **STRATEGIES[name]))
+    for mesh_name in ("4x2", "2x4"):
+        mesh = mesh_of(tuple(int(n) for n in mesh_name.split("x")))
+        for how, placed in (("shard", jaxgen.shard(model, mesh)), ("load", jaxgen.from_pretrained(path, mesh=mesh))):
+            key = f"{mesh_name}/{how}"
+            out["kv_heads"][key] = placed.config.n_kv_heads
+            out["qkv_shard_shape"][key] = list(placed.params["layers"][0]["attn"]["qkv"]["kernel"]
+                                               .addressable_shards[0].data.shape)
+            out["meshes"][key] = {name: summary(jaxgen.generate(placed, ids, mask, mesh=mesh, **KW, **STRATEGIES[name]))
+                                  for name in ("greedy", "beam")}
+    return out
 
 
 def _three_heads():

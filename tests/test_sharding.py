@@ -84,6 +84,19 @@ def test_clear_errors(results):
     assert errors["explicit_context"].startswith("mesh cannot be used") and "jax.set_mesh" in errors["explicit_context"]
 
 
+@pytest.mark.parametrize("placement", ["4x2/shard", "4x2/load", "2x4/shard", "2x4/load"])
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_gqa_family_on_a_mesh_equals_single_device(results, placement, strategy):
+    """Llama with 8 query and 2 kv heads: 2 model devices hold one kv head each; 4 hold each kv
+    head twice, with 2 of its 4 query heads (`sharding.plan`). Placed by `jaxgen.shard`, or by
+    the loader straight onto the mesh."""
+    gqa = results["gqa"]
+    _assert_same(gqa["meshes"][placement][strategy], gqa["single"][strategy], strategy)
+    model_devices = int(placement[2])
+    assert gqa["kv_heads"][placement] == max(2, model_devices)
+    assert gqa["qkv_shard_shape"][placement] == [1, 4 // (model_devices // 2) + 2, 8, 64]
+
+
 def test_multihost_example_script_runs_on_one_host_with_8_devices():
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "TRANSFORMERS_VERBOSITY": "error"}

@@ -1,0 +1,200 @@
+"""Llama, Mistral, Qwen2, Qwen3 and Phi-3 against transformers' PyTorch models on the same random
+weights: logits of left-padded batches, greedy and beam search, sampling, every rope type, GQA
+ratios 1/2/4, tied and untied heads, biases, sliding windows shorter than the sequence, dynamic
+and longrope lengths crossed during generation, bfloat16; and their checkpoints' loading."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import jaxgen
+from jaxgen.models.model import forward, logits, positions_from_mask
+from tests.conftest import assert_same_generation, hf_generate, left_padded_batch
+from tests.test_sampling import hf_following
+
+VOCAB, EOS, PAD = 96, 2, 0
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=EOS, pad_token_id=PAD,
+              initializer_range=0.2)
+# name: (transformers config class, its arguments). Prompts are 7 tokens, generation 8 more.
+CASES = {
+    "llama_gqa2_biases_untied": ("LlamaConfig", dict(attention_bias=True, mlp_bias=True)),
+    "llama3_gqa4_head_dim_tied": ("LlamaConfig", dict(
+        num_attention_heads=8, head_dim=8, tie_word_embeddings=True,
+        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=16))),
+    "mistral_mha_window4": ("MistralConfig", dict(num_key_value_heads=4, sliding_window=4)),
+    "qwen2_yarn_window_layer1": ("Qwen2Config", dict(
+        use_sliding_window=True, sliding_window=3, max_window_layers=1,
+        rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16))),
+    "qwen3_qk_norm_linear_bias": ("Qwen3Config", dict(head_dim=16, attention_bias=True,
+                                                      rope_scaling=dict(rope_type="linear", factor=2.0))),
+    "phi3_partial_window5": ("Phi3Config", dict(partial_rotary_factor=0.5, sliding_window=5)),
+    "llama_dynamic_crossing": ("LlamaConfig", dict(max_position_embeddings=10,
+                                                   rope_scaling=dict(rope_type="dynamic", factor=2.0))),
+    "phi3_longrope_crossing": ("Phi3Config", dict(
+        original_max_position_embeddings=10, max_position_embeddings=40,
+        rope_scaling=dict(rope_type="longrope", short_factor=[1.0, 1.3, 2.0, 3.0], long_factor=[2.0, 3.0, 5.0, 9.0]))),
+}
+
+
+def build(path, name, seed=0, **changes):
+    """``CASES[name]``'s random PyTorch model, saved to ``path``; returns it."""
+    config_class, kwargs = CASES[name]
+    config = getattr(transformers, config_class)(**{**COMMON, **kwargs, **changes})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(path)
+    return model
+
+
+def fresh(torch_model):
+    """A copy with the rotary embedding's state reset: transformers' dynamic and longrope
+    embeddings remember the longest sequence they saw across calls."""
+    copy = transformers.AutoModelForCausalLM.from_config(torch_model.config).eval()
+    copy.load_state_dict(torch_model.state_dict())
+    return copy
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def pair(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    return request.param, build(path, request.param), jaxgen.from_pretrained(path), path
+
+
+def _batch(seed=0):
+    return left_padded_batch(np.random.default_rng(seed), 3, 7, VOCAB, pads=[0, 3, 1], low=3)
+
+
+def test_logits_match_pytorch_on_left_padded_batch(pair):
+    _, torch_model, model, _ = pair
+    ids, mask = left_padded_batch(np.random.default_rng(1), 4, 13, VOCAB, pads=[0, 3, 8, 1], low=0)
+    pos = torch.tensor(np.asarray(positions_from_mask(jnp.asarray(mask))))
+    with torch.no_grad():
+        ref = fresh(torch_model)(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                                 position_ids=pos).logits.numpy()
+    ours = np.asarray(model(ids, mask))
+    real = mask.astype(bool)
+    np.testing.assert_allclose(ours[real], ref[real], atol=1e-4, rtol=0)
+    assert np.abs(ref[real]).max() > 1.0
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_generate_equals_transformers(pair, beams):
+    """Greedy and beam search (sequences, scores, beam indices, sequence scores); rope lengths and
+    sliding windows are crossed during the 8 new tokens."""
+    _, torch_model, model, _ = pair
+    ids, mask = _batch()
+    kw = dict(max_new_tokens=8, eos_token_id=EOS, pad_token_id=PAD)
+    if beams > 1:
+        kw.update(num_beams=beams, num_return_sequences=2, length_penalty=0.7)
+    ref = hf_generate(fresh(torch_model), ids, mask, do_sample=False, **kw)
+    assert_same_generation(jaxgen.generate(model, ids, mask, output_scores=True, **kw).trim(), ref, beams=beams > 1)
+
+
+@pytest.mark.parametrize("name", ["qwen2_yarn_window_layer1", "phi3_longrope_crossing"])
+def test_sampling_equals_transformers_on_the_drawn_tokens(name, tmp_path, monkeypatch):
+    torch_model = build(tmp_path, name)
+    model = jaxgen.from_pretrained(tmp_path)
+    ids, mask = _batch(2)
+    kw = dict(max_new_tokens=8, eos_token_id=EOS, pad_token_id=PAD, num_return_sequences=2, top_k=20, top_p=0.9,
+              temperature=0.8)
+    ours = jaxgen.sample(model, ids, mask, key=jax.random.key(4), output_scores=True, **kw).trim()
+    assert_same_generation(ours, hf_following(fresh(torch_model), ids, mask, ours, monkeypatch, **kw))
+
+
+def test_bfloat16_stays_within_documented_tolerance(tmp_path):
+    """bfloat16 params and activations, norms, softmax and logits in float32: max |logit error|
+    <= 4% of max |logit| against transformers in float32, as for GPT-2."""
+    torch_model = build(tmp_path, "llama3_gqa4_head_dim_tied")
+    torch_model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    model = jaxgen.from_pretrained(tmp_path / "bf16")  # dtype="auto": the checkpoint's
+    assert model.config.dtype == "bfloat16" and model.params["embed"].dtype == jnp.bfloat16
+    ids, mask = _batch(3)
+    torch_model = build(tmp_path / "f32", "llama3_gqa4_head_dim_tied")  # float32, same weights before rounding
+    with torch.no_grad():
+        ref = torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                          position_ids=torch.tensor(np.asarray(positions_from_mask(jnp.asarray(mask))))).logits.numpy()
+    ours = np.asarray(model(ids, mask))
+    real = mask.astype(bool)
+    assert ours.dtype == np.float32
+    assert np.abs(ours[real] - ref[real]).max() <= 0.04 * np.abs(ref[real]).max()
+    assert (ours[real].argmax(-1) == ref[real].argmax(-1)).mean() > 0.8
+
+
+def test_rows_written_at_their_own_slots(tmp_path):
+    """The cache writes each row at its own slot (rows at different lengths): row 1 skips two
+    slots, masked out, and each row's logits still equal a full forward over its tokens."""
+    build(tmp_path, "llama3_gqa4_head_dim_tied")
+    model = jaxgen.from_pretrained(tmp_path)
+    rng = np.random.default_rng(5)
+    prompt, steps = 4, 5
+    ids = rng.integers(3, VOCAB, (2, prompt + steps))
+    kv_mask = np.ones((2, 16), bool)
+    kv_mask[1, prompt:prompt + 2] = False
+    positions = np.broadcast_to(np.arange(prompt + steps), (2, prompt + steps))
+    cache = model.init_cache(2, 16)
+    _, cache = forward(model, jnp.asarray(ids[:, :prompt]), jnp.asarray(positions[:, :prompt]), kv_mask, cache, 0)
+    full = np.asarray(model(ids))
+    step = jax.jit(forward)
+    for t in range(prompt, prompt + steps):
+        slots = jnp.asarray([t, t + 2], jnp.int32)
+        hidden, cache = step(model, jnp.asarray(ids[:, t:t + 1]), jnp.asarray(positions[:, t:t + 1]), kv_mask, cache,
+                             slots)
+        np.testing.assert_allclose(np.asarray(logits(model, hidden))[:, 0], full[:, t], atol=1e-4, err_msg=f"{t}")
+
+
+# --- loading --------------------------------------------------------------------------------
+
+
+def _params_equal(a, b):
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_sharded_and_prefixless_checkpoints_give_identical_params(tmp_path):
+    torch_model = build(tmp_path / "single", "phi3_partial_window5")
+    reference = jaxgen.from_pretrained(tmp_path / "single")
+    torch_model.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    _params_equal(reference, jaxgen.from_pretrained(tmp_path / "sharded"))
+    tied = build(tmp_path / "tied", "llama3_gqa4_head_dim_tied")  # the base model: no "model." prefix, no head
+    tied.model.save_pretrained(tmp_path / "base")
+    shutil.copy(tmp_path / "tied" / "config.json", tmp_path / "base")
+    _params_equal(jaxgen.from_pretrained(tmp_path / "tied"), jaxgen.from_pretrained(tmp_path / "base"))
+
+
+def test_untied_head_is_its_own_tensor_and_eos_lists_stay_whole(tmp_path):
+    build(tmp_path, "llama_gqa2_biases_untied", eos_token_id=[EOS, 7])
+    model = jaxgen.from_pretrained(tmp_path)
+    assert not np.allclose(model.params["lm_head"], model.params["embed"])
+    assert model.config.eos_token_id == (EOS, 7)
+    assert model.generation_config["eos_token_id"] == (EOS, 7)
+
+
+def _edit_config(path, **changes):
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(hidden_size=64), r"has shape \(96, 32\) but config.json implies \(96, 64\)"),
+    (dict(model_type="mixtral"), "model_type='mixtral' is not supported; jaxgen runs gpt2, llama, mistral, phi3"),
+    (dict(hidden_act="mish"), "hidden_act='mish' is not supported"),
+    (dict(rope_parameters=dict(rope_type="mrope", rope_theta=1e4)), "rope_type='mrope'; jaxgen implements"),
+    (dict(num_hidden_layers=1, layer_types=["full_attention"]), r"not part of qwen3 as configured \(e.g. \['model.l"),
+    (dict(num_hidden_layers=1), "config.json is not a valid qwen3 config"),
+])
+def test_checkpoint_errors(tmp_path, changes, message):
+    build(tmp_path, "qwen3_qk_norm_linear_bias")
+    _edit_config(tmp_path, **changes)
+    with pytest.raises(jaxgen.CheckpointError, match=message):
+        jaxgen.from_pretrained(tmp_path)

@@ -3,10 +3,11 @@
     jaxgen generate "The meaning of life is" --num-beams 4 --num-return-sequences 2 --show-scores
 
 Prompts are tokenized with left padding (``--chat``: each as a user message, through the
-tokenizer's chat template); outputs are decoded without pad tokens. ``--model`` takes a hub id or
-a directory of any supported family; without it the small GPT-2 shipped in ``jaxgen/demo_model``
-is used, so the command works offline. Status lines (load, compile, generation speed) go to stderr; ``--json`` prints only
-JSON on stdout. Bad input exits with status 2 and one ``jaxgen: error: ...`` line.
+tokenizer's chat template); outputs are decoded without pad tokens. ``--model`` takes a hub id
+or a directory of any supported family; without it the small GPT-2 shipped in
+``jaxgen/demo_model`` is used, so the command works offline. Status lines (load, compile,
+generation speed) go to stderr; ``--json`` prints only JSON on stdout. Bad input exits with
+status 2 and one ``jaxgen: error: ...`` line.
 """
 
 from __future__ import annotations

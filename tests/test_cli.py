@@ -156,3 +156,28 @@ def test_options_left_out_come_from_the_checkpoints_generation_config(jaxgen_mai
     prompt = AutoTokenizer.from_pretrained(DEMO_MODEL)(["Love is"], return_tensors="np").input_ids
     plain = jaxgen.greedy_search(jaxgen.from_pretrained(DEMO_MODEL), prompt, max_new_tokens=12, pad_token_id=0)
     assert ids != plain.trim().sequences[0, prompt.shape[1]:].tolist()  # the settings matter
+
+
+def test_any_family_and_a_chat_template(jaxgen_main, tmp_path):
+    """``--model`` of a Llama checkpoint; ``--chat`` runs each prompt through the tokenizer's chat
+    template (here the demo tokenizer given one) before generating, as transformers' pipelines do."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(DEMO_MODEL)
+    tok.chat_template = "{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}Assistant:"
+    tok.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, bos_token_id=tok.eos_token_id,
+                                 eos_token_id=tok.eos_token_id)).save_pretrained(tmp_path)
+    code, out, err = jaxgen_main("Hi there", "--model", str(tmp_path), "--chat", "--max-new-tokens", "6", "--json")
+    assert code == 0, err
+    completion = json.loads(out)["results"][0]["completions"][0]
+    assert completion["text"].startswith("User: Hi there\nAssistant:")
+    ids = tok.apply_chat_template([{"role": "user", "content": "Hi there"}], add_generation_prompt=True,
+                                  return_tensors="np", return_dict=True)["input_ids"]
+    expected = jaxgen.generate(jaxgen.from_pretrained(tmp_path), ids, max_new_tokens=6, eos_token_id=tok.eos_token_id,
+                               pad_token_id=tok.eos_token_id).trim().sequences[0, ids.shape[1]:]
+    assert completion["token_ids"] == [int(t) for t in expected][:len(completion["token_ids"])]
+    code, _, err = jaxgen_main("x", "--chat", "--max-new-tokens", "2")
+    assert code == 2 and "has no chat template" in err

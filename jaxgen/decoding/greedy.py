@@ -82,7 +82,9 @@ def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, k
     def advance(s: TokenState) -> TokenState:
         column = spec.bucket_len + s.step - 1
         tokens = jax.lax.dynamic_index_in_dim(s.sequences, column, axis=1, keepdims=False)
-        redo = (engine.recomputes(model, prompt_len, s.step, spec), s.sequences, pre.kv_mask) if spec.recompute else None
+        redo = None
+        if spec.recompute:
+            redo = (engine.recomputes(model, prompt_len, s.step, spec), s.sequences, pre.kv_mask)
         logits, cache = engine.decode_step(model, tokens, s.positions, pre.kv_mask, s.cache, column, spec, redo)
         return s.replace(logits=logits, cache=cache, positions=s.positions + 1)
 

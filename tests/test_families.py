@@ -198,3 +198,23 @@ def test_checkpoint_errors(tmp_path, changes, message):
     _edit_config(tmp_path, **changes)
     with pytest.raises(jaxgen.CheckpointError, match=message):
         jaxgen.from_pretrained(tmp_path)
+
+
+def test_a_bfloat16_checkpoint_loads_in_about_its_own_memory(tmp_path):
+    """Tensors are read one at a time into buffers JAX adopts without copying: loading a 51 MB
+    bfloat16 checkpoint as bfloat16 raises the peak memory of a process (JAX and transformers
+    already started) by under 1.3x its size (`scripts/load_memory.py --warm`)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=1000, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                                      num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=True)
+    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "load_memory.py"
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), "--measure", "--warm"], capture_output=True,
+                          text=True, check=True, timeout=300)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["dtype"] == "bfloat16" and result["checkpoint_bytes"] > 50e6
+    assert result["peak_over_checkpoint"] < 1.3, result

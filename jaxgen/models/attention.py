@@ -12,23 +12,44 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jaxgen.models.cache import KVCache, to_layout
+from flax import struct
+
+from jaxgen.models.cache import KVCache, to_layout, write
 
 
 @dataclasses.dataclass
 class View:
-    """What the layers of one forward pass share: the cache they read and write, where the chunk
-    goes, and which slots each of its queries may read.
-
-    masks: per sliding window (None: full attention), bool[batch, group, seq, length] over the
-    cache's physical slots (see `KVCache`); cache: None for a pass without one (its own keys
-    only); slot: first cache slot of the chunk (int32[] or int32[rows]).
-    """
+    """What the layers of one forward pass share: the cache, where the chunk goes, and which
+    slots each of its queries may read (per sliding window, None for full attention:
+    bool[batch, group, seq, length] over the cache's physical slots, see `KVCache`)."""
 
     masks: dict
     cache: KVCache | None
     slot: jax.Array | int
-    group: int
+
+    def layer(self, index: int, window: int | None) -> "Layer":
+        """Layer ``index``'s part of the view."""
+        cache = self.cache
+        return Layer(self.masks[window], None if cache is None else cache.keys[index],
+                     None if cache is None else cache.values[index], self.slot, jnp.int32(index), window,
+                     1 if cache is None else cache.group, 0 if cache is None else cache.shared)
+
+
+@struct.dataclass
+class Layer:
+    """One layer's attention state: the slots its queries may read (``mask``, bool[batch,
+    group, seq, length]), its cache arrays (None in a pass without a cache), the chunk's first
+    slot, the layer's index (traced, so that the layers of a model share one traced function)
+    and, static, its sliding window and the cache's grouping (see `KVCache`)."""
+
+    mask: jax.Array
+    keys: jax.Array | None
+    values: jax.Array | None
+    slot: jax.Array | int
+    index: jax.Array
+    window: int | None = struct.field(pytree_node=False, default=None)
+    group: int = struct.field(pytree_node=False, default=1)
+    shared: int = struct.field(pytree_node=False, default=0)
 
 
 def view(kv_mask: jax.Array, seq: int, cache: KVCache | None, slot, windows) -> View:
@@ -58,22 +79,22 @@ def view(kv_mask: jax.Array, seq: int, cache: KVCache | None, slot, windows) -> 
         reach = t <= query if window is None else (t <= query) & (t > query - window)  # [rows, seq, kv_len]
         m = allowed & reach.reshape(-1, group, seq, kv_len, 1)  # [batch, g, seq, kv_len, r]
         masks[window] = jnp.concatenate([m[..., :shared, :].any(-1), m[..., shared:, :].reshape(*m.shape[:3], -1)], -1)
-    return View(masks, cache, slot, group)
+    return View(masks, cache, slot)
 
 
-def attention(q, k, v, view: View, layer: int, *, scale: float, window: int | None = None, upcast: bool = False):
+def attention(q, k, v, layer: Layer, *, scale, upcast: bool = False):
     """Attention of a chunk's queries over the cache after writing the chunk's keys and values.
 
     q: dtype[rows, seq, n_heads, head_dim]; k, v: dtype[rows, seq, n_kv_heads, head_dim] (rotated
-    keys). ``upcast``: scale the queries before the product, all in float32 (GPT-2's
-    ``reorder_and_upcast_attn``). Returns (dtype[rows, seq, n_heads * head_dim], (keys, values) of
-    layer ``layer`` in the cache layout).
+    keys); ``scale``: the factor on ``q . k`` (may be traced). ``upcast``: scale the queries
+    before the product, all in float32 (GPT-2's ``reorder_and_upcast_attn``). Returns
+    (dtype[rows, seq, n_heads * head_dim], the layer's keys and values in the cache layout).
     """
-    if view.cache is None:
+    if layer.keys is None:
         kt, vt = to_layout(k, 1, keys=True), to_layout(v, 1, keys=False)
     else:
-        kt, vt = view.cache.write(layer, k, v, view.slot)
-    return attend(q, kt, vt, view.masks[window], view.group, scale, upcast), (kt, vt)
+        kt, vt = write(layer.keys, layer.values, k, v, layer.slot, layer.group, layer.shared)
+    return attend(q, kt, vt, layer.mask, layer.group, scale, upcast), (kt, vt)
 
 
 def attend(q, kt, v, mask, group: int, scale: float, upcast: bool = False):

@@ -123,20 +123,22 @@ class KVCache:
         return KVCache(tuple(relayout(k, 3) for k in self.keys), tuple(relayout(v, 2) for v in self.values),
                        group, shared)
 
-    def write(self, layer: int, k: jax.Array, v: jax.Array, slot) -> tuple[jax.Array, jax.Array]:
-        """Layer ``layer``'s keys and values with ``k, v: dtype[rows, seq, n_kv_heads, head_dim]``
-        written at slots ``[slot, slot + seq)`` of each row (see the module docstring for ``slot``)."""
-        kt, vt = to_layout(k, self.group, keys=True), to_layout(v, self.group, keys=False)
-        cache_k, cache_v = self.keys[layer], self.values[layer]
-        if jnp.ndim(slot) == 0 or cache_v.ndim == 3:
-            start = self.index(jnp.reshape(slot, (-1,))[0])
-            lead = (0,) * (kt.ndim - 2)
-            return (jax.lax.dynamic_update_slice(cache_k, kt, (*lead, 0, start)),
-                    jax.lax.dynamic_update_slice(cache_v, vt, (*lead, start, 0)))
-        if self.group != 1:
-            raise ValueError("per-row write slots need a group == 1 cache")
-        put = jax.vmap(lambda c, x, s, axis: jax.lax.dynamic_update_slice_in_dim(c, x, s, axis), (0, 0, 0, None))
-        return put(cache_k, kt, slot, -1), put(cache_v, vt, slot, -2)
+
+def write(keys: jax.Array, values: jax.Array, k: jax.Array, v: jax.Array, slot, group: int = 1,
+          shared: int = 0) -> tuple[jax.Array, jax.Array]:
+    """One layer's cache arrays (`KVCache` layout) with ``k, v: dtype[rows, seq, n_kv_heads,
+    head_dim]`` written at slots ``[slot, slot + seq)`` of each row: one ``slot`` for all rows
+    (int32[]) or, with ``group == 1``, one per row (int32[rows])."""
+    kt, vt = to_layout(k, group, keys=True), to_layout(v, group, keys=False)
+    if jnp.ndim(slot) == 0 or values.ndim == 3:
+        start = shared + (jnp.reshape(slot, (-1,))[0] - shared) * group
+        lead = (0,) * (kt.ndim - 2)
+        return (jax.lax.dynamic_update_slice(keys, kt, (*lead, 0, start)),
+                jax.lax.dynamic_update_slice(values, vt, (*lead, start, 0)))
+    if group != 1:
+        raise ValueError("per-row write slots need a group == 1 cache")
+    put = jax.vmap(lambda c, x, s, axis: jax.lax.dynamic_update_slice_in_dim(c, x, s, axis), (0, 0, 0, None))
+    return put(keys, kt, slot, -1), put(values, vt, slot, -2)
 
 
 def to_layout(x: jax.Array, group: int, keys: bool) -> jax.Array:

@@ -32,10 +32,10 @@ class GPT2Config(ModelConfig):
     scale_attn_by_inverse_layer_idx: bool = False
     reorder_and_upcast_attn: bool = False
 
-    def attention_scale(self, layer: int) -> float:
-        """The factor on ``q @ k^T`` in layer ``layer`` (as GPT2Attention.scaling)."""
+    def attention_scale(self, layer):
+        """The factor on ``q @ k^T`` in layer ``layer`` (an int, or traced; as GPT2Attention.scaling)."""
         scale = self.head_dim**-0.5 if self.scale_attn_weights else 1.0
-        return scale / float(layer + 1) if self.scale_attn_by_inverse_layer_idx else scale
+        return scale / (layer + 1.0) if self.scale_attn_by_inverse_layer_idx else scale
 
 
 def config_from_hf(hf, dtype: str) -> GPT2Config:
@@ -97,12 +97,12 @@ def embed(params, c: GPT2Config, tokens, positions):
     return (params["embed"][tokens] + params["pos_embed"][positions]).astype(params["embed"].dtype), None
 
 
-def block(p, c: GPT2Config, i: int, x, rotary, view, row_shards: int):
+def block(p, c: GPT2Config, x, rotary, layer, row_shards: int):
     """One GPT-2 layer over x: dtype[rows, seq, d]; returns it and the layer's cache arrays."""
     h = layers.layer_norm(p["attn_norm"], x, c.layer_norm_epsilon)
     qkv = layers.linear(p["attn"]["qkv"], h, row_shards)  # [rows, seq, heads, 3, hd]
-    out, kv = attention.attention(qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :], view, i,
-                                  scale=c.attention_scale(i), upcast=c.reorder_and_upcast_attn)
+    out, kv = attention.attention(qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :], layer,
+                                  scale=c.attention_scale(layer.index), upcast=c.reorder_and_upcast_attn)
     x = x + layers.linear(p["attn"]["out"], out, row_shards)
     h = layers.layer_norm(p["mlp_norm"], x, c.layer_norm_epsilon)
     return x + layers.mlp(p["mlp"], h, c.activation_function, row_shards), kv

@@ -138,7 +138,7 @@ def embed(params, c: LlamaConfig, tokens, positions):
     return x, c.rope.tables(positions, x.dtype)
 
 
-def block(p, c: LlamaConfig, i: int, x, rotary, view, row_shards: int):
+def block(p, c: LlamaConfig, x, rotary, layer, row_shards: int):
     """One decoder layer over x: dtype[rows, seq, d]; returns it and the layer's cache arrays."""
     rows, seq, _ = x.shape
     per_kv = c.n_heads // c.n_kv_heads
@@ -151,7 +151,7 @@ def block(p, c: LlamaConfig, i: int, x, rotary, view, row_shards: int):
         k = layers.rms_norm(p["attn"]["k_norm"], k, c.rms_norm_eps)
     cos, sin = rotary
     q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
-    out, kv = attention.attention(q, k, v, view, i, scale=c.head_dim**-0.5, window=c.window(i))
+    out, kv = attention.attention(q, k, v, layer, scale=c.head_dim**-0.5)
     x = x + layers.linear(p["attn"]["out"], out, row_shards)
     h = layers.rms_norm(p["mlp_norm"], x, c.rms_norm_eps)
     return x + layers.gated_mlp(p["mlp"], h, c.activation, row_shards), kv

@@ -2,7 +2,8 @@
 
 A family (``jaxgen/models/<family>.py``) supplies its config, its checkpoint table and four
 pure functions: ``embed`` (tokens, positions -> hidden states, and the rotary tables its layers
-share), ``block`` (one decoder layer), ``final`` (the last norm) and ``logits`` (the head);
+share), ``block`` (one decoder layer, given its `attention.Layer`), ``final`` (the last norm) and
+``logits`` (the head);
 everything else here is shared. The decoders see only this module's
 protocol::
 
@@ -15,6 +16,7 @@ and ``model.config``'s `ModelConfig` fields.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -111,13 +113,20 @@ def forward(model: CausalLM, input_ids: jax.Array, position_ids: jax.Array, kv_m
     x, rotary = family.embed(params, config, input_ids, position_ids)
     keys, values = [], []
     for i, layer in enumerate(params["layers"]):
-        x, (k, v) = family.block(layer, config, i, x, rotary, view, row_shards)
+        x, (k, v) = _block(family, config, row_shards, layer, x, rotary, view.layer(i, config.window(i)))
         keys.append(k)
         values.append(v)
     x = family.final(params, config, x)
     if cache is None:
         return x, KVCache(tuple(keys), tuple(values))
     return x, cache.replace(keys=tuple(keys), values=tuple(values))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _block(family, config, row_shards, params, x, rotary, layer):
+    """One layer, traced once for all the layers of a model that share its shapes (the layer's
+    index is traced): tracing and lowering then take the same time at any depth."""
+    return family.block(params, config, x, rotary, layer, row_shards)
 
 
 def logits(model: CausalLM, hidden: jax.Array, row_shards: int = 1) -> jax.Array:

@@ -88,6 +88,21 @@ def measure_machine(dtype=jnp.float32) -> dict:
     return {"bandwidth_GBps": bandwidth / 1e9, "matmul_GFLOPs": 2 * 2048**3 / t_mm / 1e9}
 
 
+def cpu_model() -> str:
+    """The CPU's name, family and model, and its widest vector and matrix extensions (Linux)."""
+    try:
+        info = dict(line.split(":", 1) for line in open("/proc/cpuinfo").read().split("\n\n")[0].splitlines()
+                    if ":" in line)
+    except OSError:
+        return platform.processor() or platform.machine()
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    flags = set(info.get("flags", "").split())
+    named = (("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX-BF16"))
+    extensions = [name for flag, name in named if flag in flags] or ["AVX2" if "avx2" in flags else "SSE"]
+    return (f"{info.get('model name', platform.machine())} (family {info.get('cpu family')} model {info.get('model')}, "
+            f"{'/'.join(extensions)})")
+
+
 def _seconds_per_call(fn, arg, calls: int, tries: int = 5) -> float:
     """Best of ``tries`` timings of ``calls`` back-to-back calls (after one warm-up), per call."""
     fn(arg).block_until_ready()
@@ -268,7 +283,7 @@ def main():
     torch.set_float32_matmul_precision("highest")  # its default; as jaxgen's below (no TF32 on a GPU)
     torch_model, model = load(args, "torch"), load(args, "jaxgen")
     measurements = [measure_machine(model.dtype)]
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} "
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, jax {jax.__version__} "
           f"on {jax.devices()[0].device_kind}, torch {torch.__version__} on {TORCH_DEVICE} ({args.threads} threads); "
           f"{_limits(measurements[0])}", flush=True)
 

@@ -120,7 +120,27 @@ def main():
     results["errors"]["explicit_context"] = error_of(in_explicit_context)
     results["errors"]["not_a_mesh"] = error_of(lambda: jaxgen.generate(model, ids, mask, mesh="4x2", **KW))
     results["gqa"] = gqa_family()
+    results["gemma"] = gemma_family()
     json.dump(results, sys.stdout)
+
+
+def gemma_family():
+    """Gemma 2 (sliding layers kept in rings, soft-caps, 2 kv heads) on a 4x2 mesh."""
+    import torch
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    path = tempfile.mkdtemp()
+    torch.manual_seed(0)
+    Gemma2ForCausalLM(Gemma2Config(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=4,
+                                   attn_logit_softcapping=5.0, final_logit_softcapping=10.0, initializer_range=0.3,
+                                   bos_token_id=1, eos_token_id=2, pad_token_id=0)).save_pretrained(path)
+    model = jaxgen.from_pretrained(path)
+    ids, mask = left_padded_batch(np.random.default_rng(2), 8, 6, 96, [0, 2, 4, 1, 0, 3, 5, 2])
+    mesh = mesh_of((4, 2))
+    sharded = jaxgen.shard(model, mesh)
+    return {name: [summary(jaxgen.generate(m, ids, mask, **KW, **STRATEGIES[name], **mesh_kw))
+                   for m, mesh_kw in ((model, {}), (sharded, {"mesh": mesh}))] for name in ("greedy", "beam")}
 
 
 def gqa_family():

@@ -158,24 +158,38 @@ def test_options_left_out_come_from_the_checkpoints_generation_config(jaxgen_mai
     assert ids != plain.trim().sequences[0, prompt.shape[1]:].tolist()  # the settings matter
 
 
-def test_any_family_and_a_chat_template(jaxgen_main, tmp_path):
-    """``--model`` of a Llama checkpoint; ``--chat`` runs each prompt through the tokenizer's chat
-    template (here the demo tokenizer given one) before generating, as transformers' pipelines do."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+# Gemma's own chat template, and a plain one.
+GEMMA_TEMPLATE = ("{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+                  "{{ m['content'] }}<end_of_turn>\n{% endfor %}<start_of_turn>model\n")
+PLAIN_TEMPLATE = "{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}Assistant:"
+
+
+@pytest.mark.parametrize("family, template, shown", [
+    ("Llama", PLAIN_TEMPLATE, "User: Hi there\nAssistant:"),
+    ("Gemma2", GEMMA_TEMPLATE, "<start_of_turn>user\nHi there<end_of_turn>\n<start_of_turn>model\n"),
+])
+def test_any_family_and_a_chat_template(jaxgen_main, tmp_path, family, template, shown):
+    """``--model`` of a Llama or a Gemma 2 checkpoint; ``--chat`` runs each prompt through the
+    tokenizer's chat template (here the demo tokenizer given one) before generating."""
+    import transformers
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(DEMO_MODEL)
-    tok.chat_template = "{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}Assistant:"
+    tok.chat_template = template
     tok.save_pretrained(tmp_path)
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, bos_token_id=tok.eos_token_id,
-                                 eos_token_id=tok.eos_token_id)).save_pretrained(tmp_path)
+    config = getattr(transformers, f"{family}Config")(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.eos_token_id)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     code, out, err = jaxgen_main("Hi there", "--model", str(tmp_path), "--chat", "--max-new-tokens", "6", "--json")
     assert code == 0, err
     completion = json.loads(out)["results"][0]["completions"][0]
-    assert completion["text"].startswith("User: Hi there\nAssistant:")
+    assert completion["text"].startswith(shown.rstrip("\n"))
     ids = tok.apply_chat_template([{"role": "user", "content": "Hi there"}], add_generation_prompt=True,
                                   return_tensors="np", return_dict=True)["input_ids"]
+    assert tok.decode(ids[0]) == shown
     expected = jaxgen.generate(jaxgen.from_pretrained(tmp_path), ids, max_new_tokens=6, eos_token_id=tok.eos_token_id,
                                pad_token_id=tok.eos_token_id).trim().sequences[0, ids.shape[1]:]
     assert completion["token_ids"] == [int(t) for t in expected][:len(completion["token_ids"])]

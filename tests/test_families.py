@@ -1,7 +1,8 @@
-"""Llama, Mistral, Qwen2, Qwen3 and Phi-3 against transformers' PyTorch models on the same random
-weights: logits of left-padded batches, greedy and beam search, sampling, every rope type, GQA
-ratios 1/2/4, tied and untied heads, biases, sliding windows shorter than the sequence, dynamic
-and longrope lengths crossed during generation, bfloat16; and their checkpoints' loading."""
+"""Llama, Mistral, Qwen2, Qwen3, Phi-3 and Gemma 1/2/3 against transformers' PyTorch models on
+the same random weights: logits of left-padded batches, greedy and beam search, sampling, every
+rope type, GQA ratios 1/2/4, tied and untied heads, biases, sliding windows shorter than the
+sequence (kept in rings), soft-capping that binds, dynamic and longrope lengths crossed during
+generation, bfloat16; and their checkpoints' loading."""
 
 from __future__ import annotations
 
@@ -43,6 +44,13 @@ CASES = {
     "phi3_longrope_crossing": ("Phi3Config", dict(
         original_max_position_embeddings=10, max_position_embeddings=40,
         rope_scaling=dict(rope_type="longrope", short_factor=[1.0, 1.3, 2.0, 3.0], long_factor=[2.0, 3.0, 5.0, 9.0]))),
+    "gemma_mha_gelu": ("GemmaConfig", dict(num_key_value_heads=4, head_dim=16, hidden_act="gelu")),
+    "gemma2_softcaps_window4": ("Gemma2Config", dict(head_dim=16, num_hidden_layers=3, sliding_window=4,
+                                                     attn_logit_softcapping=1.0, final_logit_softcapping=2.5,
+                                                     query_pre_attn_scalar=24)),
+    "gemma3_local_global_window5": ("Gemma3TextConfig", dict(
+        head_dim=8, num_hidden_layers=3, sliding_window=5, sliding_window_pattern=2, rope_local_base_freq=100.0,
+        rope_scaling=dict(rope_type="linear", factor=2.0), final_logit_softcapping=4.0)),
 }
 
 
@@ -100,7 +108,7 @@ def test_generate_equals_transformers(pair, beams):
     assert_same_generation(jaxgen.generate(model, ids, mask, output_scores=True, **kw).trim(), ref, beams=beams > 1)
 
 
-@pytest.mark.parametrize("name", ["qwen2_yarn_window_layer1", "phi3_longrope_crossing"])
+@pytest.mark.parametrize("name", ["qwen2_yarn_window_layer1", "phi3_longrope_crossing", "gemma2_softcaps_window4"])
 def test_sampling_equals_transformers_on_the_drawn_tokens(name, tmp_path, monkeypatch):
     torch_model = build(tmp_path, name)
     model = jaxgen.from_pretrained(tmp_path)
@@ -111,15 +119,16 @@ def test_sampling_equals_transformers_on_the_drawn_tokens(name, tmp_path, monkey
     assert_same_generation(ours, hf_following(fresh(torch_model), ids, mask, ours, monkeypatch, **kw))
 
 
-def test_bfloat16_stays_within_documented_tolerance(tmp_path):
+@pytest.mark.parametrize("name", ["llama3_gqa4_head_dim_tied", "gemma2_softcaps_window4"])
+def test_bfloat16_stays_within_documented_tolerance(tmp_path, name):
     """bfloat16 params and activations, norms, softmax and logits in float32: max |logit error|
     <= 4% of max |logit| against transformers in float32, as for GPT-2."""
-    torch_model = build(tmp_path, "llama3_gqa4_head_dim_tied")
+    torch_model = build(tmp_path, name)
     torch_model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
     model = jaxgen.from_pretrained(tmp_path / "bf16")  # dtype="auto": the checkpoint's
     assert model.config.dtype == "bfloat16" and model.params["embed"].dtype == jnp.bfloat16
     ids, mask = _batch(3)
-    torch_model = build(tmp_path / "f32", "llama3_gqa4_head_dim_tied")  # float32, same weights before rounding
+    torch_model = build(tmp_path / "f32", name)  # float32, same weights before rounding
     with torch.no_grad():
         ref = torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
                           position_ids=torch.tensor(np.asarray(positions_from_mask(jnp.asarray(mask))))).logits.numpy()
@@ -128,6 +137,65 @@ def test_bfloat16_stays_within_documented_tolerance(tmp_path):
     assert ours.dtype == np.float32
     assert np.abs(ours[real] - ref[real]).max() <= 0.04 * np.abs(ref[real]).max()
     assert (ours[real].argmax(-1) == ref[real].argmax(-1)).mean() > 0.8
+
+
+def test_gemma2_soft_caps_bind(tmp_path):
+    """Both soft-caps change the logits here (transformers without either differs), and jaxgen
+    equals transformers with them; the final cap bounds every logit."""
+    name = "gemma2_softcaps_window4"
+    torch_model = build(tmp_path, name)
+    without = {cap: build(tmp_path / cap, name, **{cap: None})
+               for cap in ("attn_logit_softcapping", "final_logit_softcapping")}
+    ids, mask = _batch(4)
+    real = mask.astype(bool)
+
+    def torch_logits(m):
+        with torch.no_grad():
+            return m(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()[real]
+
+    ref = torch_logits(torch_model)
+    np.testing.assert_allclose(np.asarray(jaxgen.from_pretrained(tmp_path)(ids, mask))[real], ref, atol=1e-4, rtol=0)
+    assert np.abs(ref).max() < 2.5 < np.abs(torch_logits(without["final_logit_softcapping"])).max()
+    assert np.abs(torch_logits(without["attn_logit_softcapping"]) - ref).max() > 0.05
+
+
+def test_sliding_layers_keep_only_their_window(tmp_path):
+    """Gemma 2's sliding layers (window 4) keep rings of 4 slots in the compiled program, its
+    global layer the whole 32 + 8 slots."""
+    from jaxgen.decoding import api, args
+
+    build(tmp_path, "gemma2_softcaps_window4")
+    model = jaxgen.from_pretrained(tmp_path)
+    ids, mask = _batch(5)
+    req = args.parse(model, ids, mask, dict(max_new_tokens=8, eos_token_id=EOS, pad_token_id=PAD))
+    hlo = api._decode.lower(model, *api._operands(req), spec=req.spec).compile().as_text()
+    loop = next(line for line in hlo.splitlines() if " while(" in line)
+    assert loop.count("f32[3,2,16,4]") == 2 and loop.count("f32[3,2,4,16]") == 2  # keys, values of 2 rings
+    assert loop.count("f32[3,2,16,40]") == 1 and loop.count("f32[3,2,40,16]") == 1  # the global layer
+    assert model.config.layer_windows == (4, None, 4)
+
+
+def test_a_multimodal_gemma3_checkpoint_runs_its_language_model(tmp_path):
+    """A ``gemma3`` checkpoint (its config nests the text model; weights under
+    ``language_model.``): the text model loads, equal to transformers' on text; image tokens
+    in the prompt raise, naming input_ids."""
+    config = transformers.Gemma3Config(
+        text_config=dict(COMMON, head_dim=8, num_hidden_layers=2, sliding_window=4, vocab_size=300),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14), mm_tokens_per_image=4, image_token_index=299)
+    torch.manual_seed(0)
+    torch_model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    torch_model.save_pretrained(tmp_path)
+    model = jaxgen.from_pretrained(tmp_path)
+    assert model.config.model_type == "gemma3_text" and model.config.unsupported_token_ids == (299,)
+    ids, mask = _batch(6)
+    with torch.no_grad():
+        ref = torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    real = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(model(ids, mask))[real], ref[real], atol=1e-4, rtol=0)
+    ids[0, -2] = 299
+    with pytest.raises(ValueError, match=r"input_ids='<contains \[299\]>'.*images"):
+        jaxgen.generate(model, ids, mask, max_new_tokens=2, pad_token_id=PAD)
 
 
 def test_rows_written_at_their_own_slots(tmp_path):
@@ -187,7 +255,7 @@ def _edit_config(path, **changes):
 
 @pytest.mark.parametrize("changes, message", [
     (dict(hidden_size=64), r"has shape \(96, 32\) but config.json implies \(96, 64\)"),
-    (dict(model_type="mixtral"), "model_type='mixtral' is not supported; jaxgen runs gpt2, llama, mistral, phi3"),
+    (dict(model_type="mixtral"), "model_type=.mixtral. is not supported; jaxgen runs gemma, .*, gpt2, llama, mistral"),
     (dict(hidden_act="mish"), "hidden_act='mish' is not supported"),
     (dict(rope_parameters=dict(rope_type="mrope", rope_theta=1e4)), "rope_type='mrope'; jaxgen implements"),
     (dict(num_hidden_layers=1, layer_types=["full_attention"]), r"not part of qwen3 as configured \(e.g. \['model.l"),

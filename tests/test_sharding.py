@@ -97,6 +97,12 @@ def test_gqa_family_on_a_mesh_equals_single_device(results, placement, strategy)
     assert gqa["qkv_shard_shape"][placement] == [1, 4 // (model_devices // 2) + 2, 8, 64]
 
 
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_gemma_on_a_mesh_equals_single_device(results, strategy):
+    single, ours = results["gemma"][strategy]
+    _assert_same(ours, single, strategy)
+
+
 def test_multihost_example_script_runs_on_one_host_with_8_devices():
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "TRANSFORMERS_VERBOSITY": "error"}

@@ -172,6 +172,10 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
         if host_ids.min() < 0 or host_ids.max() >= vocab:
             bad = host_ids[(host_ids < 0) | (host_ids >= vocab)][:5].tolist()
             _fail("input_ids", f"<contains {bad}>", f"token ids must be in [0, {vocab}) (the model's vocab_size)")
+        unsupported = sorted(set(config.unsupported_token_ids) & set(np.unique(host_ids).tolist()))
+        if unsupported:
+            _fail("input_ids", f"<contains {unsupported}>", "these ids stand for images, which jaxgen does not run "
+                  "(it runs this checkpoint's language model); pass text tokens only")
 
     # --- special tokens ---------------------------------------------------------------------
     eos = kw["eos_token_id"] if kw["eos_token_id"] is not None else config.eos_token_id

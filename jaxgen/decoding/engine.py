@@ -134,10 +134,10 @@ def prefill(model: CausalLM, input_ids: jax.Array, attention_mask: jax.Array, pr
     logits = logits_of(model, hidden[:, -1], spec.row_shards)
     logits, positions, pad_lengths = map(rows, (logits, positions[:, -1] + 1, pad_lengths))
     if share_prompt:
-        cache = model.init_cache(batch, spec.bucket_len + spec.phase_ends[0], expand, spec.bucket_len)
+        cache = model.init_cache(batch, spec.bucket_len + spec.phase_ends[0], expand, spec.bucket_len, spec.total_len)
     else:
         prompt, kv_mask = prompt.repeat(expand), rows(kv_mask)
-        cache = model.init_cache(batch * expand, spec.bucket_len + spec.phase_ends[0])
+        cache = model.init_cache(batch * expand, spec.bucket_len + spec.phase_ends[0], ring_below=spec.total_len)
     cache = pin_cache(pin_cache(cache, spec).fill_prompt(prompt), spec)
     return Prefilled(pin_rows(logits, spec), cache, pin_rows(kv_mask, spec), positions, pad_lengths)
 
@@ -173,7 +173,8 @@ def decode_step(model: CausalLM, tokens: jax.Array, positions: jax.Array, kv_mas
         hidden, rows = forward(model, sequences[:, :length], positions_from_mask(mask_now), mask_now,
                                row_shards=spec.row_shards)
         last = jax.lax.dynamic_index_in_dim(hidden, slot, axis=1, keepdims=False)
-        return logits_of(model, last, spec.row_shards), pin_cache(rows.regroup(cache.group, cache.shared), spec)
+        rows = rows.regroup(cache.group, cache.shared, cache.rings, slot)
+        return logits_of(model, last, spec.row_shards), pin_cache(rows, spec)
 
     return jax.lax.cond(when, again, one)
 

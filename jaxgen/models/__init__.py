@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from jaxgen.models import gpt2, llama
+from jaxgen.models import gemma, gpt2, llama
 from jaxgen.models.config import CheckpointError
 
-FAMILIES = {model_type: family for family in (gpt2, llama) for model_type in family.MODEL_TYPES}
+FAMILIES = {model_type: family for family in (gpt2, llama, gemma) for model_type in family.MODEL_TYPES}
 
 
 def family_of(model_type: str):

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxgen.models.cache import KVCache, to_layout, write
+from jaxgen.models.layers import soft_cap
 
 
 @dataclasses.dataclass
@@ -30,9 +31,10 @@ class View:
     def layer(self, index: int, window: int | None) -> "Layer":
         """Layer ``index``'s part of the view."""
         cache = self.cache
-        return Layer(self.masks[window], None if cache is None else cache.keys[index],
-                     None if cache is None else cache.values[index], self.slot, jnp.int32(index), window,
-                     1 if cache is None else cache.group, 0 if cache is None else cache.shared)
+        if cache is None:
+            return Layer(self.masks[window], None, None, self.slot, jnp.int32(index), window)
+        return Layer(self.masks[window], cache.keys[index], cache.values[index], self.slot, jnp.int32(index), window,
+                     cache.group, cache.shared, cache.ring(index))
 
 
 @struct.dataclass
@@ -40,7 +42,7 @@ class Layer:
     """One layer's attention state: the slots its queries may read (``mask``, bool[batch,
     group, seq, length]), its cache arrays (None in a pass without a cache), the chunk's first
     slot, the layer's index (traced, so that the layers of a model share one traced function)
-    and, static, its sliding window and the cache's grouping (see `KVCache`)."""
+    and, static, its sliding window, the cache's grouping and the layer's ring (see `KVCache`)."""
 
     mask: jax.Array
     keys: jax.Array | None
@@ -50,6 +52,7 @@ class Layer:
     window: int | None = struct.field(pytree_node=False, default=None)
     group: int = struct.field(pytree_node=False, default=1)
     shared: int = struct.field(pytree_node=False, default=0)
+    ring: int | None = struct.field(pytree_node=False, default=None)
 
 
 def view(kv_mask: jax.Array, seq: int, cache: KVCache | None, slot, windows) -> View:
@@ -60,7 +63,9 @@ def view(kv_mask: jax.Array, seq: int, cache: KVCache | None, slot, windows) -> 
     ``kv_mask[b * group + g, t, r]``), or bool[rows, kv_len] with ``group == 1``. ``kv_len`` is
     ``seq`` without a cache, ``cache.max_len`` with one (a longer mask is cut to it). A slot shared
     by the group (``t < cache.shared``) is read where any ``r`` is set. A query at slot ``q`` reads
-    slots ``t <= q``, and ``t > q - window`` in a layer with a sliding window.
+    slots ``t <= q``, and ``t > q - window`` in a layer with a sliding window. A layer that keeps
+    a ring (`KVCache`) is masked over its ring: index ``j`` holds slot ``q - ((q - j) % ring)``,
+    and of a prompt slot, which every row of a group holds, each row reads its own copy.
     """
     group = 1 if cache is None else cache.group
     kv_len = seq if cache is None else cache.max_len
@@ -76,28 +81,45 @@ def view(kv_mask: jax.Array, seq: int, cache: KVCache | None, slot, windows) -> 
     shared = 0 if cache is None else cache.shared
     masks = {}
     for window in windows:
+        ring = None if cache is None else cache.ring_of(window)
+        if ring is not None:
+            masks[window] = _ring_mask(kv_mask.astype(bool), query, ring, shared, group)
+            continue
         reach = t <= query if window is None else (t <= query) & (t > query - window)  # [rows, seq, kv_len]
         m = allowed & reach.reshape(-1, group, seq, kv_len, 1)  # [batch, g, seq, kv_len, r]
         masks[window] = jnp.concatenate([m[..., :shared, :].any(-1), m[..., shared:, :].reshape(*m.shape[:3], -1)], -1)
     return View(masks, cache, slot)
 
 
-def attention(q, k, v, layer: Layer, *, scale, upcast: bool = False):
+def _ring_mask(kv_mask, query, ring: int, shared: int, group: int):
+    """bool[batch, group, seq, ring * group] over a ring's slots (see `view`); kv_mask:
+    bool[rows, kv_len, group], query: int[rows, seq, 1]."""
+    rows, seq = query.shape[:2]
+    held = query - jnp.mod(query - jnp.arange(ring), ring)  # [rows, seq, ring]: the slot at each index
+    m = jnp.take_along_axis(kv_mask, jnp.maximum(held, 0).reshape(rows, seq * ring, 1), axis=1)
+    m = m.reshape(rows, seq, ring, group) & (held >= 0)[..., None]
+    own = jnp.arange(group) == (jnp.arange(rows) % group)[:, None]  # [rows, r]: the row's own copy
+    m = jnp.where((held < shared)[..., None], m.any(-1, keepdims=True) & own[:, None, None], m)
+    return m.reshape(rows // group, group, seq, ring * group)
+
+
+def attention(q, k, v, layer: Layer, *, scale, upcast: bool = False, softcap: float | None = None):
     """Attention of a chunk's queries over the cache after writing the chunk's keys and values.
 
     q: dtype[rows, seq, n_heads, head_dim]; k, v: dtype[rows, seq, n_kv_heads, head_dim] (rotated
     keys); ``scale``: the factor on ``q . k`` (may be traced). ``upcast``: scale the queries
-    before the product, all in float32 (GPT-2's ``reorder_and_upcast_attn``). Returns
+    before the product, all in float32 (GPT-2's ``reorder_and_upcast_attn``). ``softcap``: scaled
+    scores become ``softcap * tanh(score / softcap)`` before the mask (Gemma 2). Returns
     (dtype[rows, seq, n_heads * head_dim], the layer's keys and values in the cache layout).
     """
     if layer.keys is None:
         kt, vt = to_layout(k, 1, keys=True), to_layout(v, 1, keys=False)
     else:
-        kt, vt = write(layer.keys, layer.values, k, v, layer.slot, layer.group, layer.shared)
-    return attend(q, kt, vt, layer.mask, layer.group, scale, upcast), (kt, vt)
+        kt, vt = write(layer.keys, layer.values, k, v, layer.slot, layer.group, layer.shared, layer.ring)
+    return attend(q, kt, vt, layer.mask, layer.group, scale, upcast, softcap), (kt, vt)
 
 
-def attend(q, kt, v, mask, group: int, scale: float, upcast: bool = False):
+def attend(q, kt, v, mask, group: int, scale: float, upcast: bool = False, softcap: float | None = None):
     """q: [b * g, s, h, hd]; kt: [b, kvh, hd, L] (keys transposed); v: [b, kvh, L, hd]; mask:
     bool[b, g, s, L] -> [b * g, s, h * hd]. With ``b == 1``, kt and v come without their batch
     dim (`KVCache`'s layout) and the products are taken without it."""
@@ -115,7 +137,7 @@ def attend(q, kt, v, mask, group: int, scale: float, upcast: bool = False):
         scores = (q[..., None].astype(jnp.float32) * kt[..., None, :, :].astype(jnp.float32)).sum(-2)
     else:
         scores = jnp.einsum("...mk,...kn->...mn", q, kt, preferred_element_type=jnp.float32)
-    scores = (scores * scale).reshape(*scores.shape[:-2], group * s, heads, -1)
+    scores = soft_cap(scores * scale, softcap).reshape(*scores.shape[:-2], group * s, heads, -1)
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(*scores.shape[:-3], group * s * heads, -1)
     out = jnp.einsum("...mk,...kn->...mn", weights, v, preferred_element_type=jnp.float32).astype(v.dtype)

@@ -7,7 +7,8 @@
   loop-carried array with a unit dim every step when a dot reads it.
 
 One array per layer (no stacking), so that a step updates each in place with
-``lax.dynamic_update_slice``.
+``lax.dynamic_update_slice``. Slot ``t`` holds the token of sequence column ``t``; the cache
+has room for ``max_len`` of them.
 
 Rows come in groups (``rows = batch * group``, row ``b * group + r``) that may read each other's
 slots (beam search). The first ``shared`` slots (the prompt) are stored once per group and read
@@ -17,9 +18,14 @@ the row that computed them and tells every beam, per slot, which row holds its h
 reordering beams never moves the cache. Slot-major order keeps a step's write one contiguous
 slice. Greedy search and sampling use ``group == 1``.
 
-Slot ``t`` holds the token of sequence column ``t``. A write goes to one slot for all rows (a
-scalar) or, with ``group == 1``, to a slot of each row's own (``int32[rows]``: rows at different
-lengths).
+A sliding-window layer whose window ``w`` is shorter than the sequence keeps a ring instead
+(``rings[layer] == w``): ``w`` slots per row, slot ``t`` at ring index ``t % w`` (``(t % w) *
+group + r``, nothing shared), so its memory is bounded by the window, as transformers' sliding
+cache layers are. A query at slot ``q`` then finds slot ``q - ((q - j) % w)`` at ring index
+``j``: exactly the window it may read (`attention.view`).
+
+A write goes to one slot for all rows (a scalar) or, with ``group == 1``, to a slot of each
+row's own (``int32[rows]``: rows at different lengths).
 """
 
 from __future__ import annotations
@@ -35,51 +41,56 @@ class KVCache:
     values: tuple[jax.Array, ...]
     group: int = struct.field(pytree_node=False, default=1)
     shared: int = struct.field(pytree_node=False, default=0)
+    max_len: int = struct.field(pytree_node=False, default=0)
+    rings: tuple[int | None, ...] = struct.field(pytree_node=False, default=())
 
     @classmethod
     def empty(cls, *, n_layers: int, n_kv_heads: int, head_dim: int, dtype, batch: int, max_len: int,
-              group: int = 1, shared: int = 0) -> "KVCache":
+              group: int = 1, shared: int = 0, rings: tuple[int | None, ...] = ()) -> "KVCache":
         """Zeros for ``batch`` groups of ``group`` rows and ``max_len`` slots, the first ``shared``
-        of them stored once per group."""
+        of them stored once per group; layer ``i`` a ring of ``rings[i]`` slots where given."""
         if group < 1 or not 0 <= shared <= max_len:
             raise ValueError(f"a cache needs group >= 1 and 0 <= shared <= max_len, got {group=}, {shared=}")
-        length = shared + (max_len - shared) * group
+        rings = tuple(rings) or (None,) * n_layers
         lead = (batch, n_kv_heads) if batch > 1 else (n_kv_heads,)
-        keys = tuple(jnp.zeros((*lead, head_dim, length), dtype) for _ in range(n_layers))
-        values = tuple(jnp.zeros((*lead, length, head_dim), dtype) for _ in range(n_layers))
-        return cls(keys, values, group, shared)
-
-    @property
-    def max_len(self) -> int:
-        return self.shared + (self.values[0].shape[-2] - self.shared) // self.group
+        lengths = [shared + (max_len - shared) * group if ring is None else ring * group for ring in rings]
+        keys = tuple(jnp.zeros((*lead, head_dim, n), dtype) for n in lengths)
+        values = tuple(jnp.zeros((*lead, n, head_dim), dtype) for n in lengths)
+        return cls(keys, values, group, shared, max_len, rings)
 
     @property
     def batch(self) -> int:
         """How many rows (groups when ``group > 1``) the cache holds."""
         return self.values[0].shape[0] if self.values[0].ndim == 4 else 1
 
-    def index(self, slot):
-        """Where row 0 of a group keeps ``slot >= shared`` (any slot when ``group == 1``)."""
-        return self.shared + (slot - self.shared) * self.group
+    def ring(self, layer: int) -> int | None:
+        return self.rings[layer] if self.rings else None
+
+    def ring_of(self, window: int | None) -> int | None:
+        """The ring size of the layers with sliding window ``window`` (None: they keep every slot)."""
+        return window if window is not None and window in self.rings else None
 
     def map_arrays(self, fn) -> "KVCache":
         """Applies ``fn`` to every cache array."""
         return self.replace(keys=tuple(map(fn, self.keys)), values=tuple(map(fn, self.values)))
 
+    def _per_layer(self, fn) -> "KVCache":
+        """``fn(x, ring, keys)`` applied to every layer's keys (``keys=True``) and values."""
+        return self.replace(keys=tuple(fn(k, self.ring(i), True) for i, k in enumerate(self.keys)),
+                            values=tuple(fn(v, self.ring(i), False) for i, v in enumerate(self.values)))
+
     def grow(self, max_len: int) -> "KVCache":
         """The same cache with room for ``max_len >= self.max_len`` slots (empty ones appended:
-        every row's later slots lie after all earlier ones, shared or not)."""
+        every row's later slots lie after all earlier ones, shared or not; rings stay)."""
         extra = (max_len - self.max_len) * self.group
         if extra < 0:
             raise ValueError(f"grow() cannot shrink a cache of {self.max_len} slots to {max_len}")
-        if extra == 0:
-            return self
 
-        def pad(x, axis):
-            return jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
+        def pad(x, ring, keys):
+            axis = x.ndim - (1 if keys else 2)
+            return x if ring is not None else jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
 
-        return self.replace(keys=tuple(pad(k, k.ndim - 1) for k in self.keys),
-                            values=tuple(pad(v, v.ndim - 2) for v in self.values))
+        return self if extra == 0 else self._per_layer(pad).replace(max_len=max_len)
 
     def repeat(self, n: int) -> "KVCache":
         """Every row repeated ``n`` times, consecutively (a ``group == 1`` cache)."""
@@ -92,26 +103,45 @@ class KVCache:
     def fill_prompt(self, prompt: "KVCache") -> "KVCache":
         """Writes ``prompt`` (a ``group == 1`` cache with this cache's rows, one per group: what a
         forward pass returns without a cache) into slots ``[0, prompt.max_len)``, which lie among
-        the ``shared`` slots when ``group > 1``."""
+        the ``shared`` slots when ``group > 1``; a ring receives the prompt's last slots, each
+        row of a group its copy."""
         if prompt.group != 1 or prompt.batch != self.batch:
             raise ValueError(f"fill_prompt() needs a group == 1 cache of {self.batch} rows")
         if self.group > 1 and prompt.max_len > self.shared:
             raise ValueError(f"a prompt of {prompt.max_len} slots does not fit in shared={self.shared}")
-        keys = tuple(jax.lax.dynamic_update_slice_in_dim(c, p, 0, axis=-1) for c, p in zip(self.keys, prompt.keys))
-        values = tuple(jax.lax.dynamic_update_slice_in_dim(c, p, 0, axis=-2)
-                       for c, p in zip(self.values, prompt.values))
-        return self.replace(keys=keys, values=values)
+        length = prompt.max_len
 
-    def regroup(self, group: int, shared: int) -> "KVCache":
+        def fill(i, keys):
+            target, source = (self.keys[i], prompt.keys[i]) if keys else (self.values[i], prompt.values[i])
+            axis = -1 if keys else -2
+            ring = self.ring(i)
+            if ring is not None:  # the prompt's last `ring` slots, slot t at index t % ring
+                source = jnp.roll(_take_slots(source, max(0, length - ring), min(ring, length), axis), length % ring
+                                  if length >= ring else 0, axis)
+                source = _spread(source, self.group, axis)
+            return jax.lax.dynamic_update_slice_in_dim(target, source, 0, axis=axis)
+
+        return self.replace(keys=tuple(fill(i, True) for i in range(len(self.keys))),
+                            values=tuple(fill(i, False) for i in range(len(self.values))))
+
+    def regroup(self, group: int, shared: int, rings: tuple[int | None, ...] = (), slot=None) -> "KVCache":
         """This ``group == 1`` cache of ``rows = batch * group`` rows in the layout of ``batch``
         groups of ``group`` rows that share their first ``shared`` slots (taken from each group's
-        first row)."""
+        first row); the layers of ``rings`` keep rings holding the slots up to ``slot``."""
         if self.group != 1:
             raise ValueError("regroup() needs a group == 1 cache")
-        if group == 1:
-            return self
 
-        def relayout(x, slot_axis):  # x: [rows, kvh, ..slots..]
+        def relayout(x, ring, keys):  # x: [rows, kvh, ..slots..]
+            slot_axis = 3 if keys else 2
+            if ring is not None:
+                held = slot - jnp.mod(slot - jnp.arange(ring), ring)  # the slot at each ring index
+                x = jnp.take(x if x.ndim == 4 else x[None], jnp.maximum(held, 0), axis=slot_axis)
+                x = x.reshape(-1, group, *x.shape[1:])
+                out = jnp.moveaxis(x, 1, slot_axis + 1)  # [b, kvh, .., ring, group, ..]
+                out = out.reshape(*out.shape[:slot_axis], -1, *out.shape[slot_axis + 2:])
+                return out[0] if out.shape[0] == 1 else out
+            if group == 1:
+                return x
             x = x.reshape(-1, group, *x.shape[1:])
             prompt = jax.lax.slice_in_dim(x[:, 0], 0, shared, axis=slot_axis)
             rest = jnp.moveaxis(jax.lax.slice_in_dim(x, shared, x.shape[slot_axis + 1], axis=slot_axis + 1),
@@ -120,16 +150,30 @@ class KVCache:
             out = jnp.concatenate([prompt, rest], axis=slot_axis)
             return out[0] if out.shape[0] == 1 else out
 
-        return KVCache(tuple(relayout(k, 3) for k in self.keys), tuple(relayout(v, 2) for v in self.values),
-                       group, shared)
+        regrouped = KVCache(self.keys, self.values, 1, 0, self.max_len, tuple(rings))
+        return regrouped._per_layer(relayout).replace(group=group, shared=shared)
+
+
+def _take_slots(x, start: int, size: int, axis: int):
+    return jax.lax.slice_in_dim(x, start, start + size, axis=axis % x.ndim)
+
+
+def _spread(x, group: int, axis: int):
+    """Slots [..., n, ...] -> [..., n * group, ...] with each slot repeated for every row of a
+    group (slot-major), the ring layout of a group whose rows all hold the same slots."""
+    return x if group == 1 else jnp.repeat(x, group, axis=axis)
 
 
 def write(keys: jax.Array, values: jax.Array, k: jax.Array, v: jax.Array, slot, group: int = 1,
-          shared: int = 0) -> tuple[jax.Array, jax.Array]:
+          shared: int = 0, ring: int | None = None) -> tuple[jax.Array, jax.Array]:
     """One layer's cache arrays (`KVCache` layout) with ``k, v: dtype[rows, seq, n_kv_heads,
     head_dim]`` written at slots ``[slot, slot + seq)`` of each row: one ``slot`` for all rows
-    (int32[]) or, with ``group == 1``, one per row (int32[rows])."""
+    (int32[]) or, with ``group == 1``, one per row (int32[rows]). A ring takes one slot at a time."""
     kt, vt = to_layout(k, group, keys=True), to_layout(v, group, keys=False)
+    if ring is not None:
+        if k.shape[1] != 1:
+            raise ValueError(f"a ring of {ring} slots takes one slot at a time, not {k.shape[1]}")
+        slot, shared = jnp.mod(slot, ring), 0
     if jnp.ndim(slot) == 0 or values.ndim == 3:
         start = shared + (jnp.reshape(slot, (-1,))[0] - shared) * group
         lead = (0,) * (kt.ndim - 2)

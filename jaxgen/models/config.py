@@ -24,6 +24,8 @@ class ModelConfig:
     caps transformers' default length (20 new tokens) as it does there. ``recompute_at``: the
     sequence length at which transformers drops the cache and runs the whole sequence again
     (Phi-3, whose longrope factors change there), None for models that never do.
+    ``unsupported_token_ids``: ids that stand for inputs jaxgen does not run (the image tokens of
+    a multimodal checkpoint, whose language model it runs).
     """
 
     model_type: str
@@ -40,6 +42,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: tuple[int, ...] = ()
     recompute_at: int | None = None
+    unsupported_token_ids: tuple[int, ...] = ()
     dtype: str = "float32"
 
     @property

@@ -18,8 +18,8 @@ from jaxgen.models.checkpoint import one
 from jaxgen.models.config import CheckpointError, ModelConfig, token_ids
 
 MODEL_TYPES = ("gpt2",)
-PREFIX = "transformer."
-IGNORED = (".attn.bias", ".attn.masked_bias")  # the causal mask some checkpoints carry
+PREFIXES = ("transformer.", "")  # with its LM head's wrapper, or a base model without
+IGNORED = (r"\.attn\.(masked_)?bias$",)  # the causal mask some checkpoints carry
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -37,6 +37,18 @@ def rms_norm(p, x, eps: float):
     return p["scale"].astype(x.dtype) * y
 
 
+def rms_norm_plus_one(p, x, eps: float):
+    """Gemma's RMSNorm: normalised and scaled by ``1 + scale`` all in float32, then rounded."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps)
+    return (y * (1.0 + p["scale"].astype(jnp.float32))).astype(x.dtype)
+
+
+def soft_cap(x, cap: float | None):
+    """``cap * tanh(x / cap)`` (Gemma 2's soft-capping), or ``x`` without a cap."""
+    return x if cap is None else jnp.tanh(x / cap) * cap
+
+
 def linear(p, x, row_shards: int = 1):
     """``x @ kernel^T (+ bias)``: x dtype[..., in], kernel [*out, in] -> dtype[..., *out]; the
     product and the bias summed in float32 and rounded once (as ``torch.addmm``)."""

@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
-
-from jaxgen.models import attention, layers, rope
-from jaxgen.models.checkpoint import Source, fused_qkv, one, split_rows
+from jaxgen.models import attention, checkpoint, layers, rope
+from jaxgen.models.checkpoint import one
 from jaxgen.models.config import CheckpointError, ModelConfig, token_ids
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
-PREFIX = "model."
-IGNORED = (".rotary_emb.inv_freq",)  # a buffer older checkpoints saved
+PREFIXES = ("model.", "")  # with its LM head's wrapper, or a base model without
+IGNORED = (r"\.rotary_emb\.inv_freq$",)  # a buffer older checkpoints saved
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -84,45 +82,17 @@ def _windows(hf) -> tuple[int | None, ...]:
 
 def checkpoint_table(c: LlamaConfig) -> dict:
     """The params pytree with, at each leaf, the ``<Type>ForCausalLM`` tensors it is built from."""
-    d, hd, inner, kvh = c.d_model, c.head_dim, c.inner_dim, c.n_kv_heads
-    per_kv = c.n_heads // kvh
-    q_size, kv_size = c.n_heads * hd, kvh * hd
-    fuse = fused_qkv(kvh, per_kv, hd)
-
-    def linear(name, n_out, n_in, bias):
-        p = {"kernel": one(name + ".weight", n_out, n_in)}
-        return {**p, "bias": one(name + ".bias", n_out)} if bias else p
-
-    def qkv(pre, part):
-        if c.fused_checkpoint:
-            split = split_rows(q_size, kv_size, kv_size)
-            shape = (q_size + 2 * kv_size, d) if part == "weight" else (q_size + 2 * kv_size,)
-            return one(pre + "qkv_proj." + part, *shape, build=lambda x: fuse(*split(x)))
-        names = tuple(f"{pre}{p}_proj.{part}" for p in "qkv")
-        shapes = ((q_size, d), (kv_size, d), (kv_size, d)) if part == "weight" else ((q_size,), (kv_size,), (kv_size,))
-        return Source(names, shapes, fuse)
-
-    def gate_up(pre):
-        if c.fused_checkpoint:
-            return one(pre + "gate_up_proj.weight", 2 * inner, d, build=lambda x: x.reshape(2, inner, d))
-        return Source((pre + "gate_proj.weight", pre + "up_proj.weight"), ((inner, d),) * 2,
-                      lambda g, u: np.stack([g, u]))
+    d, hd = c.d_model, c.head_dim
 
     def block(pre):
-        attn = {"qkv": {"kernel": qkv(pre + "self_attn.", "weight")},
-                "out": linear(pre + "self_attn.o_proj", d, c.n_heads * hd, c.out_bias)}
-        if c.qkv_bias:
-            attn["qkv"]["bias"] = qkv(pre + "self_attn.", "bias")
+        attn = checkpoint.grouped_attention(pre + "self_attn.", c, qkv_bias=c.qkv_bias, out_bias=c.out_bias,
+                                            fused=c.fused_checkpoint)
         if c.qk_norm:
             attn["q_norm"] = {"scale": one(pre + "self_attn.q_norm.weight", hd)}
             attn["k_norm"] = {"scale": one(pre + "self_attn.k_norm.weight", hd)}
-        mlp = {"gate_up": {"kernel": gate_up(pre + "mlp.")},
-               "down": linear(pre + "mlp.down_proj", d, inner, c.mlp_bias)}
-        if c.mlp_bias:
-            mlp["gate_up"]["bias"] = Source((pre + "mlp.gate_proj.bias", pre + "mlp.up_proj.bias"), ((inner,),) * 2,
-                                            lambda g, u: np.stack([g, u]))
         return {"attn_norm": {"scale": one(pre + "input_layernorm.weight", d)}, "attn": attn,
-                "mlp_norm": {"scale": one(pre + "post_attention_layernorm.weight", d)}, "mlp": mlp}
+                "mlp_norm": {"scale": one(pre + "post_attention_layernorm.weight", d)},
+                "mlp": checkpoint.gated_mlp(pre + "mlp.", d, c.inner_dim, bias=c.mlp_bias, fused=c.fused_checkpoint)}
 
     table = {"embed": one("model.embed_tokens.weight", c.vocab_size, d),
              "layers": [block(f"model.layers.{i}.") for i in range(c.n_layers)],

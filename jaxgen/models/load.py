@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct as _struct
 from pathlib import Path
 from typing import Any, Callable
@@ -96,7 +97,7 @@ def from_pretrained(
     used: set[str] = set()
 
     def load(path, source: Source):
-        arrays = [tensors.read(_resolve(tensors, name, family.PREFIX, str(name_or_path), used), shape)
+        arrays = [tensors.read(_resolve(tensors, name, family.PREFIXES, str(name_or_path), used), shape)
                   for name, shape in zip(source.names, source.shapes)]
         value = source.build(*arrays)
         del arrays
@@ -350,10 +351,13 @@ class _TorchFile:
         return t.numpy()
 
 
-def _resolve(tensors: _Tensors, name: str, prefix: str, source: str, used: set[str]) -> str:
-    """The checkpoint's name for the table's ``name``: as it is, or without the family's prefix
-    (a checkpoint of the base model, saved without its head's wrapper)."""
-    for candidate in (name, name.removeprefix(prefix)):
+def _resolve(tensors: _Tensors, name: str, prefixes: tuple[str, ...], source: str, used: set[str]) -> str:
+    """The checkpoint's name for the table's ``name``: with its leading ``prefixes[0]`` (the
+    family's usual wrapper, e.g. ``"model."``) or any other of ``prefixes`` in its place (a base
+    model saved without the wrapper, a multimodal checkpoint's language model)."""
+    head = prefixes[0]
+    candidates = [p + name.removeprefix(head) for p in prefixes] if name.startswith(head) else [name]
+    for candidate in candidates:
         if candidate in tensors.files:
             used.add(candidate)
             return candidate
@@ -361,9 +365,9 @@ def _resolve(tensors: _Tensors, name: str, prefix: str, source: str, used: set[s
 
 
 def _check_all_used(names: set[str], used: set[str], family, config, source: str) -> None:
-    left = {n for n in names - used if not n.endswith(family.IGNORED)}
-    if config.tie_word_embeddings:
-        left.discard("lm_head.weight")  # tied: the head is the embedding
+    left = {n for n in names - used if not any(re.search(pattern, n) for pattern in family.IGNORED)}
+    if config.tie_word_embeddings:  # tied: the head is the embedding
+        left = {n for n in left if not n.endswith("lm_head.weight")}
     if left:
         raise CheckpointError(
             f"{source!r}: {len(left)} tensors are not part of {config.model_type} as configured "

@@ -66,12 +66,17 @@ class CausalLM:
             position_ids = positions_from_mask(attention_mask)
         return _jitted_logits(self, input_ids, attention_mask, jnp.asarray(position_ids))
 
-    def init_cache(self, batch_size: int, max_len: int, group: int = 1, shared: int = 0) -> KVCache:
+    def init_cache(self, batch_size: int, max_len: int, group: int = 1, shared: int = 0,
+                   ring_below: int | None = None) -> KVCache:
         """An empty cache of ``max_len`` slots for ``batch_size`` groups of ``group`` rows that
-        store their first ``shared`` slots once per group (see `KVCache`)."""
+        store their first ``shared`` slots once per group (see `KVCache`); a sliding-window layer
+        keeps a ring of its window where that window is shorter than ``ring_below`` (the longest
+        sequence the cache will see)."""
         c = self.config
+        rings = tuple(w if ring_below is not None and w is not None and w < ring_below else None
+                      for w in (c.layer_windows or (None,) * c.n_layers))
         return KVCache.empty(n_layers=c.n_layers, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim, dtype=self.dtype,
-                             batch=batch_size, max_len=max_len, group=group, shared=shared)
+                             batch=batch_size, max_len=max_len, group=group, shared=shared, rings=rings)
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
@@ -118,7 +123,7 @@ def forward(model: CausalLM, input_ids: jax.Array, position_ids: jax.Array, kv_m
         values.append(v)
     x = family.final(params, config, x)
     if cache is None:
-        return x, KVCache(tuple(keys), tuple(values))
+        return x, KVCache(tuple(keys), tuple(values), max_len=input_ids.shape[1])
     return x, cache.replace(keys=tuple(keys), values=tuple(values))
 
 

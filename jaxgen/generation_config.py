@@ -62,8 +62,45 @@ NEUTRAL = {
     "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "encoder_repetition_penalty": 1.0, "num_beam_groups": 1,
     "diversity_penalty": 0.0, "output_attentions": False, "output_hidden_states": False,
     "output_logits": False, "renormalize_logits": False, "low_memory": False, "token_healing": False,
-    "use_mtp": False,
+    "use_mtp": False, "penalty_alpha": 0.0, "guidance_scale": 1.0,
 }
+
+# Arguments transformers' generate() takes that jaxgen cannot honour (when set to anything but
+# their off value), and why: strategies not implemented yet, host-side callbacks, model inputs.
+UNSUPPORTED = {
+    "max_time": "max_time is a wall-clock criterion checked on the host between steps; a compiled "
+                "while_loop cannot stop on time. Bound the work with max_new_tokens instead",
+    "stop_strings": "stop_strings needs the tokenizer at every step; pass the token ids of the stop "
+                    "texts as stop_sequences=[[ids...], ...] instead (matched on token ids)",
+    "stopping_criteria": "custom stopping criteria are host-side Python; use eos_token_id or stop_sequences",
+    "prefix_allowed_tokens_fn": "a host-side Python function called at every step; pass a JAX function as "
+                                "logits_processor=[fn] instead",
+    "penalty_alpha": "contrastive search (penalty_alpha > 0) is not implemented in jaxgen yet",
+    "num_beam_groups": "group (diverse) beam search is not implemented in jaxgen yet",
+    "diversity_penalty": "group (diverse) beam search is not implemented in jaxgen yet",
+    "guidance_scale": "classifier-free guidance is not implemented in jaxgen yet",
+    "negative_prompt_ids": "classifier-free guidance is not implemented in jaxgen yet",
+    "negative_prompt_attention_mask": "classifier-free guidance is not implemented in jaxgen yet",
+    "assistant_model": "assisted (speculative) decoding is not implemented in jaxgen yet",
+    "prompt_lookup_num_tokens": "prompt lookup decoding is not implemented in jaxgen yet",
+    "assistant_early_exit": "assisted (speculative) decoding is not implemented in jaxgen yet",
+    "dola_layers": "DoLa decoding is not implemented in jaxgen yet",
+    "constraints": "constrained beam search is not implemented in jaxgen yet",
+    "force_words_ids": "constrained beam search is not implemented in jaxgen yet",
+    "output_attentions": "returning attentions is not implemented in jaxgen yet",
+    "output_hidden_states": "returning hidden states is not implemented in jaxgen yet",
+    "encoder_repetition_penalty": "the encoder repetition penalty is not implemented in jaxgen yet",
+    "encoder_no_repeat_ngram_size": "the encoder n-gram ban is not implemented in jaxgen yet",
+    "watermarking_config": "watermarking is not implemented in jaxgen yet",
+    "token_healing": "token healing needs the tokenizer; not implemented in jaxgen",
+    "use_mtp": "multi-token prediction is not implemented in jaxgen yet",
+    "custom_generate": "custom_generate loads generation code from the hub; jaxgen runs its own decoders",
+    "position_ids": "jaxgen derives position ids from attention_mask, as transformers' generate does",
+    "token_type_ids": "token_type_ids are not implemented in jaxgen",
+    "inputs_embeds": "jaxgen starts from input_ids, not embeddings",
+}
+# Arguments that cannot change what jaxgen generates, whatever their value (beside `INERT`).
+IGNORED_ARGUMENTS = frozenset({"use_cache", "synced_gpus", "low_memory", "use_model_defaults"})
 
 LENGTHS = (("max_new_tokens", "max_length"), ("min_new_tokens", "min_length"))
 SAMPLING_ONLY = ("temperature", "top_h", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
@@ -73,6 +110,19 @@ def _changes_nothing(name: str, value: Any) -> bool:
     """Whether a setting cannot change what jaxgen generates: an `INERT` field, or a field at its
     `NEUTRAL` value."""
     return name in INERT or (name in NEUTRAL and value == NEUTRAL[name])
+
+
+def unsupported(name: str, value: Any, supported, where: str) -> str | None:
+    """Why jaxgen cannot honour ``name=value`` (set by ``where``), or None where it can: a name
+    in ``supported``, an argument that changes nothing (`IGNORED_ARGUMENTS`, `INERT`, an off value
+    of `NEUTRAL`, or None). The reason names the argument and, for `UNSUPPORTED` ones, what is
+    missing; for any other name it says that the name is unknown."""
+    if name in supported or value is None or name in IGNORED_ARGUMENTS or _changes_nothing(name, value):
+        return None
+    shown = f"<array {list(value.shape)}>" if hasattr(value, "shape") and getattr(value, "ndim", 0) else repr(value)
+    if name in UNSUPPORTED:
+        return f"{where} {name}={shown}, which jaxgen does not support ({UNSUPPORTED[name]})"
+    return f"{where} {name}={shown}, which jaxgen does not support"
 
 
 def _freeze(value: Any) -> Any:
@@ -106,7 +156,7 @@ def from_checkpoint(generation_json: dict[str, Any] | None, config_json: dict[st
     return FrozenDict(settings)
 
 
-def with_argument(kwargs: dict[str, Any], supported, hints: Mapping[str, str]) -> dict[str, Any]:
+def with_argument(kwargs: dict[str, Any], supported) -> dict[str, Any]:
     """A call's ``kwargs`` with its ``generation_config=`` (a transformers ``GenerationConfig``,
     or a mapping of its fields) expanded under the others. transformers 5.x ranks the fields it
     sets (not None) with the call's own arguments, above the model's; so does jaxgen, under the
@@ -114,7 +164,8 @@ def with_argument(kwargs: dict[str, Any], supported, hints: Mapping[str, str]) -
 
     Dropped: metadata (``transformers_version``, ``_...``), and settings jaxgen has no argument
     for that cannot change its output: `INERT` ones, and the off value (`NEUTRAL`) of others
-    (``output_attentions=False``). Any other setting outside ``supported`` raises ``ValueError``.
+    (``output_attentions=False``). Any other setting outside ``supported`` raises ``ValueError``
+    (`unsupported`).
     """
     kwargs = dict(kwargs)
     value = kwargs.pop("generation_config", None)
@@ -130,10 +181,10 @@ def with_argument(kwargs: dict[str, Any], supported, hints: Mapping[str, str]) -
         if v is None or name == "transformers_version" or name.startswith("_"):
             continue
         if name not in supported:
-            if _changes_nothing(name, v):
-                continue
-            hint = f" ({hints[name]})" if name in hints else ""
-            raise ValueError(f"generation_config sets {name}={v!r}, which jaxgen does not support{hint}")
+            reason = unsupported(name, v, supported, "generation_config sets")
+            if reason:
+                raise ValueError(reason)
+            continue
         settings[name] = v
     return {**_without_replaced_lengths(settings, kwargs), **kwargs}
 
@@ -144,7 +195,7 @@ def _without_replaced_lengths(settings: dict[str, Any], kwargs: Mapping[str, Any
     return {name: v for name, v in settings.items() if name not in replaced}
 
 
-def with_call(generation_config: Any, kwargs: dict[str, Any], supported, hints: Mapping[str, str]) -> dict[str, Any]:
+def with_call(generation_config: Any, kwargs: dict[str, Any], supported) -> dict[str, Any]:
     """The model's settings that a call with ``kwargs`` uses, merged under ``kwargs``.
 
     As transformers: the caller's arguments win, one by one; the sampling settings apply only
@@ -152,7 +203,7 @@ def with_call(generation_config: Any, kwargs: dict[str, Any], supported, hints: 
     ``max_length``; ``min_new_tokens`` or ``min_length``) replaces the model's pair, where
     transformers would let the model's ``max_new_tokens`` beat the caller's ``max_length`` (with
     a warning). A ``None`` value unsets a setting. Raises ``ValueError`` for a setting outside
-    ``supported`` (jaxgen's argument names), with its entry in ``hints`` if it has one.
+    ``supported`` (jaxgen's argument names) that could change the output (`unsupported`).
     """
     try:
         hash(generation_config)
@@ -166,12 +217,12 @@ def with_call(generation_config: Any, kwargs: dict[str, Any], supported, hints: 
     if not (isinstance(do_sample, (bool, np.bool_)) and do_sample):  # transformers builds no warpers
         for name in SAMPLING_ONLY:
             defaults.pop(name, None)
-    for name, value in defaults.items():
+    for name, value in list(defaults.items()):
         if name not in supported:
-            hint = f" ({hints[name]})" if name in hints else ""
-            raise ValueError(
-                f"model.generation_config (the checkpoint's generation config) sets {name}={value!r}, which "
-                f"jaxgen does not support{hint}; decode without it: model = model.replace(generation_config="
-                f"model.generation_config.copy({{{name!r}: None}}))"
-            )
+            reason = unsupported(name, value, supported, "model.generation_config (the checkpoint's generation "
+                                 "config) sets")
+            if reason:
+                raise ValueError(f"{reason}; decode without it: model = model.replace(generation_config="
+                                 f"model.generation_config.copy({{{name!r}: None}}))")
+            del defaults[name]
     return {**defaults, **kwargs}

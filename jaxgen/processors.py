@@ -208,6 +208,8 @@ class SequenceBias:
             if len(seq) > 1:
                 groups.setdefault(len(seq) - 1, []).append(i)
         for length, members in groups.items():
+            if length > ctx.sequences.shape[1]:  # longer than any history this call holds: never matches
+                continue
             prefixes = jnp.asarray([self.sequences[i][:-1] for i in members], jnp.int32)  # [m, length]
             last = jnp.asarray([self.sequences[i][-1] for i in members], jnp.int32)
             tail = jax.lax.dynamic_slice_in_dim(ctx.sequences, jnp.maximum(ctx.end - length, 0), length, axis=1)

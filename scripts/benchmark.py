@@ -121,14 +121,15 @@ def step_bound(model, rows: int, prompt: int, new: int, machine: dict) -> float:
 
     A step reads every weight once (the LM head all of its matrix; of the embedding tables only
     a row per token, counted as nothing, unless the head is the tied embedding) and each row's
-    KV cache up to the average context."""
+    KV cache up to the average context (a sliding layer's up to its window)."""
     c, params = model.config, model.params
     lookups = [params["embed"], params.get("pos_embed")] if "lm_head" in params else [params.get("pos_embed")]
     weights = sum(x.size for x in jax.tree.leaves(params)) - sum(x.size for x in lookups if x is not None)
     itemsize = jnp.dtype(model.dtype).itemsize
     avg_ctx = prompt + new / 2
-    kv_bytes = rows * avg_ctx * c.kv_bytes_per_slot
-    flops = 2 * rows * weights + rows * c.n_layers * 4 * avg_ctx * c.n_heads * c.head_dim
+    slots = sum(min(avg_ctx, w or avg_ctx) for w in (c.layer_windows or (None,) * c.n_layers))  # over layers
+    kv_bytes = rows * slots * c.kv_bytes_per_slot / c.n_layers
+    flops = 2 * rows * weights + rows * slots * 4 * c.n_heads * c.head_dim
     return max((weights * itemsize + kv_bytes) / (machine["bandwidth_GBps"] * 1e9),
                flops / (machine["matmul_GFLOPs"] * 1e9))
 
@@ -181,6 +182,11 @@ ARCHS = {
         rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
                           original_max_position_embeddings=8192), rope_theta=500000.0,
         tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001, initializer_range=0.1)),
+    "gemma-3-1b": ("Gemma3TextConfig", dict(
+        vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, sliding_window=512, sliding_window_pattern=6,
+        max_position_embeddings=32768, rope_theta=1000000.0, rope_local_base_freq=10000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=True, bos_token_id=2, eos_token_id=1, pad_token_id=0, initializer_range=0.1)),
 }
 
 

@@ -327,22 +327,17 @@ BAD_CALLS = [
     (dict(num_beams=0), "num_beams=0"),
     (dict(max_new_tokens=60), "exceeds the model's n_positions=64"),
     (dict(max_new_tokens=0), "max_new_tokens=0"),
-    (dict(max_new_tokens=3, max_length=9), "either max_new_tokens"),
-    (dict(min_new_tokens=1, min_length=8), r"either min_new_tokens \(1\) or min_length \(8\)"),
-    (dict(pad_token_id=None), "pad_token_id is missing"),
     (dict(early_stopping="always", num_beams=2), "early_stopping='always'"),
     (dict(early_stopping=1, num_beams=2), "early_stopping=1"),
     (dict(eos_token_id=[2, 999]), r"eos_token_id=\[2, 999\].*\[0, 48\)"),
-    (dict(temperature=0.5), "temperature applies only when sampling"),
     (dict(num_return_sequences=2), "greedy search returns one sequence"),
-    (dict(max_time=3.0), "max_time is not supported"),
-    (dict(stop_strings=["\n"]), "stop_strings is not supported.*stop_sequences"),
+    (dict(max_time=3.0), "max_time=3.0, which jaxgen does not support"),
+    (dict(stop_strings=["\n"]), "stop_strings=.*, which jaxgen does not support.*stop_sequences"),
     (dict(stop_sequences=[[]]), "stop_sequences"),
     (dict(stop_sequences=[[3, 99]]), r"stop_sequences.*\[0, 48\)"),
     (dict(num_beam=3), "unknown generate argument 'num_beam' .*did you mean 'num_beams'"),
     (dict(length_penalty="big", num_beams=2), "length_penalty='big'"),
     (dict(suppress_tokens=list(range(48))), "ban every token"),
-    (dict(return_dict_in_generate=False), "return_dict_in_generate=False"),
     (dict(eos_token_id=2.5), "eos_token_id=2.5.*token id"),
     (dict(eos_token_id=True), "eos_token_id=True"),
     (dict(forced_bos_token_id=[1, 3]), "forced_bos_token_id.*single token id"),
@@ -370,8 +365,6 @@ def test_bad_inputs(eos_model):
     _, model = eos_model
     kw = dict(max_new_tokens=4, eos_token_id=EOS, pad_token_id=PAD)
     ids = np.array([[5, 6, 7], [8, 9, 10]])
-    with pytest.raises(ValueError, match="right-padded"):
-        jaxgen.generate(model, ids, np.array([[1, 1, 0], [1, 1, 1]]), **kw)
     with pytest.raises(ValueError, match=r"input_ids.*\[0, 48\)"):
         jaxgen.generate(model, np.array([[5, 48]]), **kw)
     with pytest.raises(ValueError, match=r"input_ids.*\[0, 48\)"):
@@ -472,9 +465,6 @@ def test_missing_or_holed_attention_mask_equals_transformers(eos_model):
         kw = dict(max_new_tokens=6, eos_token_id=EOS, pad_token_id=pad)
         assert_same_generation(jaxgen.generate(model, prompt, None, output_scores=True, **kw).trim(),
                                hf_generate(torch_model, prompt, None, do_sample=False, **kw))
-    with pytest.raises(ValueError, match=r"inferred .*pad_token_id=0.*rows \[1\] end in padding.*pass attention_mask"):
-        jaxgen.generate(model, np.array([[3, 4, 5], [6, 7, PAD]]), max_new_tokens=2, eos_token_id=EOS,
-                        pad_token_id=PAD)
 
 
 class Collector:

@@ -162,7 +162,8 @@ def test_generation_config_argument_equals_transformers(tmp_path):
         jaxgen.generate(model, ids, mask, generation_config=GenerationConfig(output_attentions=True))
     with pytest.raises(ValueError, match=r"stop_strings=\['\.'\].*pass the token ids of the stop texts"):
         jaxgen.generate(model, ids, mask, generation_config=GenerationConfig(stop_strings=["."]))
-    with pytest.raises(ValueError, match="return_dict_in_generate=False"):
-        jaxgen.generate(model, ids, mask, generation_config=GenerationConfig(return_dict_in_generate=False))
+    sequences = jaxgen.generate(model, ids, mask, generation_config=GenerationConfig(return_dict_in_generate=False))
+    assert isinstance(sequences, np.ndarray)  # transformers' tensor of sequences, as numpy
+    np.testing.assert_array_equal(sequences, jaxgen.generate(model, ids, mask).trim().sequences)
     with pytest.raises(ValueError, match="generation_config=4 is not allowed"):
         jaxgen.generate(model, ids, mask, generation_config=4)

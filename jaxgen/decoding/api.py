@@ -61,13 +61,23 @@ def _place(model: CausalLM, req: args.Request) -> CausalLM:
     return model
 
 
-def _run(model, input_ids, attention_mask, kwargs, beam_search=None) -> GenerateOutput:
+def _run(model, input_ids, attention_mask, kwargs, beam_search=None) -> GenerateOutput | np.ndarray:
+    if "inputs" in kwargs:  # transformers' name for input_ids
+        if input_ids is not None:
+            raise ValueError("pass the prompt as input_ids or as inputs, not both")
+        input_ids = kwargs.pop("inputs")
     req = args.parse(model, input_ids, attention_mask, kwargs, beam_search)
     model = _place(model, req)
-    return _streaming(req, input_ids, lambda: _decode(model, *_operands(req), spec=req.spec))
+    out = _streaming(req, req.prompt, lambda: _decode(model, *_operands(req), spec=req.spec))
+    if req.return_dict:
+        return out
+    if not args._is_concrete(out.sequences):
+        raise ValueError("return_dict_in_generate=False is not allowed inside a traced function: the sequences are "
+                         "cropped on the host; use the returned GenerateOutput's sequences")
+    return out.trim().sequences
 
 
-def compile_generate(model: CausalLM, input_ids, attention_mask=None, **kwargs) -> Callable[[], GenerateOutput]:
+def compile_generate(model: CausalLM, input_ids=None, attention_mask=None, **kwargs) -> Callable[[], GenerateOutput]:
     """Validates and compiles a `generate` call without running it; returns a function that
     runs the compiled program (the same one `generate` would use) and returns its output. The
     function's ``compiled`` attribute is XLA's executable (``jax.stages.Compiled``:
@@ -77,7 +87,7 @@ def compile_generate(model: CausalLM, input_ids, attention_mask=None, **kwargs) 
     compiled = _decode.lower(model, *_operands(req), spec=req.spec).compile()
 
     def run() -> GenerateOutput:
-        return _streaming(req, input_ids, lambda: compiled(model, *_operands(req)))
+        return _streaming(req, req.prompt, lambda: compiled(model, *_operands(req)))
 
     run.compiled = compiled
     return run
@@ -86,14 +96,14 @@ def compile_generate(model: CausalLM, input_ids, attention_mask=None, **kwargs) 
 def _call(kwargs: dict[str, Any], fn: str | None = None, **fixed) -> dict[str, Any]:
     """A call's arguments: a ``generation_config=`` expanded under the others
     (`generation_config.with_argument`), then the values that ``fn`` fixes."""
-    kwargs = generation_config.with_argument(kwargs, args.DEFAULTS, args.HOST_SIDE)
+    kwargs = generation_config.with_argument(kwargs, args.DEFAULTS)
     for name, value in fixed.items():
         if name in kwargs and kwargs[name] != value:
             raise ValueError(f"{fn} runs with {name}={value!r}; got {name}={kwargs[name]!r} (use jaxgen.generate)")
     return {**kwargs, **fixed}
 
 
-def generate(model: CausalLM, input_ids, attention_mask=None, **kwargs) -> GenerateOutput:
+def generate(model: CausalLM, input_ids=None, attention_mask=None, **kwargs) -> GenerateOutput:
     """transformers ``generate()`` for a jaxgen model, compiled.
 
     Args:
@@ -122,12 +132,12 @@ def generate(model: CausalLM, input_ids, attention_mask=None, **kwargs) -> Gener
     return _run(model, input_ids, attention_mask, _call(kwargs))
 
 
-def greedy_search(model: CausalLM, input_ids, attention_mask=None, **kwargs) -> GenerateOutput:
+def greedy_search(model: CausalLM, input_ids=None, attention_mask=None, **kwargs) -> GenerateOutput:
     """Greedy decoding (``generate`` with ``num_beams=1, do_sample=False``)."""
     return _run(model, input_ids, attention_mask, _call(kwargs, "greedy_search", num_beams=1, do_sample=False), False)
 
 
-def beam_search(model: CausalLM, input_ids, attention_mask=None, **kwargs) -> GenerateOutput:
+def beam_search(model: CausalLM, input_ids=None, attention_mask=None, **kwargs) -> GenerateOutput:
     """Beam search (``generate`` with ``num_beams`` beams, ``do_sample=False``); always runs the
     beam algorithm, also for ``num_beams=1``. ``num_beams`` may come from the model's
     ``generation_config``."""
@@ -137,7 +147,7 @@ def beam_search(model: CausalLM, input_ids, attention_mask=None, **kwargs) -> Ge
     return _run(model, input_ids, attention_mask, kwargs, True)
 
 
-def sample(model: CausalLM, input_ids, attention_mask=None, *, key=None, **kwargs) -> GenerateOutput:
+def sample(model: CausalLM, input_ids=None, attention_mask=None, *, key=None, **kwargs) -> GenerateOutput:
     """Multinomial sampling (``generate`` with ``do_sample=True``); with ``num_beams > 1``, beam
     sampling. ``key``: a ``jax.random.key``; the same key gives the same output."""
     return _run(model, input_ids, attention_mask, {**_call(kwargs, "sample", do_sample=True), "key": key})

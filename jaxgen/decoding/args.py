@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import warnings
 from typing import Any
 
 import jax
@@ -26,7 +27,7 @@ from jaxgen.processors import build_processors
 DEFAULTS: dict[str, Any] = {
     "max_new_tokens": None, "max_length": None, "min_new_tokens": None, "min_length": None,
     "num_beams": 1, "num_return_sequences": 1, "length_penalty": 1.0, "early_stopping": False,
-    "eos_token_id": None, "pad_token_id": None, "do_sample": False,
+    "eos_token_id": None, "pad_token_id": None, "bos_token_id": None, "do_sample": False,
     "temperature": None, "top_h": None, "top_k": None, "top_p": None, "min_p": None, "typical_p": None,
     "epsilon_cutoff": None, "eta_cutoff": None,
     "repetition_penalty": None, "no_repeat_ngram_size": None, "bad_words_ids": None,
@@ -34,19 +35,16 @@ DEFAULTS: dict[str, Any] = {
     "forced_bos_token_id": None, "forced_eos_token_id": None,
     "exponential_decay_length_penalty": None, "renormalize_logits": False,
     "remove_invalid_values": False, "logits_processor": (),
-    "output_scores": False, "output_logits": False, "return_dict_in_generate": True,
+    "output_scores": False, "output_logits": False, "return_dict_in_generate": True,  # jaxgen's default
     "stop_sequences": None, "streamer": None, "prompt_bucket": 32, "key": None,
     "mesh": None, "data_axis": "data", "model_axis": "model",
 }
 HF_MAX_NEW_TOKENS = 20  # without a length: max_length = prompt + 20, at most max_position_embeddings
 HF_TOP_K = 50
-HOST_SIDE = {
-    "max_time": "max_time is a wall-clock criterion checked on the host between steps; a compiled "
-                "while_loop cannot stop on time. Bound the work with max_new_tokens instead",
-    "stop_strings": "stop_strings needs the tokenizer at every step; pass the token ids of the stop "
-                    "texts as stop_sequences=[[ids...], ...] instead (matched on token ids)",
-    "stopping_criteria": "custom stopping criteria are host-side Python; use eos_token_id",
-}
+# transformers' global defaults of the sampling settings: on a call that does not sample they
+# change nothing, and transformers takes them silently (other values with a warning).
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": HF_TOP_K, "top_p": 1.0, "typical_p": 1.0, "min_p": None,
+                     "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "top_h": None}
 
 
 @dataclasses.dataclass
@@ -61,6 +59,8 @@ class Request:
     key: Any
     length_penalty: Any
     streamer: Any = None  # host object with put(np.ndarray) and end()
+    return_dict: bool = True  # False: the call returns the sequences alone, as transformers
+    prompt: Any = None  # int[batch, L], the prompt as passed (bos_token_id where it was None)
     streamer_id: Any = np.int32(0)  # int32[], its id while registered
 
 
@@ -104,18 +104,59 @@ def _is_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
-def _token_ids(name, value, vocab, allow_empty=False) -> tuple[int, ...]:
-    """An id or a list of ids (or a numpy / jax / torch array of them) -> tuple of ints in [0, vocab)."""
+def _token_ids(name, value, vocab, allow_empty=False, negative=False) -> tuple[int, ...]:
+    """An id or a list of ids (or a numpy / jax / torch array of them) -> tuple of ints in [0, vocab)
+    (``negative``: negative ids pass too)."""
     if not isinstance(value, (list, tuple)) and hasattr(value, "__array__"):
         value = np.asarray(value).tolist()
     items = [value] if _is_int(value) else value
     if not isinstance(items, (list, tuple)) or not all(_is_int(t) for t in items) or (not items and not allow_empty):
         _fail(name, value, "expected a token id or a list of token ids")
     ids = tuple(int(t) for t in items)
-    bad = [t for t in ids if not 0 <= t < vocab]
+    bad = [t for t in ids if not (0 <= t < vocab or (negative and t < 0))]
     if bad:
         _fail(name, value, f"token ids must be in [0, {vocab}) (the model's vocab_size); got {bad}")
     return ids
+
+
+def _host_array(name: str, value) -> np.ndarray:
+    """``value`` (nested lists, a numpy / torch array) as a numpy array; ValueError naming
+    ``name`` for ragged lists and other values numpy cannot stack."""
+    try:
+        return np.asarray(value)
+    except (ValueError, TypeError) as e:
+        _fail(name, f"<{type(value).__name__}>", f"expected a rectangular [batch, length] array or list of lists ({e})")
+
+
+def _prng_key(value):
+    """A single JAX PRNG key (typed ``jax.random.key`` or raw ``jax.random.PRNGKey``), or
+    ValueError naming ``key``."""
+    if isinstance(value, jax.Array) and jnp.issubdtype(value.dtype, jax.dtypes.prng_key):
+        if value.shape == ():
+            return value
+        _fail("key", f"<{value.shape[0] if value.ndim else ''} keys, shape {list(value.shape)}>",
+              "expected one key (jax.random.key(seed)); jaxgen draws every row's tokens from it")
+    if isinstance(value, (jax.Array, np.ndarray)) and value.shape == (2,) and value.dtype == np.uint32:
+        return value
+    shown = f"<{value.dtype}{list(value.shape)}>" if hasattr(value, "shape") else value
+    _fail("key", shown, "expected a JAX PRNG key: jax.random.key(seed) (or a raw jax.random.PRNGKey(seed))")
+
+
+def _sequence_bias(value, vocab) -> dict[tuple[int, ...], float]:
+    """transformers' ``sequence_bias`` ({tuple of ids: bias} or [[ids, bias], ...]) -> a dict,
+    or ValueError naming it."""
+    expected = "expected {tuple_of_ids: float bias} or [[list_of_ids, float bias], ...]"
+    items = value.items() if isinstance(value, dict) else value
+    if not isinstance(items, (list, tuple, type({}.items()))) or not items:
+        _fail("sequence_bias", value, expected)
+    out = {}
+    for entry in items:
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], (list, tuple))
+                and entry[0] and isinstance(entry[1], (int, float, np.number)) and not isinstance(entry[1], bool)
+                and math.isfinite(entry[1])):
+            _fail("sequence_bias", value, expected)
+        out[_token_ids("sequence_bias", list(entry[0]), vocab)] = float(entry[1])
+    return out
 
 
 def _single_id(name, value, vocab) -> int:
@@ -147,21 +188,46 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
     ``beam_search``: run the beam decoder (True), the one-token-per-row decoder (False), or
     dispatch as transformers does (None: beams iff ``num_beams > 1``).
     """
-    unknown = sorted(set(kwargs) - set(DEFAULTS))
-    for name in unknown:
-        if name in HOST_SIDE:
-            raise ValueError(f"{name} is not supported: {HOST_SIDE[name]}")
-        close = difflib.get_close_matches(name, DEFAULTS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown generate argument {name!r}{hint}; supported: {', '.join(sorted(DEFAULTS))}")
+    for name in sorted(set(kwargs) - set(DEFAULTS)):
+        reason = generation_config.unsupported(name, kwargs[name], DEFAULTS, "generate got")
+        if reason and name not in generation_config.UNSUPPORTED and name not in generation_config.HF_FIELDS:
+            close = difflib.get_close_matches(name, DEFAULTS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown generate argument {name!r}{hint}; supported: {', '.join(sorted(DEFAULTS))}")
+        if reason:
+            raise ValueError(reason)
     if not isinstance(model, CausalLM):
         raise ValueError(f"model must be a jaxgen CausalLM (from jaxgen.from_pretrained), got {type(model).__name__}")
-    kw = {**DEFAULTS, **generation_config.with_call(model.generation_config, kwargs, DEFAULTS, HOST_SIDE)}
+    kw = {**DEFAULTS, **generation_config.with_call(model.generation_config, kwargs, DEFAULTS)}
     config = model.config
     vocab = config.vocab_size
 
+    # --- special tokens ---------------------------------------------------------------------
+    eos = kw["eos_token_id"] if kw["eos_token_id"] is not None else config.eos_token_id
+    eos_ids = () if eos is None else _token_ids("eos_token_id", eos, vocab, allow_empty=True, negative=True)
+    if any(t < 0 for t in eos_ids):
+        warnings.warn(f"eos_token_id should consist of positive integers, but is {list(eos_ids)}; the negative ids "
+                      "never match, as in transformers (generation does not stop on them)", stacklevel=4)
+        eos_ids = tuple(t for t in eos_ids if t >= 0)
+    pad = None if kw["pad_token_id"] is None else _single_id("pad_token_id", kw["pad_token_id"], vocab)
+    stops = None if kw["stop_sequences"] is None else _id_lists("stop_sequences", kw["stop_sequences"], vocab)
+    if pad is None and eos_ids:
+        warnings.warn(f"Setting pad_token_id to eos_token_id:{eos_ids[0]} for open-end generation (as transformers "
+                      "does without a pad_token_id)", stacklevel=4)
+        pad = eos_ids[0]
+    if pad is None and stops:
+        raise ValueError(f"pad_token_id is missing, but rows can finish early (stop_sequences="
+                         f"{[list(s) for s in stops]}) and there is no eos_token_id to pad with; pass pad_token_id")
+
     # --- inputs ---------------------------------------------------------------------------
-    ids = input_ids if isinstance(input_ids, jax.Array) else np.asarray(input_ids)
+    if input_ids is None:  # transformers starts every row from bos_token_id
+        bos = kw["bos_token_id"] if kw["bos_token_id"] is not None else config.bos_token_id
+        if bos is None:
+            raise ValueError("input_ids=None is not allowed without a bos_token_id: generation starts every row from "
+                             "it (as transformers), and neither the call nor the model gives one")
+        rows = 1 if attention_mask is None else np.shape(attention_mask)[0]
+        input_ids, attention_mask = np.full((rows, 1), _single_id("bos_token_id", bos, vocab)), None
+    ids = input_ids if isinstance(input_ids, jax.Array) else _host_array("input_ids", input_ids)
     if ids.ndim != 2 or not jnp.issubdtype(ids.dtype, jnp.integer):
         _fail("input_ids", f"<{ids.dtype}{list(ids.shape)}>", "expected an integer array [batch, prompt_len]")
     batch, prompt_len = ids.shape
@@ -177,47 +243,35 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
             _fail("input_ids", f"<contains {unsupported}>", "these ids stand for images, which jaxgen does not run "
                   "(it runs this checkpoint's language model); pass text tokens only")
 
-    # --- special tokens ---------------------------------------------------------------------
-    eos = kw["eos_token_id"] if kw["eos_token_id"] is not None else config.eos_token_id
-    eos_ids = () if eos is None else _token_ids("eos_token_id", eos, vocab, allow_empty=True)
-    pad = None if kw["pad_token_id"] is None else _single_id("pad_token_id", kw["pad_token_id"], vocab)
-    stops = None if kw["stop_sequences"] is None else _id_lists("stop_sequences", kw["stop_sequences"], vocab)
-    if pad is None and (eos_ids or stops):
-        raise ValueError(
-            f"pad_token_id is missing, but rows can finish early (eos_token_id={list(eos_ids)}, "
-            f"stop_sequences={[list(s) for s in stops or ()]}); pass "
-            "pad_token_id (for GPT-2, pad_token_id=eos_token_id, which transformers would pick with a warning)"
-        )
-
     # --- attention mask ---------------------------------------------------------------------
-    inferred = attention_mask is None
-    if inferred:
+    if attention_mask is None:
         mask = _default_mask(ids, pad, eos_ids)
     else:
-        mask = attention_mask if isinstance(attention_mask, jax.Array) else np.asarray(attention_mask)
+        mask = attention_mask if isinstance(attention_mask, jax.Array) else _host_array("attention_mask",
+                                                                                           attention_mask)
         if mask.shape != ids.shape:
             _fail("attention_mask", f"<shape {list(mask.shape)}>", f"expected the shape of input_ids {list(ids.shape)}")
     if _is_concrete(mask):
         host_mask = np.asarray(mask)
         if not np.isin(host_mask, (0, 1)).all():
             _fail("attention_mask", "<values>", "expected only 0 and 1")
-        ends_in_padding = host_mask[:, -1] == 0
-        if ends_in_padding.any():
-            rows = np.nonzero(ends_in_padding)[0][:5].tolist()
-            source = (f"attention_mask (not passed; inferred as transformers does: input_ids != pad_token_id={pad}, "
-                      "since that id occurs in input_ids and is no EOS id)" if inferred else "attention_mask")
-            raise ValueError(
-                f"{source}: rows {rows} end in padding (right-padded, or empty); jaxgen, like decoder-only "
-                "generation in transformers, needs left padding: tokenize with padding_side='left'"
-                + (", or pass attention_mask" if inferred else "")
-            )
+        if batch > 1 and (host_mask[:, -1] == 0).any():
+            warnings.warn("A decoder-only architecture is being used, but right-padding was detected (rows "
+                          f"{np.nonzero(host_mask[:, -1] == 0)[0][:5].tolist()} of attention_mask end in padding); "
+                          "for correct generation results, tokenize with padding_side='left' (generating as "
+                          "transformers does: from the last column, whatever its mask)", stacklevel=4)
 
     # --- lengths ----------------------------------------------------------------------------
     max_new_tokens, max_length = _int(kw, "max_new_tokens", 1), _int(kw, "max_length", 1)
     min_new_tokens, min_length = _int(kw, "min_new_tokens", 0), _int(kw, "min_length", 0)
     for new_tokens, length in generation_config.LENGTHS:  # transformers warns and ignores `length`
         if kw[new_tokens] is not None and kw[length] is not None:
-            raise ValueError(f"pass either {new_tokens} ({kw[new_tokens]}) or {length} ({kw[length]}), not both")
+            warnings.warn(f"Both {new_tokens} (={kw[new_tokens]}) and {length} (={kw[length]}) seem to have been "
+                          f"set. {new_tokens} will take precedence (as in transformers).", stacklevel=4)
+    if max_new_tokens is not None:
+        max_length = None
+    if min_new_tokens is not None:
+        min_length = None
     limit_name = "n_positions" if config.position_limit is not None else "max_position_embeddings"
     if max_new_tokens is None and max_length is None:  # transformers 5.x: 20 tokens after the prompt
         cap = config.max_position_embeddings or prompt_len + HF_MAX_NEW_TOKENS
@@ -265,29 +319,20 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
         key = kw["key"]
         if key is None:
             raise ValueError("sampling needs an explicit PRNG key: pass key=jax.random.key(seed)")
+        key = _prng_key(key)
     else:
-        given = [n for n in generation_config.SAMPLING_ONLY if kw[n] is not None]
-        if given:
-            raise ValueError(
-                f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only when sampling; pass "
-                "do_sample=True (or use jaxgen.sample)"
-            )
+        for name in generation_config.SAMPLING_ONLY:  # transformers ignores them, warning where not defaults
+            if kw[name] is not None and kw[name] != SAMPLING_DEFAULTS[name] and name in kwargs:
+                warnings.warn(f"do_sample is not set to True. However, {name} is set to {kw[name]} -- this flag is "
+                              f"only used in sample-based generation modes. You should set do_sample=True or unset "
+                              f"{name}.", stacklevel=4)
         key = None
 
     # --- processors -------------------------------------------------------------------------
     rep = _float(kw, "repetition_penalty", 0.0)
     ngram = _int(kw, "no_repeat_ngram_size", 0)
     bad_words = None if kw["bad_words_ids"] is None else _id_lists("bad_words_ids", kw["bad_words_ids"], vocab)
-    sequence_bias = kw["sequence_bias"]
-    if sequence_bias is not None:
-        if isinstance(sequence_bias, (list, tuple)):
-            try:
-                sequence_bias = {tuple(s): b for s, b in sequence_bias}
-            except (TypeError, ValueError):
-                _fail("sequence_bias", kw["sequence_bias"], "expected {tuple_of_ids: bias} or [[ids, bias], ...]")
-        if not isinstance(sequence_bias, dict) or not sequence_bias:
-            _fail("sequence_bias", kw["sequence_bias"], "expected a non-empty {tuple_of_ids: float bias}")
-        sequence_bias = {_token_ids("sequence_bias", list(s), vocab): float(b) for s, b in sequence_bias.items()}
+    sequence_bias = None if kw["sequence_bias"] is None else _sequence_bias(kw["sequence_bias"], vocab)
     suppress = None if kw["suppress_tokens"] is None else _token_ids("suppress_tokens", kw["suppress_tokens"], vocab)
     begin_suppress = (None if kw["begin_suppress_tokens"] is None
                       else _token_ids("begin_suppress_tokens", kw["begin_suppress_tokens"], vocab))
@@ -315,9 +360,7 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
               "(temperature=..., top_p=..., ...) or a JAX function fn(scores, ctx) -> scores")
     for name in ("renormalize_logits", "remove_invalid_values", "output_scores", "output_logits"):
         _bool(kw, name)
-    if kw["return_dict_in_generate"] is not True:
-        _fail("return_dict_in_generate", kw["return_dict_in_generate"],
-              "jaxgen always returns the output object; use out.sequences")
+    return_dict = _bool(kw, "return_dict_in_generate")
 
     suppressed = set(suppress or ())
     banned = suppressed | {w[0] for w in bad_words or () if len(w) == 1 and w[0] not in eos_ids}
@@ -388,8 +431,9 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
         recompute=config.recompute_at is not None and 1 <= config.recompute_at - prompt_len < max_new_tokens,
     )
     spec = dataclasses.replace(spec, phases=loop_phases(model, ids.shape[0], spec))
-    ids, mask = _left_pad(ids, mask, bucket_len, pad if pad is not None else 0)
-    return Request(spec, ids, mask, jnp.int32(prompt_len), processors, key, jnp.float32(length_penalty), streamer)
+    padded_ids, padded_mask = _left_pad(ids, mask, bucket_len, pad if pad is not None else 0)
+    return Request(spec, padded_ids, padded_mask, jnp.int32(prompt_len), processors, key, jnp.float32(length_penalty),
+                   streamer, return_dict, ids)
 
 
 def _default_mask(ids, pad: int | None, eos_ids: tuple[int, ...]):

@@ -130,7 +130,8 @@ def prefill(model: CausalLM, input_ids: jax.Array, attention_mask: jax.Array, pr
     kv_mask = jnp.concatenate([mask, jnp.ones((batch, spec.max_new_tokens), bool)], axis=1)
     positions = positions_from_mask(attention_mask)
     hidden, prompt = forward(model, input_ids, positions, mask, row_shards=spec.row_shards)  # prompt: its keys, values
-    pad_lengths = jnp.argmax(attention_mask, axis=-1).astype(jnp.int32) - (spec.bucket_len - prompt_len)
+    first_real = jnp.argmax(attention_mask, axis=-1).astype(jnp.int32) - (spec.bucket_len - prompt_len)
+    pad_lengths = jnp.where(attention_mask.any(-1), first_real, 0)  # an empty row: 0, as transformers' argmax
     logits = logits_of(model, hidden[:, -1], spec.row_shards)
     logits, positions, pad_lengths = map(rows, (logits, positions[:, -1] + 1, pad_lengths))
     if share_prompt:

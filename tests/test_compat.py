@@ -1,0 +1,187 @@
+"""Calls transformers' generate() accepts, each run by jaxgen and by transformers on the same
+weights: where transformers warns and proceeds, jaxgen warns (a Python warning) and returns what
+transformers returns; where jaxgen cannot honour an argument it raises a ValueError naming it."""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import jaxgen
+from tests.conftest import EOS, EOS_MODEL, PAD, assert_same_generation, hf_generate, left_padded_batch
+from tests.test_sampling import hf_following
+
+V = EOS_MODEL["vocab_size"]
+
+
+def _ids(seed=0, batch=3, length=6, pads=(0, 2, 1)):
+    return left_padded_batch(np.random.default_rng(seed), batch, length, V, list(pads))
+
+
+def _quiet(fn, *args, **kwargs):
+    """``fn(...)`` failing on any warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return fn(*args, **kwargs)
+
+
+@pytest.mark.parametrize("strategy", [dict(), dict(num_beams=3, num_return_sequences=2)])
+def test_masks_that_end_in_padding_run_as_in_transformers(eos_model, strategy):
+    """transformers' generation tests use a lower-triangular mask (row i masks its last columns)
+    and right padding: generation starts from the last column whatever its mask, positions
+    continue from its position id, its key stays masked. jaxgen warns about right padding and
+    returns what transformers returns."""
+    torch_model, model = eos_model
+    ids = np.random.default_rng(1).integers(3, V, (4, 7))
+    mask = np.tril(np.ones_like(ids), k=3)  # row 0: 4 real tokens, then padding; row 3: all real
+    kw = dict(max_new_tokens=6, eos_token_id=EOS, pad_token_id=PAD, **strategy)
+    with pytest.warns(UserWarning, match=r"right-padding was detected \(rows \[0, 1, 2\]"):
+        out = jaxgen.generate(model, ids, mask, output_scores=True, **kw).trim()
+    assert_same_generation(out, hf_generate(torch_model, ids, mask, do_sample=False, **kw), beams=bool(strategy))
+
+
+def test_right_padding_when_sampling(eos_model, monkeypatch):
+    torch_model, model = eos_model
+    ids = np.random.default_rng(2).integers(3, V, (3, 5))
+    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 1, 1, 1, 0]])
+    kw = dict(max_new_tokens=6, eos_token_id=EOS, pad_token_id=PAD, top_k=10, num_return_sequences=2)
+    with pytest.warns(UserWarning, match="right-padding"):
+        ours = jaxgen.sample(model, ids, mask, key=jax.random.key(1), output_scores=True, **kw).trim()
+    assert_same_generation(ours, hf_following(torch_model, ids, mask, ours, monkeypatch, **kw))
+
+
+def test_no_input_ids_starts_from_bos(eos_model):
+    """``generate(model, None)``: every row starts from bos_token_id (batch 1), as transformers."""
+    torch_model, model = eos_model
+    kw = dict(max_new_tokens=5, eos_token_id=EOS, pad_token_id=PAD)
+    out = jaxgen.generate(model, None, output_scores=True, **kw).trim()
+    with torch.no_grad():
+        ref = torch_model.generate(None, return_dict_in_generate=True, output_scores=True, do_sample=False, **kw)
+    assert out.sequences[0, 0] == EOS_MODEL["bos_token_id"]
+    assert_same_generation(out, ref)
+    out = jaxgen.generate(model, inputs=None, bos_token_id=5, **kw).trim()  # transformers' `inputs` name
+    assert out.sequences[0, 0] == 5
+    with pytest.raises(ValueError, match="input_ids=None is not allowed without a bos_token_id"):
+        jaxgen.generate(model.replace(config=model.config.__class__(**{**model.config.__dict__, "bos_token_id": None})),
+                        None, **kw)
+
+
+def test_sampling_defaults_on_a_greedy_call_are_silent_others_warn(eos_model):
+    """transformers' global defaults (temperature 1.0, top_k 50, top_p 1.0) on a greedy call are
+    taken silently (transformers issue 42762); another value warns and is ignored, as there."""
+    torch_model, model = eos_model
+    ids, mask = _ids()
+    kw = dict(max_new_tokens=5, eos_token_id=EOS, pad_token_id=PAD)
+    plain = jaxgen.generate(model, ids, mask, output_scores=True, **kw).trim()
+    assert_same_generation(_quiet(jaxgen.generate, model, ids, mask, output_scores=True, temperature=1.0, top_k=50,
+                                  top_p=1.0, **kw).trim(), hf_generate(torch_model, ids, mask, do_sample=False, **kw))
+    with pytest.warns(UserWarning, match="do_sample is not set to True. However, temperature is set to 0.5"):
+        warm = jaxgen.generate(model, ids, mask, output_scores=True, temperature=0.5, **kw).trim()
+    np.testing.assert_array_equal(warm.sequences, plain.sequences)
+
+
+def test_negative_eos_warns_and_never_stops(eos_model):
+    torch_model, model = eos_model
+    ids, mask = _ids(3)
+    kw = dict(max_new_tokens=8, eos_token_id=-1, pad_token_id=PAD)
+    with pytest.warns(UserWarning, match=r"eos_token_id should consist of positive integers, but is \[-1\]"):
+        out = jaxgen.generate(model, ids, mask, output_scores=True, **kw).trim()
+    ref = hf_generate(torch_model, ids, mask, do_sample=False, **kw)
+    assert_same_generation(out, ref)
+    assert out.sequences.shape[1] == ids.shape[1] + 8 and (out.sequences[:, ids.shape[1]:] == EOS).any()
+
+
+@pytest.mark.parametrize("strategy", [dict(), dict(num_beams=3)])
+def test_missing_pad_token_warns_and_pads_with_eos(eos_model, strategy):
+    torch_model, model = eos_model
+    ids, mask = _ids(4)
+    kw = dict(max_new_tokens=8, eos_token_id=[EOS, 7], **strategy)
+    with pytest.warns(UserWarning, match=f"Setting pad_token_id to eos_token_id:{EOS}"):
+        out = jaxgen.generate(model, ids, mask, output_scores=True, **kw).trim()
+    assert_same_generation(out, hf_generate(torch_model, ids, mask, do_sample=False, **kw), beams=bool(strategy))
+
+
+def test_arguments_that_change_nothing_are_accepted(eos_model):
+    torch_model, model = eos_model
+    ids, mask = _ids(5)
+    kw = dict(max_new_tokens=4, eos_token_id=EOS, pad_token_id=PAD)
+    plain = jaxgen.generate(model, ids, mask, **kw).trim().sequences
+    for extra in (dict(use_cache=True), dict(use_cache=False), dict(output_attentions=False),
+                  dict(output_hidden_states=False), dict(synced_gpus=False), dict(num_beam_groups=1),
+                  dict(diversity_penalty=0.0), dict(penalty_alpha=None), dict(guidance_scale=1.0),
+                  dict(low_memory=True), dict(cache_implementation="static")):
+        np.testing.assert_array_equal(_quiet(jaxgen.generate, model, ids, mask, **kw, **extra).trim().sequences, plain)
+
+
+def test_both_lengths_warn_and_the_new_tokens_one_wins(eos_model):
+    torch_model, model = eos_model
+    ids, mask = _ids(6)
+    kw = dict(eos_token_id=EOS, pad_token_id=PAD, max_new_tokens=3, max_length=12, min_new_tokens=2, min_length=9)
+    with pytest.warns(UserWarning, match="max_new_tokens will take precedence"):
+        out = jaxgen.generate(model, ids, mask, output_scores=True, **kw).trim()
+    assert_same_generation(out, hf_generate(torch_model, ids, mask, do_sample=False, **kw))
+    assert out.sequences.shape[1] == ids.shape[1] + 3
+
+
+def test_return_dict_in_generate_false_returns_the_sequences(eos_model):
+    torch_model, model = eos_model
+    ids, mask = _ids(7)
+    kw = dict(max_new_tokens=5, eos_token_id=EOS, pad_token_id=PAD)
+    with torch.no_grad():
+        ref = torch_model.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False, **kw)
+    out = jaxgen.generate(model, ids, mask, return_dict_in_generate=False, **kw)
+    assert isinstance(out, np.ndarray)
+    np.testing.assert_array_equal(out, ref.numpy())
+
+
+def test_bad_words_and_biases_longer_than_the_sequence_never_match(eos_model):
+    """40 banned ids after a 4-token prompt and 2 new tokens: transformers never matches them."""
+    torch_model, model = eos_model
+    ids, mask = _ids(8, length=4, pads=(0, 1, 0))
+    long_word = list(range(3, 43))
+    kw = dict(max_new_tokens=2, eos_token_id=EOS, pad_token_id=PAD, bad_words_ids=[long_word, [5]],
+              sequence_bias={tuple(long_word): -3.0, (7,): 2.0})
+    out = jaxgen.generate(model, ids, mask, output_scores=True, **kw).trim()
+    assert_same_generation(out, hf_generate(torch_model, ids, mask, do_sample=False, **kw))
+
+
+BAD = [
+    (dict(do_sample=True, key=123), r"key=123 is not allowed: expected a JAX PRNG key"),
+    (dict(do_sample=True, key="seed"), r"key='seed' is not allowed"),
+    (dict(do_sample=True, key=np.zeros(2, np.float32)), r"key='<float32\[2\]>' is not allowed"),
+    (dict(do_sample=True, key=jax.random.split(jax.random.key(0), 3)), r"key='<3 keys, shape \[3\]>'.*one key"),
+    (dict(sequence_bias={(1,): "a"}), r"sequence_bias=\{\(1,\): 'a'\} is not allowed: expected \{tuple_of_ids"),
+    (dict(sequence_bias={1: 1.0}), r"sequence_bias=\{1: 1.0\} is not allowed"),
+    (dict(sequence_bias=[[[1, 2]]]), "sequence_bias=.* is not allowed"),
+    (dict(num_beams=4, num_beam_groups=2, diversity_penalty=0.5),
+     r"(num_beam_groups=2|diversity_penalty=0.5), which jaxgen does not support \(group \(diverse\) beam search is "
+     "not implemented"),
+    (dict(penalty_alpha=0.6, top_k=4), r"penalty_alpha=0.6, .*contrastive search .*not implemented"),
+    (dict(guidance_scale=1.5), r"guidance_scale=1.5, .*classifier-free guidance is not implemented"),
+    (dict(output_attentions=True), r"output_attentions=True, .*returning attentions is not implemented"),
+    (dict(token_type_ids=np.zeros((3, 6))), r"token_type_ids=<array \[3, 6\]>, .*not implemented"),
+]
+
+
+@pytest.mark.parametrize("kwargs, message", BAD, ids=[m[:20] for _, m in BAD])
+def test_what_jaxgen_cannot_honour_raises_naming_it(eos_model, kwargs, message):
+    _, model = eos_model
+    ids, mask = _ids()
+    with pytest.raises(ValueError, match=message):
+        jaxgen.generate(model, ids, mask, max_new_tokens=3, eos_token_id=EOS, pad_token_id=PAD, **kwargs)
+
+
+def test_ragged_inputs_raise_naming_them(eos_model):
+    _, model = eos_model
+    kw = dict(max_new_tokens=3, min_new_tokens=3, eos_token_id=EOS, pad_token_id=PAD)
+    with pytest.raises(ValueError, match=r"input_ids='<list>' is not allowed: expected a rectangular"):
+        jaxgen.generate(model, [[1, 2], [3]], **kw)
+    with pytest.raises(ValueError, match=r"attention_mask='<list>' is not allowed: expected a rectangular"):
+        jaxgen.generate(model, [[4, 5], [6, 7]], [[1, 1], [1]], **kw)
+    assert jaxgen.generate(model, [[4, 5], [6, 7]], [[1, 1], [1, 1]], **kw).trim().sequences.shape == (2, 5)
+    assert jaxgen.sample(model, jnp.asarray([[4, 5]]), key=jax.random.PRNGKey(0), **kw).trim().sequences.shape == (1, 5)

@@ -108,8 +108,9 @@ def generate(model: CausalLM, input_ids=None, attention_mask=None, **kwargs) -> 
 
     Args:
       model: from `jaxgen.from_pretrained` (a pytree: may be traced, sharded, jitted over).
-      input_ids: int[batch, prompt_len], left-padded. attention_mask: {0,1}[batch, prompt_len]; each
-        row ends in a real token (zeros before it may have holes). Without it, transformers' inferred
+      input_ids: int[batch, prompt_len], left-padded (None: one row of bos_token_id; also as
+        ``inputs=``). attention_mask: {0,1}[batch, prompt_len], any mask transformers takes (right
+        padding warns, as there). Without it, transformers' inferred
         mask: ``input_ids != pad_token_id`` where the pad id occurs in input_ids and is no EOS id,
         else all ones.
       **kwargs: transformers' names and defaults: max_new_tokens / max_length (default: 20 new

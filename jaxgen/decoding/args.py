@@ -1,7 +1,8 @@
 """Host-side validation of ``generate`` arguments, before anything is traced.
 
-Every check raises ``ValueError`` naming the argument, its value and what is allowed. Checks that
-need concrete values (token ids in range, rows that end in a real token) run when the inputs are
+Every check raises ``ValueError`` naming the argument, its value and what is allowed; where
+transformers warns and proceeds, a Python warning says the same and the call proceeds alike.
+Checks that need concrete values (token ids in range, right padding) run when the inputs are
 concrete and are skipped for tracers (a decoder called inside the user's own ``jax.jit``) and for
 global arrays that span several hosts (each host sees only its own rows).
 """

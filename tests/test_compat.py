@@ -122,8 +122,11 @@ def test_both_lengths_warn_and_the_new_tokens_one_wins(eos_model):
     torch_model, model = eos_model
     ids, mask = _ids(6)
     kw = dict(eos_token_id=EOS, pad_token_id=PAD, max_new_tokens=3, max_length=12, min_new_tokens=2, min_length=9)
-    with pytest.warns(UserWarning, match="max_new_tokens will take precedence"):
+    with pytest.warns(UserWarning) as caught:
         out = jaxgen.generate(model, ids, mask, output_scores=True, **kw).trim()
+    assert {str(w.message).split(" will take")[0] for w in caught} == {
+        "Both max_new_tokens (=3) and max_length (=12) seem to have been set. max_new_tokens",
+        "Both min_new_tokens (=2) and min_length (=9) seem to have been set. min_new_tokens"}
     assert_same_generation(out, hf_generate(torch_model, ids, mask, do_sample=False, **kw))
     assert out.sequences.shape[1] == ids.shape[1] + 3
 
@@ -185,3 +188,14 @@ def test_ragged_inputs_raise_naming_them(eos_model):
         jaxgen.generate(model, [[4, 5], [6, 7]], [[1, 1], [1]], **kw)
     assert jaxgen.generate(model, [[4, 5], [6, 7]], [[1, 1], [1, 1]], **kw).trim().sequences.shape == (2, 5)
     assert jaxgen.sample(model, jnp.asarray([[4, 5]]), key=jax.random.PRNGKey(0), **kw).trim().sequences.shape == (1, 5)
+
+
+def test_an_explicit_eos_token_id_none_turns_eos_off(eos_model):
+    """Passing eos_token_id=None replaces the model's EOS with none, as in transformers: rows run to
+    max_new_tokens (here through EOS tokens)."""
+    torch_model, model = eos_model
+    ids, mask = _ids(9)
+    kw = dict(max_new_tokens=10, eos_token_id=None, pad_token_id=PAD)
+    out = jaxgen.generate(model, ids, mask, output_scores=True, **kw).trim()
+    assert_same_generation(out, hf_generate(torch_model, ids, mask, do_sample=False, **kw))
+    assert out.sequences.shape[1] == ids.shape[1] + 10 and (out.sequences[:, ids.shape[1]:-1] == EOS).any()

@@ -204,7 +204,8 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
     vocab = config.vocab_size
 
     # --- special tokens ---------------------------------------------------------------------
-    eos = kw["eos_token_id"] if kw["eos_token_id"] is not None else config.eos_token_id
+    # An explicit eos_token_id=None turns EOS off, as in transformers; the model's own otherwise.
+    eos = kw["eos_token_id"] if kw["eos_token_id"] is not None or "eos_token_id" in kwargs else config.eos_token_id
     eos_ids = () if eos is None else _token_ids("eos_token_id", eos, vocab, allow_empty=True, negative=True)
     if any(t < 0 for t in eos_ids):
         warnings.warn(f"eos_token_id should consist of positive integers, but is {list(eos_ids)}; the negative ids "

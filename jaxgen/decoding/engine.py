@@ -232,6 +232,8 @@ def hits_stop(sequences: jax.Array, column: jax.Array, first_column: jax.Array, 
     if spec.eos_token_ids:
         hit = jnp.isin(tokens, jnp.asarray(spec.eos_token_ids, tokens.dtype))
     for stop in spec.stop_sequences:
+        if len(stop) > sequences.shape[-1]:  # longer than any history this call holds: never matches
+            continue
         start = column + 1 - len(stop)
         tail = jax.lax.dynamic_slice_in_dim(sequences, jnp.maximum(start, 0), len(stop), axis=-1)
         hit |= (tail == jnp.asarray(stop, tail.dtype)).all(-1) & (start >= first_column)

@@ -3,16 +3,19 @@ measurements behind every rule here).
 
 On XLA:CPU a GEMM tiles its output's first axis, so a decode step's few rows placed there leave
 most of each tile empty; the product is taken weight-major (``w @ x^T``) with the rows as the
-vector lanes, padded to whole lane tiles. A bfloat16 product runs on XLA:CPU's bfloat16 GEMM
-only when it returns float32 and has two rows or more (otherwise XLA converts the weight to
-float32, and keeps that copy for the whole decode loop), so a single bfloat16 row is padded to
-two. Elsewhere (GPU, TPU) the product is a plain dot.
+vector lanes, padded to whole lane tiles where that is faster on this machine (`probe`). A
+half-precision product runs on XLA:CPU's bfloat16 GEMM only when it returns float32 and has two
+rows or more (otherwise XLA converts the weight to float32, and keeps that copy for the whole
+decode loop), so a single row is padded to two, and multiplied in whichever order this machine
+runs faster. Elsewhere (GPU, TPU) the product is a plain dot.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from jaxgen.kernels import probe
 
 
 def project(x: jax.Array, w: jax.Array, row_shards: int = 1) -> jax.Array:
@@ -27,11 +30,14 @@ def project(x: jax.Array, w: jax.Array, row_shards: int = 1) -> jax.Array:
         return jax.lax.dot_general(rows, w, (((1,), (w.ndim - 1,)), ((), ())), preferred_element_type=jnp.float32)
 
     def cpu(rows, w):
-        if rows.shape[0] == 1 and w.dtype == jnp.bfloat16:
-            two_rows = jnp.pad(rows, ((0, 1), (0, 0)))
-            return row_major(two_rows, w.reshape(-1, w.shape[-1]))[:1].reshape(1, *w.shape[:-1])
         n = rows.shape[0] // row_shards  # rows of one block
-        lanes = gemm_rows(n)
+        if n == 1 and w.dtype in (jnp.bfloat16, jnp.float16):  # two rows at least, in this machine's order
+            if _single_half_row(w.dtype) == "row-major":
+                two_rows = jnp.pad(rows, ((0, 1), (0, 0)))
+                return row_major(two_rows, w.reshape(-1, w.shape[-1]))[:1].reshape(1, *w.shape[:-1])
+            lanes = 2
+        else:
+            lanes = _lanes(n, w.dtype)
         rows = jnp.pad(rows.reshape(row_shards, n, -1), ((0, 0), (0, lanes - n), (0, 0)))
         rows = rows.reshape(row_shards * lanes, -1)
         y = jax.lax.dot_general(w, rows, (((w.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
@@ -41,6 +47,37 @@ def project(x: jax.Array, w: jax.Array, row_shards: int = 1) -> jax.Array:
 
     y = jax.lax.platform_dependent(rows, w, cpu=cpu, default=row_major)
     return y.reshape(*x.shape[:-1], *w.shape[:-1])
+
+
+def _weight_major(w, rows, lanes: int):
+    """w: [out, in], rows: [n, in] -> float32[n, out] through a GEMM of ``lanes >= n`` rows."""
+    n = rows.shape[0]
+    y = jax.lax.dot_general(w, jnp.pad(rows, ((0, lanes - n), (0, 0))), (((1,), (1,)), ((), ())),
+                            preferred_element_type=jnp.float32)
+    return jax.lax.optimization_barrier(y).T[:n]
+
+
+def _lanes(n: int, dtype) -> int:
+    """How many GEMM rows ``n`` decode rows take on this machine: `gemm_rows` or ``n`` itself."""
+    padded = gemm_rows(n)
+    if padded == n:
+        return n
+    rows = lambda: jnp.ones((n, 1024), dtype)  # noqa: E731
+    choice = probe.fastest(("lanes", n, jnp.dtype(dtype).name), {
+        "padded": lambda w: _weight_major(w, rows(), padded),
+        "as is": lambda w: _weight_major(w, rows(), n),
+    }, dtype)
+    return padded if choice == "padded" else n
+
+
+def _single_half_row(dtype) -> str:
+    """The faster order of a single half-precision row's product (padded to two) on this machine."""
+    row = lambda: jnp.ones((1, 1024), dtype)  # noqa: E731
+    return probe.fastest(("single row", jnp.dtype(dtype).name), {
+        "row-major": lambda w: jax.lax.dot_general(jnp.pad(row(), ((0, 1), (0, 0))), w, (((1,), (1,)), ((), ())),
+                                                   preferred_element_type=jnp.float32)[:1],
+        "weight-major": lambda w: _weight_major(w, row(), 2),
+    }, dtype)
 
 
 def gemm_rows(n: int) -> int:

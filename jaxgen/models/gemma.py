@@ -124,7 +124,7 @@ def checkpoint_table(c: GemmaConfig) -> dict:
 
 def embed(params, c: GemmaConfig, tokens, positions):
     """Scaled token embeddings, and the rotary tables (cos, sin) of each of ``c.windows``."""
-    x = params["embed"][tokens]
+    x = layers.embed(params["embed"], tokens)
     x = x * jnp.asarray(c.embed_scale, x.dtype)
     local = c.rope_local or c.rope_global
     return x, tuple((local if w is not None else c.rope_global).tables(positions, x.dtype) for w in c.windows)

@@ -94,7 +94,8 @@ def checkpoint_table(c: GPT2Config) -> dict:
 
 
 def embed(params, c: GPT2Config, tokens, positions):
-    return (params["embed"][tokens] + params["pos_embed"][positions]).astype(params["embed"].dtype), None
+    x = layers.embed(params["embed"], tokens) + layers.embed(params["pos_embed"], positions)
+    return x.astype(params["embed"].dtype), None
 
 
 def block(p, c: GPT2Config, x, rotary, layer, row_shards: int):

@@ -21,6 +21,16 @@ ACTIVATIONS = {
 }
 
 
+def embed(table: jax.Array, tokens: jax.Array) -> jax.Array:
+    """``table[tokens]``; a 16-bit table is gathered as integers, bit for bit: XLA:CPU gathers a
+    bfloat16 table by converting all of it to float32 first (a float32 copy of the embedding, per
+    call)."""
+    if jnp.dtype(table.dtype).itemsize != 2:
+        return table[tokens]
+    bits = jax.lax.bitcast_convert_type(table, jnp.uint16)[tokens]
+    return jax.lax.bitcast_convert_type(bits, table.dtype)
+
+
 def layer_norm(p, x, eps: float):
     """LayerNorm with ``scale`` and ``bias``, its statistics in float32 (``torch.nn.LayerNorm``)."""
     x32 = x.astype(jnp.float32)

@@ -104,7 +104,7 @@ def checkpoint_table(c: LlamaConfig) -> dict:
 
 def embed(params, c: LlamaConfig, tokens, positions):
     """Token embeddings, and the rotary tables (cos, sin) every layer uses."""
-    x = params["embed"][tokens]
+    x = layers.embed(params["embed"], tokens)
     return x, c.rope.tables(positions, x.dtype)
 
 

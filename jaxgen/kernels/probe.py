@@ -1,0 +1,61 @@
+"""Choices between equivalent formulations whose speed depends on the machine, made by a short
+measurement at first use and kept for the process.
+
+A rule measured on one CPU can lose on the next (this project's 2-core machine has been an AMD
+Zen 3, 4 and 5 and an Intel Xeon with AMX, and the same product's best formulation differed
+between them; docs/performance.md). Where two formulations give the same numbers, the first
+program that needs the choice times each on representative weights (once per process, a
+fraction of a second, inside ``jax.ensure_compile_time_eval`` so that it runs while a caller is
+being traced) and keeps the faster. ``JAXGEN_PROBE=off`` skips the measurements and takes each
+choice's first candidate; `choose` fixes one by hand (tests, reproducible benchmarks).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+_chosen: dict[tuple, str] = {}
+
+
+def choose(key: tuple, name: str | None) -> None:
+    """Fixes (or, with None, forgets) the choice ``key``."""
+    if name is None:
+        _chosen.pop(key, None)
+    else:
+        _chosen[key] = name
+
+
+def fastest(key: tuple, candidates: dict[str, Callable], dtype, shape=(2048, 1024), copies: int = 6) -> str:
+    """The name of the fastest of ``candidates`` (each ``fn(weights, x)`` over a list of
+    ``copies`` distinct ``dtype[shape]`` weights, so that they are read from memory, not cache),
+    measured once per ``key``. The first candidate where measuring is off or not on a CPU."""
+    if key not in _chosen:
+        if os.environ.get("JAXGEN_PROBE", "").lower() == "off" or jax.default_backend() != "cpu":
+            _chosen[key] = next(iter(candidates))
+        else:
+            _chosen[key] = _measure(candidates, dtype, shape, copies)
+    return _chosen[key]
+
+
+def _measure(candidates, dtype, shape, copies) -> str:
+    with jax.ensure_compile_time_eval():
+        weights = [jnp.full(shape, 0.5 + i, dtype) for i in range(copies)]
+        best, best_time = None, float("inf")
+        for name, fn in candidates.items():
+            run = jax.jit(lambda ws, fn=fn: [fn(w) for w in ws])
+            jax.block_until_ready(run(weights))
+            seconds = min(_timed(run, weights) for _ in range(3))
+            if seconds < best_time:
+                best, best_time = name, seconds
+        return best
+
+
+def _timed(run, weights) -> float:
+    t0 = time.perf_counter()
+    jax.block_until_ready(run(weights))
+    return time.perf_counter() - t0

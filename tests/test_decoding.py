@@ -240,40 +240,61 @@ def test_token_step_updates_the_cache_in_place(eos_model, batch):
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="a property of XLA:CPU's compiler")
 @pytest.mark.parametrize("batch, num_beams", [(1, 1), (2, 1), (1, 3)])
-def test_bfloat16_program_keeps_no_float32_copy_of_a_block_weight(eos_model, batch, num_beams):
+@pytest.mark.parametrize("single_row", ["row-major", "weight-major"])
+def test_bfloat16_program_keeps_no_float32_copy_of_a_weight(eos_model, batch, num_beams, single_row):
     """XLA:CPU runs a bfloat16 matmul that returns bfloat16, or multiplies one row, by converting
     the weight to float32 (a float32 copy of every weight per call, more memory than a float32
-    model). `kernels.matmul.project` avoids both; only the embedding table is still converted (for its gather)."""
+    model), and gathers from a bfloat16 table by converting all of it. `kernels.matmul.project`
+    avoids the first, in either order of a single row's product (`probe`); `layers.embed` gathers
+    the table's bits as integers."""
+    from jaxgen.kernels import probe
+
     _, model = eos_model
     c = model.config
     model = model.replace(params=jax.tree.map(lambda x: x.astype(jnp.bfloat16), model.params),
                           config=dataclasses.replace(c, dtype="bfloat16"))
     from jaxgen.decoding import args
     ids, mask = left_padded_batch(np.random.default_rng(5), batch, 6, c.vocab_size, [0, 2][:batch])
-    req = args.parse(model, ids, mask, dict(max_new_tokens=8, num_beams=num_beams, eos_token_id=EOS, pad_token_id=PAD))
-    hlo = api._decode.lower(model, *api._operands(req), spec=req.spec).compile().as_text()
+    probe.choose(("single row", "bfloat16"), single_row)
+    jax.clear_caches()  # traced programs keep the choice they were traced with
+    try:
+        req = args.parse(model, ids, mask, dict(max_new_tokens=8, num_beams=num_beams, eos_token_id=EOS,
+                                                pad_token_id=PAD))
+        hlo = api._decode.lower(model, *api._operands(req), spec=req.spec).compile().as_text()
+    finally:
+        probe.choose(("single row", "bfloat16"), None)
     d, inner = c.d_model, c.inner_dim
 
     def converted(shape):
         return [line for line in hlo.splitlines() if f"= f32[{shape}]{{" in line and " convert(" in line]
 
-    assert converted(f"{c.vocab_size},{d}"), "the search finds no convert at all (XLA:CPU converts the " \
-        "embedding table for its gather; if it no longer does, anchor the search elsewhere)"
-    for shape in (f"{c.n_heads},3,{c.head_dim},{d}", f"{d},{d}", f"{inner},{d}", f"{d},{inner}"):
+    assert f"u16[{c.vocab_size},{d}]" in hlo, "the embedding is no longer gathered as integers; the search below " \
+        "has lost its anchor"
+    for shape in (f"{c.vocab_size},{d}", f"{c.n_heads},3,{c.head_dim},{d}", f"{d},{d}", f"{inner},{d}", f"{d},{inner}"):
         assert not converted(shape), converted(shape)[:1]
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="a property of XLA:CPU's GEMM")
-@pytest.mark.parametrize("batch, num_beams, lanes", [(5, 1, 8), (1, 5, 8), (3, 4, 16)])
-def test_cpu_projections_take_rows_in_whole_lane_tiles(eos_model, batch, num_beams, lanes):
-    """A decode step's 5 or 12 rows reach XLA:CPU's GEMM as 8 or 16 (`kernels.matmul.gemm_rows`: a part
-    tile of lanes runs extra passes over the weight); the prompt's rows, above 64 or up to 4, as
-    they are."""
-    _, model = eos_model
+@pytest.mark.parametrize("batch, num_beams, choice, lanes", [(5, 1, "padded", 8), (1, 5, "padded", 8),
+                                                             (3, 4, "padded", 16), (5, 1, "as is", 5)])
+def test_cpu_projections_take_the_rows_this_machine_runs_fastest(eos_model, batch, num_beams, choice, lanes):
+    """A decode step's 5 or 12 rows reach XLA:CPU's GEMM as 8 or 16 where padding to whole lane
+    tiles is faster on this machine (`kernels.matmul.gemm_rows`; `probe` measures it at first use,
+    fixed here), as they are where it is not; the prompt's rows, above 64 or up to 4, as they are."""
     from jaxgen.decoding import args
+    from jaxgen.kernels import probe
+
+    _, model = eos_model
+    rows = batch * num_beams
     ids, mask = left_padded_batch(np.random.default_rng(5), batch, 6, model.config.vocab_size, [0, 2, 1][:batch])
-    req = args.parse(model, ids, mask, dict(max_new_tokens=8, num_beams=num_beams, eos_token_id=EOS, pad_token_id=PAD))
-    hlo = api._decode.lower(model, *api._operands(req), spec=req.spec).compile().as_text()
+    probe.choose(("lanes", rows, "float32"), choice)
+    jax.clear_caches()  # traced programs keep the choice they were traced with
+    try:
+        req = args.parse(model, ids, mask, dict(max_new_tokens=8, num_beams=num_beams, eos_token_id=EOS,
+                                                pad_token_id=PAD))
+        hlo = api._decode.lower(model, *api._operands(req), spec=req.spec).compile().as_text()
+    finally:
+        probe.choose(("lanes", rows, "float32"), None)
     products = re.findall(r"= f32\[[\d,]*?(\d+)\]\{[\d,]+\} dot\((?:(?!batch_dims).)*rhs_contracting_dims=\{1\}", hlo)
     counts = set(map(int, products))  # also the prompt's last positions, batch <= 4 rows, as they are
     assert lanes in counts and counts <= {lanes, batch * req.spec.bucket_len, *range(1, 5)}, counts

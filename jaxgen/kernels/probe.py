@@ -23,7 +23,8 @@ _chosen: dict[tuple, str] = {}
 
 
 def choose(key: tuple, name: str | None) -> None:
-    """Fixes (or, with None, forgets) the choice ``key``."""
+    """Fixes (or, with None, forgets) the choice ``key``. Programs already traced keep the choice
+    they were traced with (``jax.clear_caches()`` drops them)."""
     if name is None:
         _chosen.pop(key, None)
     else:

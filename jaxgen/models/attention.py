@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from flax import struct
 
-from jaxgen.models.cache import KVCache, to_layout, write
+from jaxgen.models.cache import KVCache, loaded, stored, to_layout, write
 from jaxgen.models.layers import soft_cap
 
 
@@ -113,10 +113,11 @@ def attention(q, k, v, layer: Layer, *, scale, upcast: bool = False, softcap: fl
     (dtype[rows, seq, n_heads * head_dim], the layer's keys and values in the cache layout).
     """
     if layer.keys is None:
-        kt, vt = to_layout(k, 1, keys=True), to_layout(v, 1, keys=False)
+        kt, vt = stored(to_layout(k, 1, keys=True)), stored(to_layout(v, 1, keys=False))
     else:
         kt, vt = write(layer.keys, layer.values, k, v, layer.slot, layer.group, layer.shared, layer.ring)
-    return attend(q, kt, vt, layer.mask, layer.group, scale, upcast, softcap), (kt, vt)
+    out = attend(q, loaded(kt, k.dtype), loaded(vt, v.dtype), layer.mask, layer.group, scale, upcast, softcap)
+    return out, (kt, vt)
 
 
 def attend(q, kt, v, mask, group: int, scale: float, upcast: bool = False, softcap: float | None = None):

@@ -54,8 +54,9 @@ class KVCache:
         rings = tuple(rings) or (None,) * n_layers
         lead = (batch, n_kv_heads) if batch > 1 else (n_kv_heads,)
         lengths = [shared + (max_len - shared) * group if ring is None else ring * group for ring in rings]
-        keys = tuple(jnp.zeros((*lead, head_dim, n), dtype) for n in lengths)
-        values = tuple(jnp.zeros((*lead, n, head_dim), dtype) for n in lengths)
+        store = storage_dtype(dtype)
+        keys = tuple(jnp.zeros((*lead, head_dim, n), store) for n in lengths)
+        values = tuple(jnp.zeros((*lead, n, head_dim), store) for n in lengths)
         return cls(keys, values, group, shared, max_len, rings)
 
     @property
@@ -164,12 +165,28 @@ def _spread(x, group: int, axis: int):
     return x if group == 1 else jnp.repeat(x, group, axis=axis)
 
 
+def storage_dtype(dtype):
+    """The dtype cache arrays hold: a 16-bit float's bits as uint16 (XLA:CPU updates a bfloat16
+    array in a loop by converting all of it to float32 and back at every write)."""
+    return jnp.uint16 if jnp.dtype(dtype).itemsize == 2 else dtype
+
+
+def stored(x: jax.Array) -> jax.Array:
+    """``x`` in its cache storage dtype (`storage_dtype`)."""
+    return jax.lax.bitcast_convert_type(x, jnp.uint16) if jnp.dtype(x.dtype).itemsize == 2 else x
+
+
+def loaded(x: jax.Array, dtype) -> jax.Array:
+    """Cache storage ``x`` as ``dtype`` again."""
+    return jax.lax.bitcast_convert_type(x, dtype) if x.dtype == jnp.uint16 else x
+
+
 def write(keys: jax.Array, values: jax.Array, k: jax.Array, v: jax.Array, slot, group: int = 1,
           shared: int = 0, ring: int | None = None) -> tuple[jax.Array, jax.Array]:
     """One layer's cache arrays (`KVCache` layout) with ``k, v: dtype[rows, seq, n_kv_heads,
     head_dim]`` written at slots ``[slot, slot + seq)`` of each row: one ``slot`` for all rows
     (int32[]) or, with ``group == 1``, one per row (int32[rows]). A ring takes one slot at a time."""
-    kt, vt = to_layout(k, group, keys=True), to_layout(v, group, keys=False)
+    kt, vt = stored(to_layout(k, group, keys=True)), stored(to_layout(v, group, keys=False))
     if ring is not None:
         if k.shape[1] != 1:
             raise ValueError(f"a ring of {ring} slots takes one slot at a time, not {k.shape[1]}")

@@ -68,15 +68,24 @@ def linear(p, x, row_shards: int = 1):
     return y.astype(x.dtype)
 
 
+def activate(activation: str, x, *others):
+    """``act(x) * others...`` computed in float32 and rounded once to ``x.dtype`` (a half-precision
+    tanh or erf is emulated slowly on CPU; transformers' CPU kernels compute them in float32 too)."""
+    y = ACTIVATIONS[activation](x.astype(jnp.float32))
+    for other in others:
+        y = y * other.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
 def mlp(p, x, activation: str, row_shards: int = 1):
     """``down(act(up(x)))`` (GPT-2's ``c_fc`` / ``c_proj``)."""
-    return linear(p["down"], ACTIVATIONS[activation](linear(p["up"], x, row_shards)), row_shards)
+    return linear(p["down"], activate(activation, linear(p["up"], x, row_shards)), row_shards)
 
 
 def gated_mlp(p, x, activation: str, row_shards: int = 1):
     """``down(act(gate(x)) * up(x))`` with ``gate_up.kernel: [2, inner, d]`` (gate first)."""
     gate_up = linear(p["gate_up"], x, row_shards)  # [..., 2, inner]
-    return linear(p["down"], ACTIVATIONS[activation](gate_up[..., 0, :]) * gate_up[..., 1, :], row_shards)
+    return linear(p["down"], activate(activation, gate_up[..., 0, :], gate_up[..., 1, :]), row_shards)
 
 
 def lm_head(params, hidden, row_shards: int = 1):

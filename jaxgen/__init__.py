@@ -7,13 +7,15 @@ from jaxgen.models.load import from_pretrained
 from jaxgen.models.model import CausalLM
 from jaxgen.outputs import GenerateOutput, HFOutput
 from jaxgen.processors import ProcessorContext
+from jaxgen.quantization import Int8Weight, quantize
 from jaxgen.scores import compute_transition_scores
 from jaxgen.sharding import shard
 
 GPT2 = CausalLM  # deprecated alias: every family loads as a CausalLM
 
 __all__ = [
-    "CausalLM", "GPT2", "KVCache", "CheckpointError", "GenerateOutput", "HFOutput", "ProcessorContext",
-    "beam_search", "compute_transition_scores", "from_pretrained", "generate", "greedy_search", "sample", "shard",
+    "CausalLM", "GPT2", "KVCache", "CheckpointError", "GenerateOutput", "HFOutput", "Int8Weight",
+    "ProcessorContext", "beam_search", "compute_transition_scores", "from_pretrained", "generate", "greedy_search",
+    "quantize", "sample", "shard",
 ]
 __version__ = "0.1.0"

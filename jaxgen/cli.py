@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-repeat-ngram-size", type=int)
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="params dtype (default: the checkpoint's, as transformers)")
+    g.add_argument("--quantize", choices=["int8"], help="store the weights as int8 (jaxgen.quantize)")
     g.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to each prompt")
     g.add_argument("--show-scores", action="store_true", help="per-token log-probabilities")
     g.add_argument("--json", action="store_true", help="print one JSON document on stdout")
@@ -126,15 +127,16 @@ def run_generate(args) -> int:
         raise ValueError("--stream and --json cannot be combined")
 
     t0 = time.perf_counter()
-    model = jaxgen.from_pretrained(args.model, dtype=args.dtype)
+    model = jaxgen.from_pretrained(args.model, dtype=args.dtype, quantize=args.quantize)
     try:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(args.model, padding_side="left")
     except Exception as e:  # transformers raises OSError, ValueError, ...
         raise ValueError(f"cannot load the tokenizer of {args.model!r}: {str(e).splitlines()[0]}") from None
+    weights = model.config.dtype + (", int8 weights" if args.quantize else "")
     status(f"loaded {args.model} ({model.config.model_type}, "
-           f"{sum(x.size for x in jax.tree.leaves(model.params)) / 1e6:.1f}M params, {model.config.dtype}) "
+           f"{sum(x.size for x in jax.tree.leaves(model.params)) / 1e6:.1f}M params, {weights}) "
            f"in {time.perf_counter() - t0:.1f}s")
 
     # The model's stop ids (a Llama 3 checkpoint has several), else the tokenizer's.

@@ -110,16 +110,26 @@ def repeat_kv_heads(qkv, heads_per_kv: int, repeat: int):
 
 
 def param_spec(path: tuple, ndim: int, model_axis: str | None) -> P:
-    """The PartitionSpec of the param at ``path`` (keys from the params' root)."""
+    """The PartitionSpec of the param at ``path`` (keys from the params' root). An int8 kernel's
+    ``q`` splits as the kernel, its ``scale`` (the kernel less its input axis) along the same
+    axis unless that is the input axis."""
+    if path[-1:] in (("q",), ("scale",)):
+        path = path[:-1]
     axis = _SPLIT.get(tuple(path[2:])) if path[:1] == ("layers",) and model_axis is not None else None
-    return P(*(model_axis if a == axis else None for a in range(ndim))) if axis is not None else P()
+    if axis is None or axis >= ndim:
+        return P()
+    return P(*(model_axis if a == axis else None for a in range(ndim)))
+
+
+def path_keys(path) -> tuple:
+    """A pytree path's keys as plain values (dict keys, list indices, dataclass field names)."""
+    return tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", None))) for k in path)
 
 
 def param_specs(params, model_axis: str | None):
     """A PartitionSpec for every param leaf (a pytree of the params' structure)."""
     def spec(path, leaf):
-        keys = tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)
-        return param_spec(keys, leaf.ndim, model_axis)
+        return param_spec(path_keys(path), leaf.ndim, model_axis)
 
     return jax.tree_util.tree_map_with_path(spec, params)
 

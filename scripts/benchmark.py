@@ -124,13 +124,13 @@ def step_bound(model, rows: int, prompt: int, new: int, machine: dict) -> float:
     KV cache up to the average context (a sliding layer's up to its window)."""
     c, params = model.config, model.params
     lookups = [params["embed"], params.get("pos_embed")] if "lm_head" in params else [params.get("pos_embed")]
-    weights = sum(x.size for x in jax.tree.leaves(params)) - sum(x.size for x in lookups if x is not None)
-    itemsize = jnp.dtype(model.dtype).itemsize
+    weights = sum(x.size for x in jax.tree.leaves(params)) - sum(x.size for x in jax.tree.leaves(lookups))
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params)) - sum(x.nbytes for x in jax.tree.leaves(lookups))
     avg_ctx = prompt + new / 2
     slots = sum(min(avg_ctx, w or avg_ctx) for w in (c.layer_windows or (None,) * c.n_layers))  # over layers
     kv_bytes = rows * slots * c.kv_bytes_per_slot / c.n_layers
     flops = 2 * rows * weights + rows * slots * 4 * c.n_heads * c.head_dim
-    return max((weights * itemsize + kv_bytes) / (machine["bandwidth_GBps"] * 1e9),
+    return max((weight_bytes + kv_bytes) / (machine["bandwidth_GBps"] * 1e9),
                flops / (machine["matmul_GFLOPs"] * 1e9))
 
 
@@ -208,10 +208,11 @@ def default_checkpoint(cache: Path, arch: str, layers: int | None = None) -> Pat
 
 def load(args, library: str):
     """The checkpoint (``--model``, else ``--arch`` with random weights) in ``--dtype``: a jaxgen
-    model, or a transformers one in eval mode on ``TORCH_DEVICE``."""
+    model (its weights in int8 with ``--quantize int8``), or a transformers one in eval mode on
+    ``TORCH_DEVICE``."""
     path = args.model or default_checkpoint(args.cache, args.arch, args.layers)
     if library == "jaxgen":
-        return jaxgen.from_pretrained(path, dtype=args.dtype)
+        return jaxgen.from_pretrained(path, dtype=args.dtype, quantize=args.quantize)
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).to(TORCH_DEVICE).eval()
@@ -277,6 +278,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--quantize", choices=["int8"], help="jaxgen's weights in int8 (transformers' stay in --dtype)")
     ap.add_argument("--torch-compile", action="store_true", help="also time transformers static cache + torch.compile")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--json", type=Path, default=Path("bench-results/benchmark.json"))
@@ -332,12 +334,12 @@ def run_workload(name, args, model, torch_model) -> dict:
     if strategy != "sample":
         steps = agreeing_steps(first_out.trim().sequences, torch_out.cpu().numpy(), args.prompt_len)
         result.update(outputs_equal=steps == new, steps_equal=steps)
-        if steps is None or (steps < new and args.dtype == "float32"):
+        if steps is None or (steps < new and args.dtype == "float32" and not args.quantize):
             print(f"{name}: outputs differ between jaxgen and transformers; speed not reported", flush=True)
             return result
         if steps < new:
-            print(f"{name}: {args.dtype} outputs equal transformers' for the first {steps} of {new} steps (the two "
-                  "libraries round half precision differently); timed anyway, both decode every step", flush=True)
+            print(f"{name}: {_precision(args)} outputs equal transformers' for the first {steps} of {new} steps (the "
+                  "two libraries round differently); timed anyway, both decode every step", flush=True)
 
     jax_times, torch_times = [], []
     for _ in range(args.reps):  # alternate, so that machine noise hits both alike
@@ -378,7 +380,8 @@ def probe_in_subprocess(args, library: str, workload: str) -> float:
     cmd = [sys.executable, __file__, "--memory-probe", library, workload, "--prompt-len", str(args.prompt_len),
            "--new-tokens", str(args.new_tokens), "--dtype", args.dtype, "--threads", str(args.threads),
            "--cache", str(args.cache), "--arch", args.arch] + (["--model", args.model] if args.model else []) + (
-               ["--layers", str(args.layers)] if args.layers else [])
+               ["--layers", str(args.layers)] if args.layers else []) + (
+               ["--quantize", args.quantize] if args.quantize else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode:
         raise RuntimeError(f"memory probe {library} {workload} failed:\n{proc.stderr[-2000:]}")
@@ -450,13 +453,18 @@ def _ms(ms: float) -> str:
     return f"{ms:.{max(0, 2 - math.floor(math.log10(ms)))}f}"
 
 
+def _precision(args) -> str:
+    return args.dtype + (f", jaxgen's weights {args.quantize}" if args.quantize else "")
+
+
 def print_table(results, args):
-    print(f"\nprompt {args.prompt_len} tokens, {args.new_tokens} new tokens, {args.dtype}, median of {args.reps}\n")
+    print(f"\nprompt {args.prompt_len} tokens, {args.new_tokens} new tokens, {_precision(args)}, median of "
+          f"{args.reps}\n")
     cols = ["workload", "first call jaxgen / hf (s)", "ms/step jaxgen", "ms/step hf", "tokens/s jaxgen",
             "tokens/s hf", "speedup (pair range)", "bound ms/step", "jaxgen % of bound", "peak MB jaxgen / hf"]
     if args.torch_compile:
         cols.append("ms/step hf static+compile")
-    if args.dtype != "float32":
+    if args.dtype != "float32" or args.quantize:
         cols.append("steps equal to hf")
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
@@ -472,7 +480,7 @@ def print_table(results, args):
         if args.torch_compile:
             cells.append(_ms(r["torch_compiled_ms_per_step"]) if "torch_compiled_ms_per_step" in r
                          else r.get("torch_compiled_error", "n/a"))
-        if args.dtype != "float32":
+        if args.dtype != "float32" or args.quantize:
             cells.append(f"{r['steps_equal']} of {r['new_tokens']}" if "steps_equal" in r else "n/a (sampled)")
         print("| " + " | ".join(cells) + " |")
 

@@ -168,6 +168,16 @@ def gqa_family():
                                                .addressable_shards[0].data.shape)
             out["meshes"][key] = {name: summary(jaxgen.generate(placed, ids, mask, mesh=mesh, **KW, **STRATEGIES[name]))
                                   for name in ("greedy", "beam")}
+    # int8 weights: each kv head replicated on two devices (2x4), quantized then split, or
+    # quantized by the loader straight onto the mesh.
+    mesh = mesh_of((2, 4))
+    quantized = jaxgen.quantize(model)
+    out["int8"] = {"single": summary(jaxgen.generate(quantized, ids, mask, **KW, **STRATEGIES["greedy"]))}
+    for how, placed in (("shard", jaxgen.shard(quantized, mesh)),
+                        ("load", jaxgen.from_pretrained(path, mesh=mesh, quantize="int8"))):
+        out["int8"][how] = summary(jaxgen.generate(placed, ids, mask, mesh=mesh, **KW, **STRATEGIES["greedy"]))
+        out["int8"][f"{how}_specs"] = [str(placed.params["layers"][0][m][p]["kernel"].scale.sharding.spec)
+                                       for m, p in (("attn", "qkv"), ("attn", "out"), ("mlp", "gate_up"))]
     return out
 
 

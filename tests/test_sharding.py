@@ -97,6 +97,15 @@ def test_gqa_family_on_a_mesh_equals_single_device(results, placement, strategy)
     assert gqa["qkv_shard_shape"][placement] == [1, 4 // (model_devices // 2) + 2, 8, 64]
 
 
+@pytest.mark.parametrize("placement", ["shard", "load"])
+def test_int8_model_on_a_mesh_equals_single_device(results, placement):
+    """int8 kernels split as their float kernels are, their scales with them (a row-parallel
+    kernel's scale, over its output axis, replicated)."""
+    int8 = results["gqa"]["int8"]
+    _assert_same(int8[placement], int8["single"], "greedy")
+    assert int8[f"{placement}_specs"] == ["P('model', None, None)", "P()", "P(None, 'model')"]
+
+
 @pytest.mark.parametrize("strategy", ["greedy", "beam"])
 def test_gemma_on_a_mesh_equals_single_device(results, strategy):
     single, ours = results["gemma"][strategy]

@@ -8,6 +8,12 @@ half-precision product runs on XLA:CPU's bfloat16 GEMM only when it returns floa
 rows or more (otherwise XLA converts the weight to float32, and keeps that copy for the whole
 decode loop), so a single row is padded to two, and multiplied in whichever order this machine
 runs faster. Elsewhere (GPU, TPU) the product is a plain dot.
+
+An int8 weight (`jaxgen.quantization.Int8Weight`) is multiplied as int8 everywhere, never converted
+whole: on XLA:CPU, which converts a weight whole for a mixed-type product (and keeps that copy),
+each row of ``x`` is quantized to int8 with a scale of its own and the product taken in int8
+with int32 sums (rows padded to two at least: a single row takes a far slower path); elsewhere
+the weight is converted to ``x``'s dtype inside the product, which GPU and TPU compilers fuse.
 """
 
 from __future__ import annotations
@@ -16,14 +22,18 @@ import jax
 import jax.numpy as jnp
 
 from jaxgen.kernels import probe
+from jaxgen.quantization import Int8Weight
 
 
 def project(x: jax.Array, w: jax.Array, row_shards: int = 1) -> jax.Array:
     """x: dtype[..., in], w: dtype[*out, in] -> float32[..., *out], accumulated in float32.
 
     ``row_shards``: into how many equal blocks of consecutive rows a mesh splits ``x`` (its data
-    axis); each block is padded on its own, so that no row moves between devices.
+    axis); each block is padded on its own, so that no row moves between devices. ``w`` may be an
+    `Int8Weight` ``[*out, in]``.
     """
+    if isinstance(w, Int8Weight):
+        return _project_int8(x, w, row_shards)
     rows = x.reshape(-1, x.shape[-1])
 
     def row_major(rows, w):
@@ -47,6 +57,45 @@ def project(x: jax.Array, w: jax.Array, row_shards: int = 1) -> jax.Array:
 
     y = jax.lax.platform_dependent(rows, w, cpu=cpu, default=row_major)
     return y.reshape(*x.shape[:-1], *w.shape[:-1])
+
+
+def _project_int8(x, w: Int8Weight, row_shards: int):
+    rows = x.reshape(-1, x.shape[-1])
+    q = w.q.reshape(-1, w.q.shape[-1])  # [out, in]
+
+    def weights_in_dtype(rows, q):
+        return jax.lax.dot_general(rows, q.astype(rows.dtype), (((1,), (1,)), ((), ())),
+                                   preferred_element_type=jnp.float32)
+
+    def cpu(rows, q):
+        n = rows.shape[0] // row_shards
+        lanes = max(n, 2)
+        x32 = rows.astype(jnp.float32)
+        row_scale = jnp.max(jnp.abs(x32), axis=-1, keepdims=True) / 127
+        row_scale = jnp.where(row_scale == 0, 1, row_scale)
+        xq = jnp.round(x32 / row_scale).astype(jnp.int8)
+        xq = jnp.pad(xq.reshape(row_shards, n, -1), ((0, 0), (0, lanes - n), (0, 0))).reshape(row_shards * lanes, -1)
+        if _int8_order(lanes) == "row-major":
+            y = jax.lax.dot_general(xq, q, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+        else:
+            y = jax.lax.dot_general(q, xq, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+            y = jax.lax.optimization_barrier(y).T
+        y = y.reshape(row_shards, lanes, -1)[:, :n].reshape(row_shards * n, -1)
+        return y.astype(jnp.float32) * row_scale
+
+    y = jax.lax.platform_dependent(rows, q, cpu=cpu, default=weights_in_dtype)
+    return y.reshape(*x.shape[:-1], *w.shape[:-1]) * w.scale
+
+
+def _int8_order(lanes: int) -> str:
+    """The faster order of an int8 product of ``lanes`` rows on this machine."""
+    rows = lambda: jnp.ones((lanes, 1024), jnp.int8)  # noqa: E731
+    dims = (((1,), (1,)), ((), ()))
+    return probe.fastest(("int8 order", lanes), {
+        "row-major": lambda w: jax.lax.dot_general(rows(), w, dims, preferred_element_type=jnp.int32),
+        "weight-major": lambda w: jax.lax.optimization_barrier(
+            jax.lax.dot_general(w, rows(), dims, preferred_element_type=jnp.int32)).T,
+    }, jnp.int8)
 
 
 def _weight_major(w, rows, lanes: int):

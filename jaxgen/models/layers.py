@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgen.kernels.matmul import project
+from jaxgen.quantization import Int8Weight
 
 ACTIVATIONS = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -24,7 +25,9 @@ ACTIVATIONS = {
 def embed(table: jax.Array, tokens: jax.Array) -> jax.Array:
     """``table[tokens]``; a 16-bit table is gathered as integers, bit for bit: XLA:CPU gathers a
     bfloat16 table by converting all of it to float32 first (a float32 copy of the embedding, per
-    call)."""
+    call). An int8 table dequantises the gathered rows only."""
+    if isinstance(table, Int8Weight):
+        return table.rows(tokens)
     if jnp.dtype(table.dtype).itemsize != 2:
         return table[tokens]
     bits = jax.lax.bitcast_convert_type(table, jnp.uint16)[tokens]

@@ -29,7 +29,7 @@ import ml_dtypes
 import numpy as np
 from jax.sharding import NamedSharding
 
-from jaxgen import generation_config, sharding
+from jaxgen import generation_config, quantization, sharding
 from jaxgen.models import family_of
 from jaxgen.models.checkpoint import Source
 from jaxgen.models.config import DTYPES, CheckpointError
@@ -59,6 +59,7 @@ def from_pretrained(
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool | None = None,
+    quantize: str | None = None,
 ) -> CausalLM:
     """Loads a checkpoint of any supported family (`jaxgen.models.FAMILIES`) from a local
     directory or the Hugging Face hub.
@@ -73,12 +74,16 @@ def from_pretrained(
         lays it out (tensor-parallel along ``model_axis``), each device receiving only its shard.
       revision, cache_dir: passed to ``huggingface_hub.hf_hub_download`` for hub ids.
       local_files_only: use only the local hub cache; ``None`` follows ``HF_HUB_OFFLINE``.
+      quantize: ``"int8"`` stores the products' weights as int8 with per-channel scales
+        (`jaxgen.quantize`), each tensor quantized on the host as it is read; None keeps ``dtype``.
 
     Raises:
       CheckpointError (a ValueError) naming the problem: a missing directory or weights file, an
       unreadable file, an unsupported ``model_type`` or config option, or tensors whose names or
       shapes disagree with the config.
     """
+    if quantize is not None:
+        quantization.check_method(quantize)
     fetch = _local_fetcher(name_or_path) if _is_local(name_or_path) else _hub_fetcher(
         str(name_or_path), revision, cache_dir, local_files_only
     )
@@ -101,9 +106,14 @@ def from_pretrained(
                   for name, shape in zip(source.names, source.shapes)]
         value = source.build(*arrays)
         del arrays
-        if repeat > 1 and _path_keys(path)[2:4] == ("attn", "qkv"):
+        keys = sharding.path_keys(path)
+        if repeat > 1 and keys[2:4] == ("attn", "qkv"):
             value = sharding.repeat_kv_heads(value, config.n_heads // config.n_kv_heads, repeat)
-        return place(_path_keys(path), _aligned(value, DTYPES[dtype_name]))
+        if quantize is not None and quantization.quantizes(keys):
+            w = quantization.int8(value, dtype_name)
+            return w.replace(q=place((*keys, "q"), _aligned(w.q, np.int8)),
+                             scale=place((*keys, "scale"), _aligned(w.scale, np.float32)))
+        return place(keys, _aligned(value, DTYPES[dtype_name]))
 
     params = jax.tree_util.tree_map_with_path(load, table, is_leaf=lambda x: isinstance(x, Source))
     _check_all_used(tensors.names, used, family, config, str(name_or_path))
@@ -130,10 +140,6 @@ def _dtype_name(dtype: Any, raw_config: dict[str, Any]) -> str:
         if dtype == name or (not isinstance(dtype, str) and np.dtype(dtype) == np.dtype(dt)):
             return name
     raise ValueError(f"dtype={dtype!r} is not supported; use 'auto' or one of {sorted(DTYPES)}")
-
-
-def _path_keys(path) -> tuple:
-    return tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)
 
 
 def _placer(config, mesh, data_axis, model_axis) -> tuple[Callable[[tuple, np.ndarray], jax.Array], Any]:

@@ -1,5 +1,6 @@
 """jaxgen: Hugging Face ``generate()`` for causal LMs in JAX, compiled, with transformers' numbers."""
 
+from jaxgen.cli import DEMO_MODEL
 from jaxgen.decoding.api import beam_search, generate, greedy_search, sample
 from jaxgen.models.cache import KVCache
 from jaxgen.models.config import CheckpointError
@@ -14,7 +15,7 @@ from jaxgen.sharding import shard
 GPT2 = CausalLM  # deprecated alias: every family loads as a CausalLM
 
 __all__ = [
-    "CausalLM", "GPT2", "KVCache", "CheckpointError", "GenerateOutput", "HFOutput", "Int8Weight",
+    "CausalLM", "DEMO_MODEL", "GPT2", "KVCache", "CheckpointError", "GenerateOutput", "HFOutput", "Int8Weight",
     "ProcessorContext", "beam_search", "compute_transition_scores", "from_pretrained", "generate", "greedy_search",
     "quantize", "sample", "shard",
 ]

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -40,20 +42,21 @@ def _bool_or_never(value: str):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="jaxgen", description="Text generation with jaxgen (Hugging Face generate() in JAX).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    g = sub.add_parser("generate", help="continue one or more prompts")
+    g = sub.add_parser("generate", help="continue one or more prompts",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g.add_argument("prompts", nargs="+", metavar="PROMPT")
-    g.add_argument("--model", default=str(DEMO_MODEL),
-                   help="hub id or local directory (default: the demo model shipped with jaxgen)")
-    g.add_argument("--max-new-tokens", type=int, default=30)
-    g.add_argument("--num-beams", type=int, default=1)
-    g.add_argument("--num-return-sequences", type=int, default=1)
-    g.add_argument("--length-penalty", type=float, default=1.0)
-    g.add_argument("--early-stopping", type=_bool_or_never, default=False, metavar="{true,false,never}")
-    g.add_argument("--do-sample", action="store_true")
+    g.add_argument("--model", default=str(DEMO_MODEL), help="hub id or local directory")
+    g.add_argument("--max-new-tokens", type=int, default=30, help="tokens to generate per sequence")
+    g.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (1: no beams)")
+    g.add_argument("--num-return-sequences", type=int, default=1, help="sequences returned per prompt")
+    g.add_argument("--length-penalty", type=float, default=1.0, help="beam score = logprob / length ** this")
+    g.add_argument("--early-stopping", type=_bool_or_never, default=False, metavar="{true,false,never}",
+                   help="when beam search stops")
+    g.add_argument("--do-sample", action="store_true", help="sample instead of greedy or beam search")
     g.add_argument("--temperature", type=float)
     g.add_argument("--top-k", type=int)
     g.add_argument("--top-p", type=float)
-    g.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling")
+    g.add_argument("--seed", type=int, help="PRNG seed for sampling (needs --do-sample; default 0)")
     g.add_argument("--repetition-penalty", type=float)
     g.add_argument("--no-repeat-ngram-size", type=int)
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
@@ -153,6 +156,9 @@ def run_generate(args) -> int:
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                                tokenize=False) for p in args.prompts]
     batch = tokenizer(texts, return_tensors="np", padding=True, add_special_tokens=not args.chat)
+    if batch.input_ids.shape[1] == 0:
+        raise ValueError(f"the tokenizer of {args.model!r} turns the prompts into no tokens: are its tokenizer files "
+                         "(tokenizer.json, tokenizer_config.json, ...) missing from the model directory?")
     # Options left out leave the model's generation_config.json in charge, as in transformers.
     optional = dict(repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
@@ -163,14 +169,17 @@ def run_generate(args) -> int:
     if args.num_beams > 1:
         kwargs.update(length_penalty=args.length_penalty, early_stopping=args.early_stopping)
     if args.do_sample:
-        kwargs["key"] = jax.random.key(args.seed)
-    elif any(v is not None for v in (args.temperature, args.top_k, args.top_p)):
-        raise ValueError("--temperature / --top-k / --top-p need --do-sample")
+        kwargs["key"] = jax.random.key(args.seed or 0)
+    elif any(v is not None for v in (args.temperature, args.top_k, args.top_p, args.seed)):
+        raise ValueError("--temperature / --top-k / --top-p / --seed need --do-sample")
     if args.stream:
         kwargs["streamer"] = _PrintStreamer(tokenizer, eos)
 
     t0 = time.perf_counter()
-    run = compile_generate(model, batch.input_ids, batch.attention_mask, **kwargs)
+    try:
+        run = compile_generate(model, batch.input_ids, batch.attention_mask, **kwargs)
+    except ValueError as e:  # name the options as typed: max_new_tokens=-5 -> --max-new-tokens=-5
+        raise ValueError(re.sub(r"\b([a-z_]+)=", lambda m: _flag(m.group(1), args), str(e))) from None
     status(f"compiled in {time.perf_counter() - t0:.1f}s")
     t0 = time.perf_counter()
     out = jax.block_until_ready(run()).trim()
@@ -225,7 +234,14 @@ def run_generate(args) -> int:
     return 0
 
 
+def _flag(name: str, args) -> str:
+    """``name=`` as the command's option (``--max-new-tokens=``) where it has one."""
+    return f"--{name.replace('_', '-')}=" if name in vars(args) and name not in ("prompts", "command") else f"{name}="
+
+
 def main(argv=None) -> int:
+    # transformers advises at import that PyTorch is missing; the command never needs it.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
         args = build_parser().parse_args(argv)
         return run_generate(args)

@@ -5,7 +5,7 @@
     python scripts/benchmark.py --workloads beam5-1 greedy-6 sample-12   # any strategy-batch
 
 A workload is ``greedy-B``, ``sample-B`` (top-k 50, top-p 0.9, temperature 0.8) or ``beamK-B``
-(K beams) at batch B; the default five are the ones the README reports.
+(K beams) at batch B; the default five are the ones the README and docs/performance.md report.
 
 For each workload both libraries decode the same left-padded prompts (``--prompt-len`` tokens,
 ``--new-tokens`` new tokens, every step run: ``min_new_tokens`` keeps EOS away), alternating

@@ -68,7 +68,7 @@ def main():
             out = jaxgen.generate(sharded, ids, mask, mesh=mesh, **KW, **extra, **key)
             results["meshes"][mesh_name][name] = summary(out)
 
-    # Meshes from jax.make_mesh, as in the README: Explicit axes (the default in recent JAX).
+    # Meshes from jax.make_mesh, as in docs/devices.md: Explicit axes (the default in recent JAX).
     explicit_mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
     results["make_mesh"] = {}
     for mesh_name, mesh in (("default", jax.make_mesh((4, 2), ("data", "model"))), ("explicit", explicit_mesh)):

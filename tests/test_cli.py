@@ -103,8 +103,9 @@ def test_stream_equals_non_streamed(extra):
 
 @pytest.mark.parametrize("args, message", [
     (("x", "--model", "/nonexistent/model"), "does not exist"),
-    (("x", "--num-beams", "2", "--num-return-sequences", "3"), "num_return_sequences=3"),
-    (("x", "--max-new-tokens", "-3"), "max_new_tokens=-3"),
+    (("x", "--num-beams", "2", "--num-return-sequences", "3"), "--num-return-sequences=3"),
+    (("x", "--max-new-tokens", "-3"), "--max-new-tokens=-3"),
+    (("x", "--seed", "3"), "--seed need --do-sample"),
     (("",), "prompt is empty"),
     (("x", "--early-stopping", "maybe"), "true, false or never"),
     (("x", "--temperature", "0.5"), "need --do-sample"),
@@ -116,6 +117,22 @@ def test_bad_input_one_line_no_traceback(jaxgen_main, args, message):
     err = err.strip()
     assert len(err.splitlines()) == 1 or "error" in err.splitlines()[-1], err
     assert message in err.splitlines()[-1] and "Traceback" not in err
+
+
+def test_a_model_without_tokenizer_files_is_named(jaxgen_main, tmp_path):
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / name).write_bytes((DEMO_MODEL / name).read_bytes())
+    code, _, err = jaxgen_main("x", "--model", str(tmp_path))
+    assert code == 2 and "tokenizer files" in err.splitlines()[-1]
+
+
+def test_help_shows_defaults(jaxgen_main, capsys):
+    from jaxgen.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    out = capsys.readouterr().out
+    assert "tokens to generate per sequence (default: 30)" in " ".join(out.split())
 
 
 def test_shipped_model_equals_transformers():

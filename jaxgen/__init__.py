@@ -2,6 +2,7 @@
 
 from jaxgen.cli import DEMO_MODEL
 from jaxgen.decoding.api import beam_search, generate, greedy_search, sample
+from jaxgen.decoding.batch import Completion, generate_batch
 from jaxgen.models.cache import KVCache
 from jaxgen.models.config import CheckpointError
 from jaxgen.models.load import from_pretrained
@@ -15,8 +16,8 @@ from jaxgen.sharding import shard
 GPT2 = CausalLM  # deprecated alias: every family loads as a CausalLM
 
 __all__ = [
-    "CausalLM", "DEMO_MODEL", "GPT2", "KVCache", "CheckpointError", "GenerateOutput", "HFOutput", "Int8Weight",
-    "ProcessorContext", "beam_search", "compute_transition_scores", "from_pretrained", "generate", "greedy_search",
-    "quantize", "sample", "shard",
+    "CausalLM", "Completion", "DEMO_MODEL", "GPT2", "KVCache", "CheckpointError", "GenerateOutput", "HFOutput",
+    "Int8Weight", "ProcessorContext", "beam_search", "compute_transition_scores", "from_pretrained", "generate",
+    "generate_batch", "greedy_search", "quantize", "sample", "shard",
 ]
 __version__ = "0.1.0"

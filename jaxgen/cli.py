@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     g = sub.add_parser("generate", help="continue one or more prompts",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g.add_argument("prompts", nargs="+", metavar="PROMPT")
+    g.add_argument("prompts", nargs="*", metavar="PROMPT")
     g.add_argument("--model", default=str(DEMO_MODEL), help="hub id or local directory")
     g.add_argument("--max-new-tokens", type=int, default=30, help="tokens to generate per sequence")
     g.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (1: no beams)")
@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--show-scores", action="store_true", help="per-token log-probabilities")
     g.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    g.add_argument("--input", help="requests, one JSON object a line (id, prompt or messages, own settings)")
+    g.add_argument("--output", help="with --input: results appended as each finishes; a rerun skips ids already there")
+    g.add_argument("--max-rows", type=int, default=8, help="with --input: decode rows, a finished one taking the next")
     return parser
 
 
@@ -122,6 +125,9 @@ def run_generate(args) -> int:
     from jaxgen.models.config import token_ids
 
     status = _Status(args.json)
+    requests = _check_job(args)
+    if not args.input and not args.prompts:
+        raise ValueError("give one or more prompts, or --input FILE --output FILE")
     if not all(p.strip() for p in args.prompts):
         raise ValueError("a prompt is empty; give at least one non-blank prompt text")
     if args.stream and (len(args.prompts) > 1 or args.num_beams > 1 or args.num_return_sequences > 1):
@@ -149,6 +155,8 @@ def run_generate(args) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token_id = pad
+    if args.input:
+        return _run_job(args, requests, model, tokenizer, eos, pad, status)
     texts = args.prompts
     if args.chat:
         if not getattr(tokenizer, "chat_template", None):
@@ -231,6 +239,56 @@ def run_generate(args) -> int:
                     print(f"    {t['id']:>6}  {t['text']!r:<16} {t['logprob']:>9.4f} {t['prob']:>8.2%}")
                 if beams:
                     print(f"    sequence score: {c['sequence_score']:.4f}")
+    return 0
+
+
+def _check_job(args):
+    """With ``--input``: its requests, the options checked (before anything loads)."""
+    if not args.input:
+        if args.output:
+            raise ValueError("--output needs --input")
+        return None
+    from jaxgen import jsonl
+
+    clash = [flag for flag, on in (("PROMPT", args.prompts), ("--output", not args.output), ("--stream", args.stream),
+                                   ("--json", args.json), ("--show-scores", args.show_scores),
+                                   ("--num-beams", args.num_beams != 1),
+                                   ("--num-return-sequences", args.num_return_sequences != 1)) if on]
+    if clash:
+        raise ValueError(f"--input runs a file of requests into --output (greedy or sampling): "
+                         f"{'leave out' if clash[0] != '--output' else 'give'} {clash[0]}")
+    return jsonl.read_requests(args.input)
+
+
+def _run_job(args, requests, model, tokenizer, eos, pad, status) -> int:
+    """``--input`` into ``--output`` through `jaxgen.generate_batch`'s rows, resuming."""
+    import jax
+
+    from jaxgen import jsonl
+    from jaxgen.decoding import batch
+
+    objs, lines = requests
+    results = jsonl.Results(args.output)
+    todo = [i for i, obj in enumerate(objs) if obj["id"] not in results.done]
+    status(f"{len(objs)} requests in {args.input}, {len(objs) - len(todo)} already in {args.output}")
+    shared = dict(max_new_tokens=args.max_new_tokens, eos_token_id=eos, pad_token_id=pad, do_sample=args.do_sample,
+                  **{k: v for k, v in dict(repetition_penalty=args.repetition_penalty, top_k=args.top_k,
+                                          no_repeat_ngram_size=args.no_repeat_ngram_size, temperature=args.temperature,
+                                          top_p=args.top_p).items() if v is not None})
+    if args.do_sample:
+        shared["key"] = jax.random.key(args.seed or 0)
+    prompts = [{k: v for k, v in objs[i].items()} for i in todo]
+    for p in prompts:  # a chat model's prompt through its template, as --chat does
+        if args.chat and "prompt" in p:
+            p["messages"] = [{"role": "user", "content": p.pop("prompt")}]
+    label = lambda index, rid: f"{args.input}:{lines[todo[index]]} (id {rid!r})"  # noqa: E731
+    try:
+        for done in batch.completions(model, prompts, max_rows=args.max_rows, tokenizer=tokenizer,
+                                      progress=True, labels=label, **shared):
+            results.write(done)
+    finally:
+        results.close()
+    status(f"wrote {len(todo)} results to {args.output}")
     return 0
 
 

@@ -501,16 +501,22 @@ def build_processors(
     epsilon_cutoff: float | None = None,
     eta_cutoff: float | None = None,
     renormalize_logits: bool = False,
+    neutral: bool = False,
 ) -> tuple[Any, ...]:
-    """The processor list transformers 5.x builds for these (already validated) arguments."""
+    """The processor list transformers 5.x builds for these (already validated) arguments.
+
+    ``neutral``: also build the repetition penalty, and when sampling the temperature, top-p and
+    min-p processors, where their values leave the scores as they are (1, 1, 1, 0), so that
+    requests that differ only in these values share one list (continuous batching; each is then
+    an identity, or for top-p 1 drops only tokens of probability 0)."""
     f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
     i32 = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
     procs: list[Any] = []
     if sequence_bias:
         seqs = tuple(tuple(int(t) for t in s) for s in sequence_bias)
         procs.append(SequenceBias(seqs, f32([sequence_bias[s] for s in sequence_bias])))
-    if repetition_penalty is not None and repetition_penalty != 1.0:
-        procs.append(RepetitionPenalty(f32(repetition_penalty)))
+    if (repetition_penalty is not None and repetition_penalty != 1.0) or neutral:
+        procs.append(RepetitionPenalty(f32(1.0 if repetition_penalty is None else repetition_penalty)))
     if no_repeat_ngram_size:
         procs.append(NoRepeatNGram(no_repeat_ngram_size))
     if bad_words_ids:
@@ -539,16 +545,16 @@ def build_processors(
     procs.extend(logits_processor)
     if do_sample:
         keep = len(eos_token_ids) + 1 if num_beams > 1 and eos_token_ids else (2 if num_beams > 1 else 1)
-        if temperature is not None and temperature != 1.0:
-            procs.append(Temperature(f32(temperature)))
+        if (temperature is not None and temperature != 1.0) or neutral:
+            procs.append(Temperature(f32(1.0 if temperature is None else temperature)))
         if top_h is not None:
             procs.append(TopH(f32(top_h)))
         if top_k:
             procs.append(TopK(max(top_k, keep)))
-        if top_p is not None and top_p < 1.0:
-            procs.append(TopP(f32(top_p), keep, max(top_k, keep) if top_k else None))
-        if min_p is not None:
-            procs.append(MinP(f32(min_p), keep))
+        if (top_p is not None and top_p < 1.0) or neutral:
+            procs.append(TopP(f32(1.0 if top_p is None else top_p), keep, max(top_k, keep) if top_k else None))
+        if min_p is not None or neutral:
+            procs.append(MinP(f32(0.0 if min_p is None else min_p), keep))
         if typical_p is not None and typical_p < 1.0:
             procs.append(Typical(f32(typical_p), keep))
         if epsilon_cutoff is not None and 0.0 < epsilon_cutoff < 1.0:

@@ -51,6 +51,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import batch_workload  # noqa: E402 (scripts/, beside this file)
 import jaxgen  # noqa: E402
 from jaxgen.decoding.api import compile_generate  # noqa: E402
 
@@ -59,10 +60,12 @@ WORKLOADS = ("greedy-1", "greedy-8", "beam4-1", "beam4-8", "sample-8")  # the de
 
 
 def workload(name: str) -> tuple[str, int, int]:
-    """``"beam4-8"`` -> (strategy, num_beams, batch): ``("beam", 4, 8)``; also ``greedy-B``, ``sample-B``."""
-    m = re.fullmatch(r"(greedy|sample|beam([1-9]\d*))-([1-9]\d*)", name)
+    """``"beam4-8"`` -> (strategy, num_beams, batch): ``("beam", 4, 8)``; also ``greedy-B``, ``sample-B``,
+    and ``batch-N`` (N requests through continuous batching, `batch_workload`)."""
+    m = re.fullmatch(r"(greedy|sample|batch|beam([1-9]\d*))-([1-9]\d*)", name)
     if m is None:
-        raise argparse.ArgumentTypeError(f"{name!r}: expected greedy-B, sample-B or beamK-B (K beams, batch B)")
+        raise argparse.ArgumentTypeError(f"{name!r}: expected greedy-B, sample-B, beamK-B (K beams, batch B) or "
+                                         "batch-N (N requests)")
     return ("beam" if m.group(2) else m.group(1)), int(m.group(2) or 1), int(m.group(3))
 
 
@@ -281,6 +284,7 @@ def main():
     ap.add_argument("--quantize", choices=["int8"], help="jaxgen's weights in int8 (transformers' stay in --dtype)")
     ap.add_argument("--torch-compile", action="store_true", help="also time transformers static cache + torch.compile")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--rows", type=int, default=8, help="decode rows of the batch-N workloads")
     ap.add_argument("--json", type=Path, default=Path("bench-results/benchmark.json"))
     ap.add_argument("--memory-probe", nargs=2, metavar=("LIBRARY", "WORKLOAD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -296,8 +300,11 @@ def main():
           f"{_limits(measurements[0])}", flush=True)
 
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    results = []
+    results, batch_results = [], []
     for name in args.workloads:
+        if name.startswith("batch-"):
+            batch_results.append(batch_workload.run(name, args, model, torch_model))
+            continue
         r = run_workload(name, args, model, torch_model)
         measurements.append(measure_machine(model.dtype))
         # The rates of a shared machine move for minutes at a time: each workload's bound uses
@@ -311,7 +318,11 @@ def main():
         args.json.write_text(json.dumps({"machine_measurements": measurements,  # after each workload
                                          "args": {k: str(v) for k, v in vars(args).items()}, "results": results},
                                         indent=1))
-    print_table(results, args)
+    if results:
+        print_table(results, args)
+    if batch_results:
+        batch_workload.print_table(batch_results)
+        args.json.with_name("batch.json").write_text(json.dumps(batch_results, indent=1))
     print(f"\nJSON: {args.json}")
 
 

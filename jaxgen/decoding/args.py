@@ -182,12 +182,13 @@ def _bool(kw, name):
 
 
 def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
-          beam_search: bool | None = None) -> Request:
+          beam_search: bool | None = None, neutral_processors: bool = False) -> Request:
     """Validates a ``generate`` call and resolves its defaults as transformers: the caller's
     arguments, else the model's ``generation_config``, else Hugging Face's defaults.
 
     ``beam_search``: run the beam decoder (True), the one-token-per-row decoder (False), or
-    dispatch as transformers does (None: beams iff ``num_beams > 1``).
+    dispatch as transformers does (None: beams iff ``num_beams > 1``). ``neutral_processors``:
+    see `processors.build_processors`'s ``neutral``.
     """
     for name in sorted(set(kwargs) - set(DEFAULTS)):
         reason = generation_config.unsupported(name, kwargs[name], DEFAULTS, "generate got")
@@ -422,7 +423,7 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
         remove_invalid_values=kw["remove_invalid_values"], exponential_decay_length_penalty=decay,
         suppress_tokens=suppress, begin_suppress_tokens=begin_suppress,
         logits_processor=tuple(UserProcessor(p) for p in user_procs),
-        renormalize_logits=kw["renormalize_logits"], **sampling,
+        renormalize_logits=kw["renormalize_logits"], neutral=neutral_processors, **sampling,
     )
     spec = DecodeSpec(
         bucket_len=bucket_len, max_new_tokens=max_new_tokens,

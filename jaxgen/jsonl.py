@@ -1,0 +1,90 @@
+"""The command's dataset job: requests from a JSON-lines file, results appended to another as
+each finishes, so that a rerun with the same output resumes where a killed run stopped.
+
+An input line is one JSON object: ``"id"`` (a string or an int, unique), one of ``"prompt"``
+(text), ``"messages"`` (chat messages) or ``"input_ids"``, and optional settings of its own
+(`SETTINGS`). An output line: the id, the generated ``text`` and ``tokens``, their
+``logprobs``, ``finish_reason``, the prompt's token count and timings. A line is written whole
+and flushed at once; a partial last line (a kill mid-write) is cut off on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+SETTINGS = ("max_new_tokens", "temperature", "top_p", "min_p", "repetition_penalty", "seed")
+SOURCES = ("prompt", "messages", "input_ids")
+
+
+def read_requests(path: str | os.PathLike) -> tuple[list[dict], list[int]]:
+    """Every request of ``path`` and its line number; ValueError ``path:line: what is wrong``."""
+    requests, lines, seen = [], [], {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not a JSON object ({e.msg})") from None
+            _check(obj, where)
+            if obj["id"] in seen:
+                raise ValueError(f"{where}: id {obj['id']!r} is also the id of line {seen[obj['id']]}")
+            seen[obj["id"]] = number
+            requests.append(obj)
+            lines.append(number)
+    return requests, lines
+
+
+def _check(obj, where: str) -> None:
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if not isinstance(obj.get("id"), (str, int)) or isinstance(obj.get("id"), bool):
+        raise ValueError(f"{where}: needs an \"id\" (a string or an integer)")
+    sources = [k for k in SOURCES if k in obj]
+    if len(sources) != 1:
+        raise ValueError(f"{where}: needs exactly one of {', '.join(SOURCES)}")
+    unknown = sorted(set(obj) - {"id", *SOURCES, *SETTINGS})
+    if unknown:
+        raise ValueError(f"{where}: unknown field {unknown[0]!r}; a request has id, one of {', '.join(SOURCES)}, "
+                         f"and optionally {', '.join(SETTINGS)}")
+    if "prompt" in obj and not (isinstance(obj["prompt"], str) and obj["prompt"].strip()):
+        raise ValueError(f"{where}: \"prompt\" must be a non-empty string")
+    if "messages" in obj and not (isinstance(obj["messages"], list) and obj["messages"] and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in obj["messages"])):
+        raise ValueError(f"{where}: \"messages\" must be a non-empty list of {{\"role\": ..., \"content\": ...}}")
+
+
+class Results:
+    """The output file: the ids already in it, and `write` for a finished request."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.done: set = set()
+        if self.path.exists():
+            data = self.path.read_bytes()
+            whole = data[:data.rfind(b"\n") + 1]
+            if len(whole) < len(data):  # a line cut short by a kill: drop it
+                with open(self.path, "r+b") as f:
+                    f.truncate(len(whole))
+            for number, line in enumerate(whole.decode("utf-8").splitlines(), 1):
+                try:
+                    self.done.add(json.loads(line)["id"])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise ValueError(f"{self.path}:{number}: not a result line of jaxgen; give another --output")
+        self.file = open(self.path, "a", encoding="utf-8")
+
+    def write(self, completion) -> None:
+        record = {"id": completion.id, "text": completion.text, "tokens": completion.tokens,
+                  "logprobs": [round(x, 6) for x in completion.logprobs], "finish_reason": completion.finish_reason,
+                  "prompt_tokens": len(completion.prompt), "queued_s": round(completion.queued_s, 3),
+                  "decode_s": round(completion.decode_s, 3)}
+        self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()

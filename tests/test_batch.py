@@ -1,0 +1,214 @@
+"""Continuous batching (`jaxgen.generate_batch`) against `jaxgen.generate` per request, and the
+command's JSON-lines job: killed, resumed, validated before it compiles."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import jaxgen
+from jaxgen.cli import DEMO_MODEL
+from tests.conftest import EOS, PAD
+
+
+def alone(model, request, **shared):
+    """What `generate` returns for one request alone: (tokens, normalized log-probs)."""
+    own = {k: v for k, v in request.items() if k not in ("id", "input_ids", "seed")}
+    if "seed" in request:
+        own["key"] = jax.random.key(request["seed"])
+    ids = np.asarray([request["input_ids"]])
+    out = jaxgen.generate(model, ids, np.ones_like(ids), output_scores=True, **shared, **own).trim()
+    logprobs = np.asarray(jaxgen.compute_transition_scores(out.sequences, out.scores, normalize_logits=True))[0]
+    tokens = out.sequences[0, ids.shape[1]:].tolist()
+    return tokens, logprobs[:len(tokens)]
+
+
+def assert_equal_alone(model, requests, results, **shared):
+    assert [r.id for r in results] == [q["id"] for q in requests]
+    for request, result in zip(requests, results):
+        tokens, logprobs = alone(model, request, **shared)
+        assert result.tokens == tokens, request["id"]
+        np.testing.assert_allclose(result.logprobs, logprobs, atol=1e-4)
+        assert result.finish_reason == ("stop" if tokens[-1] == EOS else "length")
+
+
+def mixed_requests(rng, n, vocab, lengths=(1, 40), new=(3, 8, 17)):
+    return [{"id": f"r{i}", "input_ids": rng.integers(3, vocab, rng.integers(*lengths)).tolist(),
+             "max_new_tokens": int(rng.choice(new))} for i in range(n)]
+
+
+def test_greedy_batch_equals_each_request_alone(eos_model):
+    """52 requests of 1-39 prompt tokens and 3, 8 or 17 new ones (many end on EOS first) through 5
+    rows, synced every 4 steps: each request's tokens and log-probabilities as generate's."""
+    _, model = eos_model
+    requests = mixed_requests(np.random.default_rng(0), 52, 48)
+    results = jaxgen.generate_batch(model, requests, max_rows=5, steps_per_sync=4, progress=False,
+                                    eos_token_id=EOS, pad_token_id=PAD)
+    assert {r.finish_reason for r in results} == {"stop", "length"}
+    assert_equal_alone(model, requests, results, eos_token_id=EOS, pad_token_id=PAD)
+
+
+def test_sampling_batch_equals_each_request_alone_with_its_own_settings(eos_model):
+    """Per-request temperature, top-p, min-p, repetition penalty and seed beside a shared top-k
+    and min_new_tokens: each request draws the tokens generate draws for its key."""
+    _, model = eos_model
+    rng = np.random.default_rng(1)
+    requests = mixed_requests(rng, 14, 48)
+    for i, r in enumerate(requests):
+        r.update(temperature=float(rng.choice([0.6, 1.0, 1.4])), top_p=float(rng.choice([0.8, 1.0])),
+                 repetition_penalty=float(rng.choice([1.0, 1.3])), seed=100 + i)
+        if i % 2:
+            r["min_p"] = 0.05
+    shared = dict(do_sample=True, top_k=20, min_new_tokens=2, eos_token_id=EOS, pad_token_id=PAD)
+    results = jaxgen.generate_batch(model, requests, max_rows=3, progress=False, **shared)
+    assert_equal_alone(model, requests, results, **shared)
+
+
+def test_sliding_window_family_batch_equals_each_request_alone(tmp_path):
+    """Mistral with a window of 4 (shorter than most sequences): each row masks its own window."""
+    torch.manual_seed(0)
+    config = transformers.MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, sliding_window=4,
+                                        initializer_range=0.3, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    transformers.MistralForCausalLM(config).save_pretrained(tmp_path)
+    model = jaxgen.from_pretrained(tmp_path)
+    requests = mixed_requests(np.random.default_rng(2), 9, 64, lengths=(2, 12), new=(6, 11))
+    results = jaxgen.generate_batch(model, requests, max_rows=3, progress=False, pad_token_id=0)
+    for request, result in zip(requests, results):
+        assert result.tokens == alone(model, request, pad_token_id=0)[0]
+
+
+def test_requests_join_while_others_decode(eos_model):
+    """A generator is read as rows free up: the later requests enter after the first finished,
+    beside ones still decoding, and still equal generate's."""
+    _, model = eos_model
+    requests = mixed_requests(np.random.default_rng(3), 8, 48, new=(4, 16))
+    pulled = []
+
+    def source():
+        for r in requests:
+            pulled.append(r["id"])
+            yield r
+
+    results = []
+    for done in jaxgen.decoding.batch.completions(model, source(), max_rows=2, max_length=64, eos_token_id=EOS,
+                                                  pad_token_id=PAD):
+        results.append((done, len(pulled)))
+    assert results[0][1] <= 3  # the first result came before most requests were read
+    assert sorted(r.index for r, _ in results) == list(range(8))
+    ordered = sorted((r for r, _ in results), key=lambda r: r.index)
+    assert_equal_alone(model, requests, ordered, eos_token_id=EOS, pad_token_id=PAD)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"temperature": -1.0}, "request 'bad': temperature=-1.0 is not allowed"),
+    ({"top_k": 5}, "request 'bad': its arguments change what every request of the batch shares"),
+    ({"num_beams": 2}, "request 'bad': num_beams=2 is not allowed"),
+    ({"max_new_tokens": 0}, "request 'bad': max_new_tokens=0 is not allowed"),
+    ({"input_ids": []}, "request 'bad': a prompt must be a non-empty list of token ids"),
+    ({"prompt": "text"}, "request 'bad': give exactly one of input_ids, prompt or messages"),
+])
+def test_bad_requests_are_refused_by_id_before_anything_runs(eos_model, bad, message):
+    _, model = eos_model
+    requests = [{"id": "ok", "input_ids": [3, 4, 5]}, {"id": "bad", "input_ids": [6, 7], **bad}]
+    with pytest.raises(ValueError, match=message):
+        jaxgen.generate_batch(model, requests, progress=False, do_sample=True, key=jax.random.key(0),
+                              pad_token_id=PAD)
+
+
+def test_batch_wide_arguments_it_cannot_honour_are_refused(eos_model):
+    _, model = eos_model
+    for kwargs, message in ((dict(output_scores=True), "output_scores= is not allowed"),
+                            (dict(max_rows=0), "max_rows=0 is not allowed")):
+        with pytest.raises(ValueError, match=message):
+            jaxgen.generate_batch(model, [[3, 4]], progress=False, **kwargs)
+
+
+# --- the command --------------------------------------------------------------------------------
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+WORDS = "the a friend life love man woman time never always good bad way to be is".split()
+
+
+def job_input(path, n=36):
+    rng = np.random.default_rng(4)
+    with open(path, "w") as f:
+        for i in range(n):
+            obj = {"id": f"q{i}", "prompt": " ".join(rng.choice(WORDS, rng.integers(1, 10)))}
+            if i % 4 == 0:
+                obj["max_new_tokens"] = int(rng.choice([5, 25]))
+            f.write(json.dumps(obj) + "\n")
+
+
+def job(input_path, output_path, *extra):
+    return [sys.executable, "-m", "jaxgen", "generate", "--input", str(input_path), "--output", str(output_path),
+            "--max-rows", "2", "--max-new-tokens", "40", *extra]
+
+
+def results_of(path):
+    lines = path.read_text().splitlines()
+    return {r["id"]: (r["tokens"], r["text"], r["finish_reason"]) for r in map(json.loads, lines)}, len(lines)
+
+
+def test_job_killed_and_resumed_writes_every_id_once_as_an_uninterrupted_run(tmp_path):
+    source = tmp_path / "in.jsonl"
+    job_input(source)
+    whole, resumed = tmp_path / "whole.jsonl", tmp_path / "resumed.jsonl"
+    subprocess.run(job(source, whole), check=True, env=ENV, capture_output=True, timeout=300)
+    expected, lines = results_of(whole)
+    assert lines == len(expected) == len(source.read_text().splitlines())
+
+    proc = subprocess.Popen(job(source, resumed), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not resumed.exists() or len(resumed.read_text().splitlines()) < 3):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial, _ = results_of(resumed)
+    assert 3 <= len(partial) < len(expected), "the run ended before it could be killed mid-way"
+    with open(resumed, "a") as f:
+        f.write('{"id": "q0", "tok')  # as if the kill had cut a line short
+    rerun = subprocess.run(job(source, resumed), check=True, env=ENV, capture_output=True, text=True, timeout=300)
+    assert f"{len(partial)} already in" in rerun.stderr
+    got, lines = results_of(resumed)
+    assert lines == len(expected) and got == expected
+
+
+def test_a_malformed_line_fails_before_compiling_with_its_line_number(tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"id": 1, "prompt": "Love is"}\n\n{"id": 2, "prompt": "Never", "temprature": 0.5}\n')
+    proc = subprocess.run(job(source, tmp_path / "out.jsonl"), env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert f"{source}:3: unknown field 'temprature'" in proc.stderr and "compiled" not in proc.stderr
+    assert "loaded" not in proc.stderr  # the file is read before the model
+
+
+def test_a_bad_setting_names_its_line(tmp_path, capsys):
+    from jaxgen.cli import main
+
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"id": "a", "prompt": "Love is"}\n{"id": "b", "prompt": "Never", "max_new_tokens": -2}\n')
+    assert main(["generate", "--input", str(source), "--output", str(tmp_path / "o.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert f"{source}:2 (id 'b'): max_new_tokens=-2 is not allowed" in err and "compiled" not in err
+
+
+def test_chat_messages_run_through_the_template(tmp_path, capsys):
+    """A request of chat messages needs the tokenizer's template; the demo model has none."""
+    from jaxgen.cli import main
+
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"id": "a", "messages": [{"role": "user", "content": "Hi"}]}\n')
+    assert main(["generate", "--input", str(source), "--output", str(tmp_path / "o.jsonl")]) == 2
+    assert "messages need a tokenizer with a chat template" in capsys.readouterr().err
+    assert DEMO_MODEL.exists()

@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-repeat-ngram-size", type=int)
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="params dtype (default: the checkpoint's, as transformers)")
+    g.add_argument("--prompt-lookup", type=int, metavar="K",
+                   help="greedy with prompt lookup drafts of K tokens (the same output, faster where it copies)")
     g.add_argument("--quantize", choices=["int8"], help="store the weights as int8 (jaxgen.quantize)")
     g.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to each prompt")
     g.add_argument("--show-scores", action="store_true", help="per-token log-probabilities")
@@ -176,6 +178,8 @@ def run_generate(args) -> int:
                   **{name: value for name, value in optional.items() if value is not None})
     if args.num_beams > 1:
         kwargs.update(length_penalty=args.length_penalty, early_stopping=args.early_stopping)
+    if args.prompt_lookup is not None:
+        kwargs["prompt_lookup_num_tokens"] = args.prompt_lookup
     if args.do_sample:
         kwargs["key"] = jax.random.key(args.seed or 0)
     elif any(v is not None for v in (args.temperature, args.top_k, args.top_p, args.seed)):
@@ -292,9 +296,15 @@ def _run_job(args, requests, model, tokenizer, eos, pad, status) -> int:
     return 0
 
 
+_OPTION_OF = {"prompt_lookup_num_tokens": "prompt_lookup"}  # generate() names the command spells otherwise
+
+
 def _flag(name: str, args) -> str:
     """``name=`` as the command's option (``--max-new-tokens=``) where it has one."""
-    return f"--{name.replace('_', '-')}=" if name in vars(args) and name not in ("prompts", "command") else f"{name}="
+    option = _OPTION_OF.get(name, name)
+    if option in vars(args) and option not in ("prompts", "command"):
+        return f"--{option.replace('_', '-')}="
+    return f"{name}="
 
 
 def main(argv=None) -> int:

@@ -49,7 +49,7 @@ INERT = frozenset({
     "max_cache_len", "compile_config", "disable_compile", "prefill_chunk_size",
     "continuous_batching_config", "return_dict_in_generate", "is_assistant", "num_assistant_tokens",
     "num_assistant_tokens_schedule", "assistant_confidence_threshold", "assistant_lookbehind",
-    "target_lookbehind", "assistant_ensemble_weight", "max_matching_ngram_size",
+    "target_lookbehind", "assistant_ensemble_weight",
 })
 
 # transformers' global defaults (GenerationConfig._get_default_generation_params), and the "off"
@@ -82,7 +82,6 @@ UNSUPPORTED = {
     "negative_prompt_ids": "classifier-free guidance is not implemented in jaxgen yet",
     "negative_prompt_attention_mask": "classifier-free guidance is not implemented in jaxgen yet",
     "assistant_model": "assisted (speculative) decoding is not implemented in jaxgen yet",
-    "prompt_lookup_num_tokens": "prompt lookup decoding is not implemented in jaxgen yet",
     "assistant_early_exit": "assisted (speculative) decoding is not implemented in jaxgen yet",
     "dola_layers": "DoLa decoding is not implemented in jaxgen yet",
     "constraints": "constrained beam search is not implemented in jaxgen yet",

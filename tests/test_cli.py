@@ -106,6 +106,7 @@ def test_stream_equals_non_streamed(extra):
     (("x", "--num-beams", "2", "--num-return-sequences", "3"), "--num-return-sequences=3"),
     (("x", "--max-new-tokens", "-3"), "--max-new-tokens=-3"),
     (("x", "--seed", "3"), "--seed need --do-sample"),
+    (("x", "--prompt-lookup", "0"), "--prompt-lookup=0 is not allowed"),
     (("x", "--output", "o.jsonl"), "--output needs --input"),
     (("x", "--input", "i.jsonl", "--output", "o.jsonl"), "--input runs a file of requests into --output"),
     ((), "give one or more prompts, or --input FILE --output FILE"),
@@ -127,6 +128,11 @@ def test_a_model_without_tokenizer_files_is_named(jaxgen_main, tmp_path):
         (tmp_path / name).write_bytes((DEMO_MODEL / name).read_bytes())
     code, _, err = jaxgen_main("x", "--model", str(tmp_path))
     assert code == 2 and "tokenizer files" in err.splitlines()[-1]
+
+
+def test_prompt_lookup_prints_greedy_s_text(jaxgen_main):
+    args = ("A friend is a friend who is a friend who is", "--max-new-tokens", "20")
+    assert jaxgen_main(*args, "--prompt-lookup", "4")[1] == jaxgen_main(*args)[1]
 
 
 def test_help_shows_defaults(jaxgen_main, capsys):

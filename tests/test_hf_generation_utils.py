@@ -47,9 +47,10 @@ Not ported (jaxgen-irrelevant internals or strategies jaxgen does not have):
   test_contrastive_generate_low_memory, test_eos_token_id_int_and_list_contrastive_search:
   contrastive search.
 - test_assisted_decoding_matches_greedy_search, test_assisted_decoding_sample,
-  test_prompt_lookup_decoding_matches_greedy_search, test_prompt_lookup_decoding_stops_at_eos,
-  test_assisted_decoding_with_logits_to_keep, test_generated_length_assisted_generation:
-  assisted / prompt-lookup decoding.
+  test_assisted_decoding_with_logits_to_keep, test_generated_length_assisted_generation: assisted
+  decoding with a draft model; test_prompt_lookup_decoding_matches_greedy_search and
+  test_prompt_lookup_decoding_stops_at_eos: what tests/test_lookup.py checks (equal to greedy,
+  EOS inside a draft) on left-padded batches.
 - test_dola_decoding_sample: DoLa decoding.
 - test_generate_with_head_masking: encoder-decoder head masks.
 - test_past_key_values_format, test_generate_continue_from_past_key_values: past_key_values.

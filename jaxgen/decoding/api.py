@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from jaxgen import generation_config, sharding
-from jaxgen.decoding import args, beam, engine, greedy
+from jaxgen.decoding import args, beam, engine, greedy, lookup
 from jaxgen.decoding.engine import DecodeSpec
 from jaxgen.models.model import CausalLM
 from jaxgen.outputs import GenerateOutput
@@ -26,6 +26,8 @@ def _decode(model, input_ids, attention_mask, prompt_len, processors, key, lengt
             spec: DecodeSpec) -> GenerateOutput:
     if spec.beam_search:
         return beam.decode(model, input_ids, attention_mask, prompt_len, processors, key, length_penalty, spec)
+    if spec.lookup:
+        return lookup.decode(model, input_ids, attention_mask, prompt_len, processors, key, streamer_id, spec)
     return greedy.decode(model, input_ids, attention_mask, prompt_len, processors, key, streamer_id, spec)
 
 

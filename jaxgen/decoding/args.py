@@ -38,6 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "remove_invalid_values": False, "logits_processor": (),
     "output_scores": False, "output_logits": False, "return_dict_in_generate": True,  # jaxgen's default
     "stop_sequences": None, "streamer": None, "prompt_bucket": 32, "key": None,
+    "prompt_lookup_num_tokens": None, "max_matching_ngram_size": None,
     "mesh": None, "data_axis": "data", "model_axis": "model",
 }
 HF_MAX_NEW_TOKENS = 20  # without a length: max_length = prompt + 20, at most max_position_embeddings
@@ -307,6 +308,19 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
     if length_penalty is None:
         _fail("length_penalty", None, "expected a number")
     beam_search = num_beams > 1 if beam_search is None else beam_search
+    lookup = _int(kw, "prompt_lookup_num_tokens", 1)
+    lookup_ngram = _int(kw, "max_matching_ngram_size", 1)
+    if lookup:
+        for name, bad, why in (("num_beams", beam_search, "prompt lookup decoding is greedy search; it takes no beams "
+                                "(as in transformers)"),
+                               ("do_sample", do_sample, "prompt lookup decoding runs greedy search in jaxgen; "
+                                "sampling with it is not implemented yet"),
+                               ("streamer", kw["streamer"] is not None, "prompt lookup decoding with a streamer is "
+                                "not implemented in jaxgen yet"),
+                               ("mesh", kw["mesh"] is not None, "prompt lookup decoding on a mesh is not implemented "
+                                "in jaxgen yet")):
+            if bad:
+                _fail(name, kw[name], f"not with prompt_lookup_num_tokens={lookup}: {why}")
 
     sampling = {}
     if do_sample:
@@ -432,8 +446,12 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
         output_scores=kw["output_scores"], output_logits=kw["output_logits"], stream=streamer is not None,
         mesh=mesh, data_axis=data_axis, model_axis=model_axis,
         recompute=config.recompute_at is not None and 1 <= config.recompute_at - prompt_len < max_new_tokens,
+        lookup=lookup or 0, lookup_ngram=(lookup_ngram or 2) if lookup else 0,
     )
-    spec = dataclasses.replace(spec, phases=loop_phases(model, ids.shape[0], spec))
+    if spec.lookup and spec.recompute:
+        _fail("prompt_lookup_num_tokens", lookup, f"this model runs the whole sequence again at {config.recompute_at} "
+              "tokens (Phi-3's longrope), which prompt lookup decoding does not in jaxgen yet")
+    spec = dataclasses.replace(spec, phases=1 if spec.lookup else loop_phases(model, ids.shape[0], spec))
     padded_ids, padded_mask = _left_pad(ids, mask, bucket_len, pad if pad is not None else 0)
     return Request(spec, padded_ids, padded_mask, jnp.int32(prompt_len), processors, key, jnp.float32(length_penalty),
                    streamer, return_dict, ids)

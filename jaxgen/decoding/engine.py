@@ -58,6 +58,8 @@ class DecodeSpec:
     model_axis: str | None = None
     phases: int = 1  # of the decode loop, see `loop_phases`
     recompute: bool = False  # the sequence reaches config.recompute_at during this call (`recomputes`)
+    lookup: int = 0  # prompt lookup decoding: tokens drafted per forward (`jaxgen.decoding.lookup`)
+    lookup_ngram: int = 0  # the longest n-gram it matches
 
     @property
     def total_len(self) -> int:
@@ -115,12 +117,13 @@ class Prefilled:
 
 
 def prefill(model: CausalLM, input_ids: jax.Array, attention_mask: jax.Array, prompt_len: jax.Array, spec: DecodeSpec,
-            expand: int, share_prompt: bool = False) -> Prefilled:
+            expand: int, share_prompt: bool = False, rings: bool = True) -> Prefilled:
     """One forward over ``input_ids: int32[batch, P]``; every row then repeated ``expand`` times
     (consecutive copies, as transformers' ``repeat_interleave``) or, with ``share_prompt``, the
     cache grouped by ``expand`` rows that all read the prompt's slots, stored once per group.
     ``prompt_len``: int32[], L. The prompt's keys and values are written into a cache of the final
-    layout, so neither the cache nor its prompt part is copied afterwards."""
+    layout, so neither the cache nor its prompt part is copied afterwards. ``rings=False``: no
+    sliding layer keeps a ring (for a decoder that writes several slots a step)."""
     def rows(x):
         return jnp.repeat(x, expand, axis=0)
 
@@ -138,7 +141,8 @@ def prefill(model: CausalLM, input_ids: jax.Array, attention_mask: jax.Array, pr
         cache = model.init_cache(batch, spec.bucket_len + spec.phase_ends[0], expand, spec.bucket_len, spec.total_len)
     else:
         prompt, kv_mask = prompt.repeat(expand), rows(kv_mask)
-        cache = model.init_cache(batch * expand, spec.bucket_len + spec.phase_ends[0], ring_below=spec.total_len)
+        cache = model.init_cache(batch * expand, spec.bucket_len + spec.phase_ends[0],
+                                 ring_below=spec.total_len if rings else None)
     cache = pin_cache(pin_cache(cache, spec).fill_prompt(prompt), spec)
     return Prefilled(pin_rows(logits, spec), cache, pin_rows(kv_mask, spec), positions, pad_lengths)
 

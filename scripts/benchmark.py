@@ -51,7 +51,6 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import batch_workload  # noqa: E402 (scripts/, beside this file)
 import jaxgen  # noqa: E402
 from jaxgen.decoding.api import compile_generate  # noqa: E402
 
@@ -301,6 +300,8 @@ def main():
 
     args.json.parent.mkdir(parents=True, exist_ok=True)
     results, batch_results = [], []
+    if any(name.startswith("batch-") for name in args.workloads):
+        import batch_workload  # beside this script (its directory is on sys.path when run as one)
     for name in args.workloads:
         if name.startswith("batch-"):
             batch_results.append(batch_workload.run(name, args, model, torch_model))

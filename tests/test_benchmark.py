@@ -102,6 +102,7 @@ def test_workload_names_give_strategy_beams_and_batch():
     assert workload("beam5-3") == ("beam", 5, 3)
     assert workload("greedy-6") == ("greedy", 1, 6)
     assert workload("sample-12") == ("sample", 1, 12)
-    for bad in ("beam-3", "greedy-0", "beam4", "topk-8", "beam04-2", "greedy-8 "):
-        with pytest.raises(argparse.ArgumentTypeError, match="expected greedy-B, sample-B or beamK-B"):
+    assert workload("batch-256") == ("batch", 1, 256)  # 256 requests (scripts/batch_workload.py)
+    for bad in ("beam-3", "greedy-0", "beam4", "topk-8", "beam04-2", "greedy-8 ", "batch-0"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected greedy-B, sample-B, beamK-B"):
             workload(bad)

@@ -256,11 +256,15 @@ def _check_job(args):
 
     clash = [flag for flag, on in (("PROMPT", args.prompts), ("--output", not args.output), ("--stream", args.stream),
                                    ("--json", args.json), ("--show-scores", args.show_scores),
-                                   ("--num-beams", args.num_beams != 1),
+                                   ("--num-beams", args.num_beams != 1), ("--prompt-lookup", args.prompt_lookup),
                                    ("--num-return-sequences", args.num_return_sequences != 1)) if on]
     if clash:
         raise ValueError(f"--input runs a file of requests into --output (greedy or sampling): "
                          f"{'leave out' if clash[0] != '--output' else 'give'} {clash[0]}")
+    if not args.do_sample and any(v is not None for v in (args.temperature, args.top_k, args.top_p, args.seed)):
+        raise ValueError("--temperature / --top-k / --top-p / --seed need --do-sample")
+    if Path(args.output).resolve() == Path(args.input).resolve():
+        raise ValueError("--output must be another file than --input (results are appended to it)")
     return jsonl.read_requests(args.input)
 
 
@@ -279,9 +283,12 @@ def _run_job(args, requests, model, tokenizer, eos, pad, status) -> int:
                   **{k: v for k, v in dict(repetition_penalty=args.repetition_penalty, top_k=args.top_k,
                                           no_repeat_ngram_size=args.no_repeat_ngram_size, temperature=args.temperature,
                                           top_p=args.top_p).items() if v is not None})
-    if args.do_sample:
-        shared["key"] = jax.random.key(args.seed or 0)
-    prompts = [{k: v for k, v in objs[i].items()} for i in todo]
+    prompts = [dict(objs[i]) for i in todo]
+    if args.do_sample:  # a request's key depends on its line, not on what an earlier run finished
+        key = jax.random.key(args.seed or 0)
+        for i, p in zip(todo, prompts):
+            if "seed" not in p:
+                p["key"] = jax.random.fold_in(key, i)
     for p in prompts:  # a chat model's prompt through its template, as --chat does
         if args.chat and "prompt" in p:
             p["messages"] = [{"role": "user", "content": p.pop("prompt")}]

@@ -3,7 +3,7 @@ each finishes, so that a rerun with the same output resumes where a killed run s
 
 An input line is one JSON object: ``"id"`` (a string or an int, unique), one of ``"prompt"``
 (text), ``"messages"`` (chat messages) or ``"input_ids"``, and optional settings of its own
-(`SETTINGS`). An output line: the id, the generated ``text`` and ``tokens``, their
+(`SETTINGS`, with their types). An output line: the id, the generated ``text`` and ``tokens``, their
 ``logprobs``, ``finish_reason``, the prompt's token count and timings. A line is written whole
 and flushed at once; a partial last line (a kill mid-write) is cut off on resume.
 """
@@ -14,28 +14,32 @@ import json
 import os
 from pathlib import Path
 
-SETTINGS = ("max_new_tokens", "temperature", "top_p", "min_p", "repetition_penalty", "seed")
+SETTINGS = {"max_new_tokens": int, "temperature": float, "top_p": float, "min_p": float, "repetition_penalty": float,
+            "seed": int}
 SOURCES = ("prompt", "messages", "input_ids")
 
 
 def read_requests(path: str | os.PathLike) -> tuple[list[dict], list[int]]:
     """Every request of ``path`` and its line number; ValueError ``path:line: what is wrong``."""
     requests, lines, seen = [], [], {}
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not a JSON object ({e.msg})") from None
-            _check(obj, where)
-            if obj["id"] in seen:
-                raise ValueError(f"{where}: id {obj['id']!r} is also the id of line {seen[obj['id']]}")
-            seen[obj["id"]] = number
-            requests.append(obj)
-            lines.append(number)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read --input {path}: {e}") from None
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not a JSON object ({e.msg})") from None
+        _check(obj, where)
+        if obj["id"] in seen:
+            raise ValueError(f"{where}: id {obj['id']!r} is also the id of line {seen[obj['id']]}")
+        seen[obj["id"]] = number
+        requests.append(obj)
+        lines.append(number)
     return requests, lines
 
 
@@ -51,6 +55,11 @@ def _check(obj, where: str) -> None:
     if unknown:
         raise ValueError(f"{where}: unknown field {unknown[0]!r}; a request has id, one of {', '.join(SOURCES)}, "
                          f"and optionally {', '.join(SETTINGS)}")
+    for name, kind in SETTINGS.items():
+        value = obj.get(name, 0)
+        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+            raise ValueError(f"{where}: {name!r} must be {'a number' if kind is float else 'an integer'}, "
+                             f"got {json.dumps(value)}")
     if "prompt" in obj and not (isinstance(obj["prompt"], str) and obj["prompt"].strip()):
         raise ValueError(f"{where}: \"prompt\" must be a non-empty string")
     if "messages" in obj and not (isinstance(obj["messages"], list) and obj["messages"] and all(
@@ -65,18 +74,21 @@ class Results:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.done: set = set()
-        if self.path.exists():
-            data = self.path.read_bytes()
-            whole = data[:data.rfind(b"\n") + 1]
-            if len(whole) < len(data):  # a line cut short by a kill: drop it
-                with open(self.path, "r+b") as f:
-                    f.truncate(len(whole))
-            for number, line in enumerate(whole.decode("utf-8").splitlines(), 1):
-                try:
-                    self.done.add(json.loads(line)["id"])
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise ValueError(f"{self.path}:{number}: not a result line of jaxgen; give another --output")
-        self.file = open(self.path, "a", encoding="utf-8")
+        try:
+            if self.path.exists():
+                data = self.path.read_bytes()
+                whole = data[:data.rfind(b"\n") + 1]
+                if len(whole) < len(data):  # a line cut short by a kill: drop it
+                    with open(self.path, "r+b") as f:
+                        f.truncate(len(whole))
+                for number, line in enumerate(whole.split(b"\n")[:-1], 1):  # (text may hold U+2028)
+                    try:
+                        self.done.add(json.loads(line)["id"])
+                    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+                        raise ValueError(f"{self.path}:{number}: not a result line of jaxgen; give another --output")
+            self.file = open(self.path, "a", encoding="utf-8")
+        except OSError as e:
+            raise ValueError(f"cannot write --output {self.path}: {e}") from None
 
     def write(self, completion) -> None:
         record = {"id": completion.id, "text": completion.text, "tokens": completion.tokens,

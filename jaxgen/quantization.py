@@ -58,7 +58,7 @@ def int8(w, dtype_name: str, block_rows: int = 4096) -> Int8Weight:
     for start in range(0, flat.shape[0], block_rows):
         block = flat[start:start + block_rows].astype(np.float32)
         scale = xp.abs(block).max(axis=-1) * np.float32(1 / 127)
-        scale = xp.where(scale == 0, np.float32(1), scale)
+        scale = xp.where(scale < np.finfo(np.float32).tiny, np.float32(1), scale)  # a zero row: q = 0
         inverse = (np.float32(1) / scale)[:, None]  # (a product, as XLA computes a division by a row)
         qs.append(xp.clip(xp.round(block * inverse), -127, 127).astype(np.int8))
         scales.append(scale.astype(np.float32))

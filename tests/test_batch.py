@@ -129,6 +129,7 @@ def test_bad_requests_are_refused_by_id_before_anything_runs(eos_model, bad, mes
 def test_batch_wide_arguments_it_cannot_honour_are_refused(eos_model):
     _, model = eos_model
     for kwargs, message in ((dict(output_scores=True), "output_scores= is not allowed"),
+                            (dict(prompt_lookup_num_tokens=3), "prompt_lookup_num_tokens= is not allowed"),
                             (dict(max_rows=0), "max_rows=0 is not allowed")):
         with pytest.raises(ValueError, match=message):
             jaxgen.generate_batch(model, [[3, 4]], progress=False, **kwargs)
@@ -191,6 +192,15 @@ def test_a_malformed_line_fails_before_compiling_with_its_line_number(tmp_path):
     assert proc.returncode == 2
     assert f"{source}:3: unknown field 'temprature'" in proc.stderr and "compiled" not in proc.stderr
     assert "loaded" not in proc.stderr  # the file is read before the model
+
+
+def test_a_setting_of_the_wrong_type_names_its_line(tmp_path, capsys):
+    from jaxgen.cli import main
+
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"id": "a", "prompt": "Love is", "seed": "x"}\n')
+    assert main(["generate", "--input", str(source), "--output", str(tmp_path / "o.jsonl")]) == 2
+    assert f"{source}:1: 'seed' must be an integer, got \"x\"" in capsys.readouterr().err
 
 
 def test_a_bad_setting_names_its_line(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""Prompt lookup decoding (``prompt_lookup_num_tokens``): exactly greedy search's output, scores
+"""Prompt lookup decoding (``prompt_lookup_num_tokens``): greedy search's tokens, its scores
 and logits, on left-padded batches, with drafts that agree and drafts that do not, EOS and
 max_new_tokens inside a draft, processors that read the history, two more families; the draft
 rule itself; transformers' own prompt lookup at batch 1; bad input."""
@@ -91,6 +91,29 @@ def test_other_families_equal_greedy(tmp_path, config_class, extra):
     assert_greedy(model, ids, mask, max_new_tokens=16, prompt_lookup_num_tokens=4, pad_token_id=0)
 
 
+def test_untrimmed_buffers_equal_greedy_s(eos_model):
+    """Inside jit a caller sees the static buffers: scores past num_steps are 0, as greedy's."""
+    _, model = eos_model
+    ids, mask = left_padded_batch(np.random.default_rng(7), 3, 8, 48, [0, 2, 1])
+    kw = dict(max_new_tokens=12, eos_token_id=EOS, pad_token_id=PAD, output_scores=True)
+    ours = jaxgen.generate(model, ids, mask, prompt_lookup_num_tokens=3, **kw)
+    plain = jaxgen.generate(model, ids, mask, **kw)
+    assert int(ours.num_steps) == int(plain.num_steps)
+    np.testing.assert_array_equal(np.asarray(ours.sequences), np.asarray(plain.sequences))
+    np.testing.assert_allclose(np.asarray(ours.scores), np.asarray(plain.scores), atol=1e-4)
+
+
+def test_length_dependent_rope_is_refused(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                      num_attention_heads=4, max_position_embeddings=16,
+                                      rope_scaling=dict(rope_type="dynamic", factor=2.0))
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="depends on the sequence length"):
+        jaxgen.generate(jaxgen.from_pretrained(tmp_path), np.array([[3, 4, 5]]), prompt_lookup_num_tokens=2,
+                        pad_token_id=0)
+
+
 def test_equals_transformers_prompt_lookup_at_batch_1(demo):
     model, tokenizer = demo
     torch_model = transformers.AutoModelForCausalLM.from_pretrained(DEMO_MODEL).eval()
@@ -121,6 +144,7 @@ def test_draft_takes_the_earliest_match_of_the_longest_ngram():
     (dict(prompt_lookup_num_tokens=3, do_sample=True), "do_sample=True is not allowed"),
     (dict(prompt_lookup_num_tokens=0), "prompt_lookup_num_tokens=0 is not allowed"),
     (dict(prompt_lookup_num_tokens=2, max_matching_ngram_size=0), "max_matching_ngram_size=0 is not allowed"),
+    (dict(prompt_lookup_num_tokens=2, logits_processor=[lambda s, c: s]), "logits_processor=.* is not allowed"),
 ])
 def test_bad_input(eos_model, kwargs, message):
     _, model = eos_model

@@ -22,6 +22,7 @@ import numpy as np
 from jaxgen import generation_config, sharding
 from jaxgen.decoding.engine import DecodeSpec, loop_phases
 from jaxgen.models.model import CausalLM
+from jaxgen.models.rope import Rope
 from jaxgen.processors import build_processors
 
 # Hugging Face's names and defaults (GenerationConfig._get_default_generation_params).
@@ -318,7 +319,9 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
                                ("streamer", kw["streamer"] is not None, "prompt lookup decoding with a streamer is "
                                 "not implemented in jaxgen yet"),
                                ("mesh", kw["mesh"] is not None, "prompt lookup decoding on a mesh is not implemented "
-                                "in jaxgen yet")):
+                                "in jaxgen yet"),
+                               ("logits_processor", bool(kw["logits_processor"]), "your processors would run on each "
+                                "drafted position of each row apart; not implemented in jaxgen yet")):
             if bad:
                 _fail(name, kw[name], f"not with prompt_lookup_num_tokens={lookup}: {why}")
 
@@ -448,9 +451,11 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
         recompute=config.recompute_at is not None and 1 <= config.recompute_at - prompt_len < max_new_tokens,
         lookup=lookup or 0, lookup_ngram=(lookup_ngram or 2) if lookup else 0,
     )
-    if spec.lookup and spec.recompute:
-        _fail("prompt_lookup_num_tokens", lookup, f"this model runs the whole sequence again at {config.recompute_at} "
-              "tokens (Phi-3's longrope), which prompt lookup decoding does not in jaxgen yet")
+    ropes = [getattr(config, f.name) for f in dataclasses.fields(config) if isinstance(getattr(config, f.name), Rope)]
+    if spec.lookup and any(r.dynamic is not None or r.long_inv_freq is not None for r in ropes):
+        _fail("prompt_lookup_num_tokens", lookup, "this model's rotary embedding depends on the sequence length "
+              "(dynamic or longrope scaling), which a forward over drafted tokens would change; prompt lookup "
+              "decoding with it is not implemented in jaxgen yet")
     spec = dataclasses.replace(spec, phases=1 if spec.lookup else loop_phases(model, ids.shape[0], spec))
     padded_ids, padded_mask = _left_pad(ids, mask, bucket_len, pad if pad is not None else 0)
     return Request(spec, padded_ids, padded_mask, jnp.int32(prompt_len), processors, key, jnp.float32(length_penalty),

@@ -33,7 +33,7 @@ from jaxgen.processors import ProcessorContext, apply
 
 # generate() arguments that make no sense per request here: outputs and placement are the batch's.
 _NOT_HERE = ("streamer", "mesh", "data_axis", "model_axis", "output_scores", "output_logits",
-             "return_dict_in_generate", "num_return_sequences", "prompt_bucket")
+             "return_dict_in_generate", "num_return_sequences", "prompt_bucket", "prompt_lookup_num_tokens")
 FINISH_REASONS = ("", "stop", "length")  # index 0: still running
 
 
@@ -67,7 +67,7 @@ class BatchSpec:
 
     rows: int
     slots: int
-    max_new_tokens: int  # N, the logprob buffer's length
+    max_new_tokens: int  # N, the most tokens a request may generate (the logprob buffer's length)
     eos_token_ids: tuple[int, ...]
     stop_sequences: tuple[tuple[int, ...], ...]
     pad_token_id: int
@@ -183,7 +183,8 @@ def generate_batch(model: CausalLM, prompts: Iterable, *, max_rows: int = 8, max
     one of ``"input_ids"`` / ``"prompt"`` (a string) / ``"messages"`` (chat messages, through the
     tokenizer's chat template), and generate() arguments of its own (``max_new_tokens``,
     ``temperature``, ``top_p``, ``min_p``, ``repetition_penalty``, ..., and ``seed``: its sampling
-    key is ``jax.random.key(seed)``; without one, ``kwargs``' ``key`` folded with its index).
+    key is ``jax.random.key(seed)``; or a ``key`` of its own; without either, ``kwargs``' ``key``
+    folded with its index in ``prompts``).
     ``kwargs``: generate() arguments every request shares. A request's own arguments may change
     only the processors' values, not which processors run or their sizes (``top_k``,
     ``no_repeat_ngram_size``, EOS ids, ...): those belong in ``kwargs``. Greedy search and
@@ -218,8 +219,9 @@ def completions(model: CausalLM, prompts: Iterable, *, max_rows: int = 8, max_le
             _check_shared(r, _shared(requests[0]), None, labels)
         total = len(requests)
         needed = max((len(r.prompt) + r.budget for r in requests), default=0)
-        if max_length is not None and needed > max_length:
-            raise ValueError(f"max_length={max_length} is not allowed: a request needs {needed} slots")
+        if max_length is not None:
+            for r in requests:
+                _check_shared(r, _shared(requests[0]), max_length, labels)
         max_length = max_length or needed
         source: Iterator = iter(requests)
     else:
@@ -263,10 +265,14 @@ def _request(model, prompt, index: int, tokenizer, shared: dict, labels=None) ->
         for argument in _NOT_HERE:
             if argument in own:
                 raise ValueError(f"{argument}= is not allowed in generate_batch")
-        if "seed" in call:
-            call["key"] = jax.random.key(call.pop("seed"))
-        elif call.get("key") is not None:
-            call["key"] = jax.random.fold_in(call["key"], index)
+        call.pop("seed", None)
+        if "seed" in own:
+            seed = own.pop("seed")
+            if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+                raise ValueError(f"seed={seed!r} is not allowed: expected an int in [0, 2**32)")
+            call["key"] = jax.random.key(seed)
+        elif "key" not in own and call.get("key") is not None:
+            call["key"] = jax.random.fold_in(args._prng_key(call["key"]), index)
         parsed = args.parse(model, ids[None], np.ones((1, ids.size), np.int32), call, beam_search=False,
                             neutral_processors=True)
     except ValueError as e:
@@ -278,6 +284,8 @@ def _request(model, prompt, index: int, tokenizer, shared: dict, labels=None) ->
     if spec.recompute:
         raise ValueError(f"{name}: this model runs the whole sequence again at {model.config.recompute_at} "
                          "tokens (Phi-3's longrope), which generate_batch does not; use generate")
+    if parsed.key is not None and not jnp.issubdtype(parsed.key.dtype, jax.dtypes.prng_key):
+        parsed.key = jax.random.wrap_key_data(parsed.key)  # a raw PRNGKey: the same draws, typed as the others
     return _Request(rid, index, ids.astype(np.int32), parsed, spec.max_new_tokens)
 
 
@@ -335,15 +343,17 @@ def _serve(model, source: Iterator[_Request], max_rows: int, max_length: int, st
             break
         rows = _decode(model, rows, spec=spec)
         finished = np.flatnonzero(np.asarray(rows.finished))
+        if finished.size:  # one copy to the host per sync
+            host = jax.device_get((rows.tokens, rows.logprobs, rows.generated, rows.reason))
         for row in finished:
             request, began = running.pop(int(row))
-            n = int(rows.generated[row])
-            length = len(request.prompt)
-            tokens = np.asarray(rows.tokens[row, length:length + n]).tolist()
+            all_tokens, logprobs, generated, reason = (x[row] for x in host)
+            n, length = int(generated), len(request.prompt)
+            tokens = all_tokens[length:length + n].tolist()
             done = Completion(
                 id=request.id, index=request.index, prompt=request.prompt.tolist(), tokens=tokens,
-                logprobs=np.asarray(rows.logprobs[row, :n]).tolist(),
-                finish_reason=FINISH_REASONS[int(rows.reason[row])], queued_s=began - start,
+                logprobs=logprobs[:n].tolist(),
+                finish_reason=FINISH_REASONS[int(reason)], queued_s=began - start,
                 decode_s=time.perf_counter() - began,
                 text=None if tokenizer is None else tokenizer.decode(tokens, skip_special_tokens=True))
             free.append(int(row))

@@ -1,5 +1,6 @@
 """Prompt lookup decoding (transformers' ``prompt_lookup_num_tokens``), greedy: several tokens a
-forward pass where the text repeats itself, with exactly greedy search's output.
+forward pass where the text repeats itself, with greedy search's output (its tokens; its scores
+up to float rounding: a forward over ``K + 1`` tokens sums in another order than over one).
 
 Each iteration every row drafts up to ``K`` tokens by finding its last n-gram (the longest of
 ``max_matching_ngram_size`` down to 1) earlier in its own text and copying what followed it; one
@@ -151,9 +152,12 @@ def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, k
             scores=_record_rows(s.scores, record, scores), raw_logits=_record_rows(s.raw_logits, record, raw))
 
     final = jax.lax.while_loop(lambda s: ~s.done, iteration, state)
+    num_steps = jnp.max(final.ended)
+    zeros_after = lambda buf: None if buf is None else jnp.where(  # noqa: E731  (as greedy's: 0 past num_steps)
+        jnp.arange(n_max)[:, None, None] < num_steps, buf, 0.0)
     return GenerateOutput(
-        sequences=final.sequences[:, :spec.total_len], num_steps=jnp.max(final.ended), scores=final.scores,
-        logits=final.raw_logits, sequences_scores=None, beam_indices=None, prompt_len=prompt_len,
+        sequences=final.sequences[:, :spec.total_len], num_steps=num_steps, scores=zeros_after(final.scores),
+        logits=zeros_after(final.raw_logits), sequences_scores=None, beam_indices=None, prompt_len=prompt_len,
         bucket_len=spec.bucket_len, output_scores=spec.output_scores)
 
 

@@ -109,8 +109,8 @@ def from_pretrained(
         keys = sharding.path_keys(path)
         if repeat > 1 and keys[2:4] == ("attn", "qkv"):
             value = sharding.repeat_kv_heads(value, config.n_heads // config.n_kv_heads, repeat)
-        if quantize is not None and quantization.quantizes(keys):
-            w = quantization.int8(value, dtype_name)
+        if quantize is not None and quantization.quantizes(keys):  # from the weight in ``dtype``, as quantize()
+            w = quantization.int8(_aligned(value, DTYPES[dtype_name]), dtype_name)
             return w.replace(q=place((*keys, "q"), _aligned(w.q, np.int8)),
                              scale=place((*keys, "scale"), _aligned(w.scale, np.float32)))
         return place(keys, _aligned(value, DTYPES[dtype_name]))

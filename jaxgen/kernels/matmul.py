@@ -60,6 +60,7 @@ def project(x: jax.Array, w: jax.Array, row_shards: int = 1) -> jax.Array:
 
 
 def _project_int8(x, w: Int8Weight, row_shards: int):
+    """`project` for an int8 weight: x dtype[..., in] -> float32[..., *out] (module docstring)."""
     rows = x.reshape(-1, x.shape[-1])
     q = w.q.reshape(-1, w.q.shape[-1])  # [out, in]
 

@@ -185,6 +185,21 @@ def test_job_killed_and_resumed_writes_every_id_once_as_an_uninterrupted_run(tmp
     assert lines == len(expected) and got == expected
 
 
+def test_sampled_job_resumed_draws_what_an_uninterrupted_run_draws(tmp_path):
+    """A request's key follows its line, not its place among the requests left to run."""
+    from jaxgen.cli import main
+
+    source, whole, resumed = tmp_path / "in.jsonl", tmp_path / "whole.jsonl", tmp_path / "resumed.jsonl"
+    job_input(source, n=10)
+    args = ["generate", "--input", str(source), "--max-rows", "3", "--max-new-tokens", "12", "--do-sample",
+            "--seed", "5"]
+    assert main([*args, "--output", str(whole)]) == 0
+    lines = whole.read_text().splitlines()
+    resumed.write_text("\n".join(lines[1::2]) + "\n")  # as if every other request had finished
+    assert main([*args, "--output", str(resumed)]) == 0
+    assert results_of(resumed)[0] == results_of(whole)[0]
+
+
 def test_a_malformed_line_fails_before_compiling_with_its_line_number(tmp_path):
     source = tmp_path / "in.jsonl"
     source.write_text('{"id": 1, "prompt": "Love is"}\n\n{"id": 2, "prompt": "Never", "temprature": 0.5}\n')

@@ -263,6 +263,8 @@ def _check_job(args):
                          f"{'leave out' if clash[0] != '--output' else 'give'} {clash[0]}")
     if not args.do_sample and any(v is not None for v in (args.temperature, args.top_k, args.top_p, args.seed)):
         raise ValueError("--temperature / --top-k / --top-p / --seed need --do-sample")
+    if args.max_rows < 1:
+        raise ValueError(f"--max-rows={args.max_rows} is not allowed: expected an int >= 1")
     if Path(args.output).resolve() == Path(args.input).resolve():
         raise ValueError("--output must be another file than --input (results are appended to it)")
     return jsonl.read_requests(args.input)
@@ -273,6 +275,7 @@ def _run_job(args, requests, model, tokenizer, eos, pad, status) -> int:
     import jax
 
     from jaxgen import jsonl
+    from jaxgen.decoding import args as decode_args
     from jaxgen.decoding import batch
 
     objs, lines = requests
@@ -283,9 +286,13 @@ def _run_job(args, requests, model, tokenizer, eos, pad, status) -> int:
                   **{k: v for k, v in dict(repetition_penalty=args.repetition_penalty, top_k=args.top_k,
                                           no_repeat_ngram_size=args.no_repeat_ngram_size, temperature=args.temperature,
                                           top_p=args.top_p).items() if v is not None})
+    key = jax.random.key(args.seed or 0)
+    try:  # the command's own options, named as typed, before any line is blamed for them
+        decode_args.parse(model, [[0]], [[1]], dict(shared, key=key) if args.do_sample else shared)
+    except ValueError as e:
+        raise ValueError(re.sub(r"\b([a-z_]+)=", lambda m: _flag(m.group(1), args), str(e))) from None
     prompts = [dict(objs[i]) for i in todo]
     if args.do_sample:  # a request's key depends on its line, not on what an earlier run finished
-        key = jax.random.key(args.seed or 0)
         for i, p in zip(todo, prompts):
             if "seed" not in p:
                 p["key"] = jax.random.fold_in(key, i)

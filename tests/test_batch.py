@@ -218,6 +218,18 @@ def test_a_setting_of_the_wrong_type_names_its_line(tmp_path, capsys):
     assert f"{source}:1: 'seed' must be an integer, got \"x\"" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option, message", [(("--max-new-tokens", "0"), "--max-new-tokens=0 is not allowed"),
+                                             (("--max-rows", "0"), "--max-rows=0 is not allowed")])
+def test_a_bad_option_is_named_as_typed_not_blamed_on_a_line(tmp_path, capsys, option, message):
+    from jaxgen.cli import main
+
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"id": "a", "prompt": "Love is"}\n')
+    assert main(["generate", "--input", str(source), "--output", str(tmp_path / "o.jsonl"), *option]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in err and "in.jsonl" not in err
+
+
 def test_a_bad_setting_names_its_line(tmp_path, capsys):
     from jaxgen.cli import main
 

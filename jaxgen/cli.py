@@ -127,6 +127,8 @@ def run_generate(args) -> int:
     from jaxgen.models.config import token_ids
 
     status = _Status(args.json)
+    if not args.do_sample and any(v is not None for v in (args.temperature, args.top_k, args.top_p, args.seed)):
+        raise ValueError("--temperature / --top-k / --top-p / --seed need --do-sample")
     requests = _check_job(args)
     if not args.input and not args.prompts:
         raise ValueError("give one or more prompts, or --input FILE --output FILE")
@@ -169,29 +171,22 @@ def run_generate(args) -> int:
     if batch.input_ids.shape[1] == 0:
         raise ValueError(f"the tokenizer of {args.model!r} turns the prompts into no tokens: are its tokenizer files "
                          "(tokenizer.json, tokenizer_config.json, ...) missing from the model directory?")
-    # Options left out leave the model's generation_config.json in charge, as in transformers.
-    optional = dict(repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
-                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    kwargs = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
-                  num_return_sequences=args.num_return_sequences, eos_token_id=eos, pad_token_id=pad,
-                  output_scores=True, do_sample=args.do_sample,
-                  **{name: value for name, value in optional.items() if value is not None})
+    kwargs = dict(_shared_options(args, eos, pad), num_beams=args.num_beams,
+                  num_return_sequences=args.num_return_sequences, output_scores=True)
     if args.num_beams > 1:
         kwargs.update(length_penalty=args.length_penalty, early_stopping=args.early_stopping)
     if args.prompt_lookup is not None:
         kwargs["prompt_lookup_num_tokens"] = args.prompt_lookup
     if args.do_sample:
         kwargs["key"] = jax.random.key(args.seed or 0)
-    elif any(v is not None for v in (args.temperature, args.top_k, args.top_p, args.seed)):
-        raise ValueError("--temperature / --top-k / --top-p / --seed need --do-sample")
     if args.stream:
         kwargs["streamer"] = _PrintStreamer(tokenizer, eos)
 
     t0 = time.perf_counter()
     try:
         run = compile_generate(model, batch.input_ids, batch.attention_mask, **kwargs)
-    except ValueError as e:  # name the options as typed: max_new_tokens=-5 -> --max-new-tokens=-5
-        raise ValueError(re.sub(r"\b([a-z_]+)=", lambda m: _flag(m.group(1), args), str(e))) from None
+    except ValueError as e:
+        raise _as_typed(e, args) from None
     status(f"compiled in {time.perf_counter() - t0:.1f}s")
     t0 = time.perf_counter()
     out = jax.block_until_ready(run()).trim()
@@ -261,8 +256,6 @@ def _check_job(args):
     if clash:
         raise ValueError(f"--input runs a file of requests into --output (greedy or sampling): "
                          f"{'leave out' if clash[0] != '--output' else 'give'} {clash[0]}")
-    if not args.do_sample and any(v is not None for v in (args.temperature, args.top_k, args.top_p, args.seed)):
-        raise ValueError("--temperature / --top-k / --top-p / --seed need --do-sample")
     if args.max_rows < 1:
         raise ValueError(f"--max-rows={args.max_rows} is not allowed: expected an int >= 1")
     if Path(args.output).resolve() == Path(args.input).resolve():
@@ -282,15 +275,12 @@ def _run_job(args, requests, model, tokenizer, eos, pad, status) -> int:
     results = jsonl.Results(args.output)
     todo = [i for i, obj in enumerate(objs) if obj["id"] not in results.done]
     status(f"{len(objs)} requests in {args.input}, {len(objs) - len(todo)} already in {args.output}")
-    shared = dict(max_new_tokens=args.max_new_tokens, eos_token_id=eos, pad_token_id=pad, do_sample=args.do_sample,
-                  **{k: v for k, v in dict(repetition_penalty=args.repetition_penalty, top_k=args.top_k,
-                                          no_repeat_ngram_size=args.no_repeat_ngram_size, temperature=args.temperature,
-                                          top_p=args.top_p).items() if v is not None})
+    shared = _shared_options(args, eos, pad)
     key = jax.random.key(args.seed or 0)
     try:  # the command's own options, named as typed, before any line is blamed for them
         decode_args.parse(model, [[0]], [[1]], dict(shared, key=key) if args.do_sample else shared)
     except ValueError as e:
-        raise ValueError(re.sub(r"\b([a-z_]+)=", lambda m: _flag(m.group(1), args), str(e))) from None
+        raise _as_typed(e, args) from None
     prompts = [dict(objs[i]) for i in todo]
     if args.do_sample:  # a request's key depends on its line, not on what an earlier run finished
         for i, p in zip(todo, prompts):
@@ -308,6 +298,21 @@ def _run_job(args, requests, model, tokenizer, eos, pad, status) -> int:
         results.close()
     status(f"wrote {len(todo)} results to {args.output}")
     return 0
+
+
+def _shared_options(args, eos, pad) -> dict:
+    """generate() arguments from the options every mode shares; those left out leave the model's
+    generation_config.json in charge, as in transformers."""
+    optional = dict(repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
+                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    return dict(max_new_tokens=args.max_new_tokens, eos_token_id=eos, pad_token_id=pad, do_sample=args.do_sample,
+                **{name: value for name, value in optional.items() if value is not None})
+
+
+def _as_typed(error: ValueError, args) -> ValueError:
+    """``error`` with generate()'s argument names as the command's options: max_new_tokens=-5 ->
+    --max-new-tokens=-5."""
+    return ValueError(re.sub(r"\b([a-z_]+)=", lambda m: _flag(m.group(1), args), str(error)))
 
 
 _OPTION_OF = {"prompt_lookup_num_tokens": "prompt_lookup"}  # generate() names the command spells otherwise

@@ -14,6 +14,7 @@ import torch
 
 import jaxgen
 from jaxgen.decoding import api
+from jaxgen.decoding.api import compile_generate
 from tests.conftest import (
     EOS,
     EOS_MODEL,
@@ -238,6 +239,12 @@ def test_token_step_updates_the_cache_in_place(eos_model, batch):
     assert not moves, moves[:2]
 
 
+def compiled_hlo(model, ids, mask, **kwargs) -> str:
+    """The compiled decode program of a call (8 new tokens, the EOS model's ids), as text."""
+    return compile_generate(model, ids, mask, max_new_tokens=8, eos_token_id=EOS, pad_token_id=PAD,
+                            **kwargs).compiled.as_text()
+
+
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="a property of XLA:CPU's compiler")
 @pytest.mark.parametrize("batch, num_beams", [(1, 1), (2, 1), (1, 3)])
 @pytest.mark.parametrize("single_row", ["row-major", "weight-major"])
@@ -253,16 +260,9 @@ def test_bfloat16_program_keeps_no_float32_copy_of_a_weight(eos_model, batch, nu
     c = model.config
     model = model.replace(params=jax.tree.map(lambda x: x.astype(jnp.bfloat16), model.params),
                           config=dataclasses.replace(c, dtype="bfloat16"))
-    from jaxgen.decoding import args
     ids, mask = left_padded_batch(np.random.default_rng(5), batch, 6, c.vocab_size, [0, 2][:batch])
-    probe.choose(("single row", "bfloat16"), single_row)
-    jax.clear_caches()  # traced programs keep the choice they were traced with
-    try:
-        req = args.parse(model, ids, mask, dict(max_new_tokens=8, num_beams=num_beams, eos_token_id=EOS,
-                                                pad_token_id=PAD))
-        hlo = api._decode.lower(model, *api._operands(req), spec=req.spec).compile().as_text()
-    finally:
-        probe.choose(("single row", "bfloat16"), None)
+    with probe.fixed(("single row", "bfloat16"), single_row):
+        hlo = compiled_hlo(model, ids, mask, num_beams=num_beams)
     d, inner = c.d_model, c.inner_dim
 
     def converted(shape):
@@ -285,19 +285,13 @@ def test_cpu_projections_take_the_rows_this_machine_runs_fastest(eos_model, batc
     from jaxgen.kernels import probe
 
     _, model = eos_model
-    rows = batch * num_beams
     ids, mask = left_padded_batch(np.random.default_rng(5), batch, 6, model.config.vocab_size, [0, 2, 1][:batch])
-    probe.choose(("lanes", rows, "float32"), choice)
-    jax.clear_caches()  # traced programs keep the choice they were traced with
-    try:
-        req = args.parse(model, ids, mask, dict(max_new_tokens=8, num_beams=num_beams, eos_token_id=EOS,
-                                                pad_token_id=PAD))
-        hlo = api._decode.lower(model, *api._operands(req), spec=req.spec).compile().as_text()
-    finally:
-        probe.choose(("lanes", rows, "float32"), None)
+    with probe.fixed(("lanes", batch * num_beams, "float32"), choice):
+        hlo = compiled_hlo(model, ids, mask, num_beams=num_beams)
+    bucket_len = args.DEFAULTS["prompt_bucket"]  # the 6-token prompts' bucket
     products = re.findall(r"= f32\[[\d,]*?(\d+)\]\{[\d,]+\} dot\((?:(?!batch_dims).)*rhs_contracting_dims=\{1\}", hlo)
     counts = set(map(int, products))  # also the prompt's last positions, batch <= 4 rows, as they are
-    assert lanes in counts and counts <= {lanes, batch * req.spec.bucket_len, *range(1, 5)}, counts
+    assert lanes in counts and counts <= {lanes, batch * bucket_len, *range(1, 5)}, counts
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])

@@ -15,7 +15,7 @@ import transformers
 
 import jaxgen
 from jaxgen.cli import DEMO_MODEL
-from jaxgen.decoding import api, args
+from jaxgen.decoding.api import compile_generate
 from tests.conftest import left_padded_batch
 
 TEXTS = ["Once upon a time", "The little dog ran to the", "She said that she would", "In the morning the sun"]
@@ -146,8 +146,8 @@ def test_compiled_program_reads_the_int8_weights(eos_model, dtype, num_beams):
                           config=dataclasses.replace(c, dtype=dtype))
     model = jaxgen.quantize(model)
     ids, mask = left_padded_batch(np.random.default_rng(5), 2, 6, c.vocab_size, [0, 2])
-    req = args.parse(model, ids, mask, dict(max_new_tokens=8, num_beams=num_beams, eos_token_id=2, pad_token_id=0))
-    hlo = api._decode.lower(model, *api._operands(req), spec=req.spec).compile().as_text()
+    hlo = compile_generate(model, ids, mask, max_new_tokens=8, num_beams=num_beams, eos_token_id=2,
+                           pad_token_id=0).compiled.as_text()
     d, inner = c.d_model, c.inner_dim
     weights = (f"{c.vocab_size},{d}", f"{c.n_heads},3,{c.head_dim},{d}", f"{d},{d}", f"{inner},{d}", f"{d},{inner}")
     for shape in weights:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import time
 from typing import Any, Iterable, Iterator
 
@@ -29,7 +30,6 @@ from flax import struct
 from jaxgen.decoding import args, engine, select
 from jaxgen.models.cache import KVCache
 from jaxgen.models.model import CausalLM, forward, logits as logits_of
-from jaxgen.processors import ProcessorContext, apply
 
 # generate() arguments that make no sense per request here: outputs and placement are the batch's.
 _NOT_HERE = ("streamer", "mesh", "data_axis", "model_axis", "output_scores", "output_logits",
@@ -98,15 +98,6 @@ class Rows:
     keys: jax.Array
 
 
-def _per_row(processors, scores, tokens, length):
-    """Each row's processors over its own history: scores float32[R, V] -> float32[R, V]."""
-    def one(procs, row_scores, row_tokens, cur_len):
-        ctx = ProcessorContext(row_tokens[None], cur_len, jnp.zeros((1,), jnp.int32), jnp.int32(0))
-        return apply(procs, row_scores[None], ctx)[0]
-
-    return jax.vmap(one)(processors, scores, tokens, length)
-
-
 @functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("rows",))
 def _insert(model: CausalLM, rows: Rows, row, ids, length, budget, processors, key, *, spec: BatchSpec) -> Rows:
     """Row ``row`` takes a request: ``ids: int32[P]`` (its prompt, then padding), ``length`` its
@@ -134,7 +125,8 @@ def _decode(model: CausalLM, rows: Rows, *, spec: BatchSpec) -> Rows:
 
     def step(carry):
         i, x = carry
-        scores = _per_row(x.processors, x.logits, x.tokens, x.length)
+        scores = engine.process_rows(x.processors, x.logits, x.tokens, x.length, jnp.zeros((r,), jnp.int32),
+                                     jnp.int32(0), stacked=True)
         if spec.do_sample:
             draw = lambda key, n, row: select.categorical(jax.random.fold_in(key, n), row[None])[0]  # noqa: E731
             chosen = jax.vmap(draw)(x.keys, x.generated, scores)
@@ -216,13 +208,9 @@ def completions(model: CausalLM, prompts: Iterable, *, max_rows: int = 8, max_le
     if isinstance(prompts, (list, tuple)):
         requests = [_request(model, p, i, tokenizer, kwargs, labels) for i, p in enumerate(prompts)]
         for r in requests:
-            _check_shared(r, _shared(requests[0]), None, labels)
+            _check_shared(r, _shared(requests[0]), max_length, labels)
         total = len(requests)
-        needed = max((len(r.prompt) + r.budget for r in requests), default=0)
-        if max_length is not None:
-            for r in requests:
-                _check_shared(r, _shared(requests[0]), max_length, labels)
-        max_length = max_length or needed
+        max_length = max_length or max((len(r.prompt) + r.budget for r in requests), default=0)
         source: Iterator = iter(requests)
     else:
         if max_length is None:
@@ -318,7 +306,7 @@ def _serve(model, source: Iterator[_Request], max_rows: int, max_length: int, st
         processors=jax.tree.map(lambda x: jnp.stack([x] * rows_n), first.parsed.processors),
         keys=jnp.stack([key] * rows_n))
     bar = _progress_bar(progress, total)
-    pending: Iterator[_Request] = _chain(first, source)
+    pending: Iterator[_Request] = itertools.chain([first], source)
     running: dict[int, tuple[_Request, float]] = {}
     free = list(range(max_rows))
     exhausted = False
@@ -364,11 +352,6 @@ def _serve(model, source: Iterator[_Request], max_rows: int, max_length: int, st
             yield done
     if bar is not None:
         bar.close()
-
-
-def _chain(first, rest):
-    yield first
-    yield from rest
 
 
 def _check_shared(request: _Request, shared: tuple, slots: int | None, labels) -> None:

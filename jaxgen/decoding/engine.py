@@ -217,6 +217,17 @@ def process(processors, scores: jax.Array, sequences, step, prompt_len, pad_leng
     return apply(processors, scores, ctx)
 
 
+def process_rows(processors, scores: jax.Array, sequences, cur_len, pad_lengths, offset, stacked: bool = False):
+    """`process` with every row at its own length: scores float32[rows, V], sequences int32[rows, S],
+    cur_len / pad_lengths int32[rows]; ``stacked``: the processors' leaves are [rows, ...], each
+    row's own settings (continuous batching)."""
+    def one(procs, row_scores, row, length, pad):
+        return apply(procs, row_scores[None], ProcessorContext(row[None], length, pad[None], offset))[0]
+
+    return jax.vmap(one, in_axes=(0 if stacked else None, 0, 0, 0, 0))(processors, scores, sequences, cur_len,
+                                                                       pad_lengths)
+
+
 def score_buffer(enabled: bool, spec: DecodeSpec, rows: int, vocab: int) -> jax.Array | None:
     """float32[N, rows, V] zeros, or None when not requested (no allocation at all)."""
     return jnp.zeros((spec.max_new_tokens, rows, vocab), jnp.float32) if enabled else None

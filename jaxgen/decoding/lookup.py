@@ -26,7 +26,6 @@ from jaxgen.models.cache import KVCache
 from jaxgen.models.model import CausalLM, forward
 from jaxgen.models.model import logits as logits_of
 from jaxgen.outputs import GenerateOutput
-from jaxgen.processors import ProcessorContext, apply
 
 
 @struct.dataclass
@@ -81,10 +80,7 @@ def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, k
 
     def processed(sequences, scores, steps):
         """Each row's processors at its own step: scores float32[rows, V], steps int32[rows]."""
-        def one(seq, row_scores, step, pad_len):
-            ctx = ProcessorContext(seq[None], prompt_len + step, pad_len[None], offset)
-            return apply(processors, row_scores[None], ctx)[0]
-        return jax.vmap(one)(sequences, scores, steps, pre.pad_lengths)
+        return engine.process_rows(processors, scores, sequences, prompt_len + steps, pre.pad_lengths, offset)
 
     # The first token, from the prompt's logits, as greedy search's first step.
     sequences = jnp.pad(jnp.asarray(input_ids, jnp.int32), ((0, 0), (0, width - spec.bucket_len)),
@@ -97,8 +93,8 @@ def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, k
         sequences=sequences, generated=jnp.ones((rows,), jnp.int32),
         ended=jnp.where(hit, 1, n_max).astype(jnp.int32), unfinished=~hit,
         cache=pre.cache.grow(width),
-        scores=_record(engine.score_buffer(spec.output_scores, spec, rows, vocab), 0, scores0),
-        raw_logits=_record(engine.score_buffer(spec.output_logits, spec, rows, vocab), 0, pre.logits),
+        scores=engine.record(engine.score_buffer(spec.output_scores, spec, rows, vocab), 0, scores0),
+        raw_logits=engine.record(engine.score_buffer(spec.output_logits, spec, rows, vocab), 0, pre.logits),
         done=jnp.all(hit) | (n_max == 1))
     catch_up = spec.output_scores or spec.output_logits  # finished rows fill their scores up to the end
 
@@ -165,10 +161,6 @@ def _put(sequences, cols, values):
     """``sequences[r, cols[r, i]] = values[r, i]`` (columns past the buffer dropped)."""
     rows = jnp.arange(sequences.shape[0])[:, None]
     return sequences.at[rows, cols].set(values, mode="drop")
-
-
-def _record(buffer, step: int, value):
-    return None if buffer is None else buffer.at[step].set(value)
 
 
 def _record_rows(buffer, steps, values):

@@ -12,6 +12,7 @@ choice's first candidate; `choose` fixes one by hand (tests, reproducible benchm
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Callable
@@ -29,6 +30,19 @@ def choose(key: tuple, name: str | None) -> None:
         _chosen.pop(key, None)
     else:
         _chosen[key] = name
+
+
+@contextlib.contextmanager
+def fixed(key: tuple, name: str):
+    """`choose` for the duration of a ``with`` block: traced programs are dropped on entry (they
+    keep the choice they were traced with), the earlier choice comes back on exit."""
+    earlier = _chosen.get(key)
+    choose(key, name)
+    jax.clear_caches()
+    try:
+        yield
+    finally:
+        choose(key, earlier)
 
 
 def fastest(key: tuple, candidates: dict[str, Callable], dtype, shape=(2048, 1024), copies: int = 6) -> str:

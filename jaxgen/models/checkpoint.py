@@ -26,6 +26,12 @@ def one(name: str, *shape: int, build: Callable[[np.ndarray], np.ndarray] = _onl
     return Source((name,), (tuple(shape),), build)
 
 
+def head(c) -> dict:
+    """The LM head's entry: ``lm_head`` where the checkpoint has its own, none where it is the
+    tied embedding. ``c``: a config with ``tie_word_embeddings``, ``vocab_size``, ``d_model``."""
+    return {} if c.tie_word_embeddings else {"lm_head": one("lm_head.weight", c.vocab_size, c.d_model)}
+
+
 def fused_qkv(n_kv_heads: int, heads_per_kv: int, head_dim: int) -> Callable[..., np.ndarray]:
     """q ``[n_heads * hd, ...]``, k and v ``[n_kv_heads * hd, ...]`` (weights or biases) -> one
     ``[n_kv_heads, heads_per_kv + 2, hd, ...]``: each kv head's query heads, then its key and its

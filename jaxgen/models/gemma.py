@@ -114,12 +114,9 @@ def checkpoint_table(c: GemmaConfig) -> dict:
             p["mlp_norm"] = norm(pre + "post_attention_layernorm")
         return p
 
-    table = {"embed": one("model.embed_tokens.weight", c.vocab_size, d),
-             "layers": [block(f"model.layers.{i}.") for i in range(c.n_layers)],
-             "final_norm": norm("model.norm")}
-    if not c.tie_word_embeddings:
-        table["lm_head"] = one("lm_head.weight", c.vocab_size, d)
-    return table
+    return {"embed": one("model.embed_tokens.weight", c.vocab_size, d),
+            "layers": [block(f"model.layers.{i}.") for i in range(c.n_layers)],
+            "final_norm": norm("model.norm"), **checkpoint.head(c)}
 
 
 def embed(params, c: GemmaConfig, tokens, positions):

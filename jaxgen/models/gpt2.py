@@ -13,7 +13,7 @@ import dataclasses
 
 import numpy as np
 
-from jaxgen.models import attention, layers
+from jaxgen.models import attention, checkpoint, layers
 from jaxgen.models.checkpoint import one
 from jaxgen.models.config import CheckpointError, ModelConfig, token_ids
 
@@ -84,13 +84,10 @@ def checkpoint_table(c: GPT2Config) -> dict:
             "mlp": {"up": conv(pre + "mlp.c_fc", d, inner), "down": conv(pre + "mlp.c_proj", inner, d)},
         }
 
-    table = {"embed": one("transformer.wte.weight", c.vocab_size, d),
-             "pos_embed": one("transformer.wpe.weight", c.position_limit, d),
-             "layers": [block(f"transformer.h.{i}.") for i in range(c.n_layers)],
-             "final_norm": norm("transformer.ln_f")}
-    if not c.tie_word_embeddings:
-        table["lm_head"] = one("lm_head.weight", c.vocab_size, d)
-    return table
+    return {"embed": one("transformer.wte.weight", c.vocab_size, d),
+            "pos_embed": one("transformer.wpe.weight", c.position_limit, d),
+            "layers": [block(f"transformer.h.{i}.") for i in range(c.n_layers)],
+            "final_norm": norm("transformer.ln_f"), **checkpoint.head(c)}
 
 
 def embed(params, c: GPT2Config, tokens, positions):

@@ -94,12 +94,9 @@ def checkpoint_table(c: LlamaConfig) -> dict:
                 "mlp_norm": {"scale": one(pre + "post_attention_layernorm.weight", d)},
                 "mlp": checkpoint.gated_mlp(pre + "mlp.", d, c.inner_dim, bias=c.mlp_bias, fused=c.fused_checkpoint)}
 
-    table = {"embed": one("model.embed_tokens.weight", c.vocab_size, d),
-             "layers": [block(f"model.layers.{i}.") for i in range(c.n_layers)],
-             "final_norm": {"scale": one("model.norm.weight", d)}}
-    if not c.tie_word_embeddings:
-        table["lm_head"] = one("lm_head.weight", c.vocab_size, d)
-    return table
+    return {"embed": one("model.embed_tokens.weight", c.vocab_size, d),
+            "layers": [block(f"model.layers.{i}.") for i in range(c.n_layers)],
+            "final_norm": {"scale": one("model.norm.weight", d)}, **checkpoint.head(c)}
 
 
 def embed(params, c: LlamaConfig, tokens, positions):

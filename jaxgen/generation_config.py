@@ -86,8 +86,6 @@ UNSUPPORTED = {
     "dola_layers": "DoLa decoding is not implemented in jaxgen yet",
     "constraints": "constrained beam search is not implemented in jaxgen yet",
     "force_words_ids": "constrained beam search is not implemented in jaxgen yet",
-    "output_attentions": "returning attentions is not implemented in jaxgen yet",
-    "output_hidden_states": "returning hidden states is not implemented in jaxgen yet",
     "encoder_repetition_penalty": "the encoder repetition penalty is not implemented in jaxgen yet",
     "encoder_no_repeat_ngram_size": "the encoder n-gram ban is not implemented in jaxgen yet",
     "watermarking_config": "watermarking is not implemented in jaxgen yet",

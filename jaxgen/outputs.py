@@ -5,8 +5,95 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import struct
+
+from jaxgen.models.model import LayerOutputs
+
+
+@struct.dataclass
+class LayerRecord:
+    """The attentions and hidden states of every forward pass of a decode (transformers'
+    ``output_attentions`` / ``output_hidden_states``), in static buffers allocated only when asked.
+
+    ``rows`` as the scores' (batch x beams, or batch x return sequences), ``k`` captured hidden
+    state indices. prompt_attentions: dtype[n_layers, rows, n_heads, P, P] and prompt_hidden:
+    dtype[k, rows, P, d], the prefill's; attentions: dtype[N - 1, n_layers, rows, n_heads, P + N]
+    and hidden: dtype[N - 1, k, rows, d], entry ``i`` from the forward pass of one token that
+    gives the logits of token ``i + 1``. Memory: ``n_layers x rows x n_heads x (P^2 + N (P + N))``
+    weights and ``k x rows x (P + N) x d`` states. Static: ``indices`` (the captured ones, of
+    ``n_hidden = n_layers + 1``; None when no hidden state is asked) and each layer's sliding
+    window, which crops what `trim` returns of a step to the keys transformers' sliding cache
+    layers keep.
+    """
+
+    prompt_attentions: jax.Array | None
+    attentions: jax.Array | None
+    prompt_hidden: jax.Array | None
+    hidden: jax.Array | None
+    indices: tuple[int, ...] | None = struct.field(pytree_node=False, default=None)
+    n_hidden: int = struct.field(pytree_node=False, default=0)
+    windows: tuple[int | None, ...] = struct.field(pytree_node=False, default=())
+
+    @classmethod
+    def start(cls, prompt: LayerOutputs, max_new_tokens: int, indices: tuple[int, ...] | None, n_hidden: int,
+              windows: tuple[int | None, ...]) -> "LayerRecord":
+        """Buffers holding the prefill's `LayerOutputs` (``[rows, ..., P, ...]`` each) and room
+        for ``max_new_tokens - 1`` steps."""
+        n = max_new_tokens
+        attentions = hidden = prompt_attentions = prompt_hidden = None
+        if prompt.attentions is not None:
+            prompt_attentions = jnp.stack(prompt.attentions)
+            layers, rows, heads, p, _ = prompt_attentions.shape
+            attentions = jnp.zeros((n - 1, layers, rows, heads, p + n), prompt_attentions.dtype)
+        if prompt.hidden_states is not None:
+            prompt_hidden = jnp.stack(prompt.hidden_states)
+            k, rows, _, d = prompt_hidden.shape
+            hidden = jnp.zeros((n - 1, k, rows, d), prompt_hidden.dtype)
+        return cls(prompt_attentions, attentions, prompt_hidden, hidden, indices, n_hidden, windows)
+
+    def record(self, step: jax.Array, outputs: LayerOutputs) -> "LayerRecord":
+        """Stores the `LayerOutputs` of the one-token forward pass that gives token ``step``'s
+        logits (``step >= 1``; its attentions over the cache's slots so far)."""
+        attentions, hidden = self.attentions, self.hidden
+        if attentions is not None:
+            a = jnp.stack([w[:, :, 0] for w in outputs.attentions])  # [layers, rows, heads, slots]
+            a = jnp.pad(a, [(0, 0)] * 3 + [(0, attentions.shape[-1] - a.shape[-1])])
+            attentions = jax.lax.dynamic_update_index_in_dim(attentions, a, step - 1, 0)
+        if hidden is not None:
+            h = jnp.stack([x[:, 0] for x in outputs.hidden_states])
+            hidden = jax.lax.dynamic_update_index_in_dim(hidden, h, step - 1, 0)
+        return self.replace(attentions=attentions, hidden=hidden)
+
+    def trim(self, steps: int, prompt_len: int, bucket_len: int):
+        """(attentions, hidden_states) as transformers returns them, or None each: one tuple per
+        step of one entry per layer, ``[rows, n_heads, q, kv]`` (the prompt's ``q = kv = L``, then
+        ``q = 1`` and ``kv = L + step``, a sliding layer's at most its window), and of
+        ``n_layers + 1`` entries ``[rows, q, d]`` (None where not captured)."""
+        start = bucket_len - prompt_len
+        attentions = hidden = None
+        if self.attentions is not None:
+            prompt, later = np.asarray(self.prompt_attentions), np.asarray(self.attentions)
+
+            def step_attentions(i):  # a sliding layer: its last `w` keys at most
+                end = bucket_len + i
+                return tuple(a[..., None, end - min(end - start, w or end):end]
+                             for a, w in zip(later[i - 1], self.windows))
+
+            attentions = (tuple(prompt[:, :, :, start:, start:]),) + tuple(step_attentions(i) for i in range(1, steps))
+        if self.indices is not None:
+            def spread(entries):  # the captured entries at their indices, None elsewhere
+                at = dict(zip(self.indices, entries))
+                return tuple(at.get(i) for i in range(self.n_hidden))
+
+            if self.hidden is None:  # indices that select nothing
+                hidden = (spread(()),) * steps
+            else:
+                prompt, later = np.asarray(self.prompt_hidden), np.asarray(self.hidden)
+                hidden = (spread(prompt[:, :, start:]),) + tuple(spread(later[i - 1][:, :, None])
+                                                                 for i in range(1, steps))
+        return attentions, hidden
 
 
 @struct.dataclass
@@ -26,6 +113,7 @@ class GenerateOutput:
     sequences_scores: float32[rows] length-penalised beam scores (beam search only).
     beam_indices: int32[rows, N], the ``batch * num_beams`` row each token came from, -1 after
       the beam ended (beam search only).
+    layers: the attentions and hidden states of every step (`LayerRecord`), None unless asked.
     """
 
     sequences: jax.Array
@@ -34,6 +122,7 @@ class GenerateOutput:
     logits: jax.Array | None = None
     sequences_scores: jax.Array | None = None
     beam_indices: jax.Array | None = None
+    layers: LayerRecord | None = None
     prompt_len: jax.Array | int = 0  # int32[], the prompt length as passed
     bucket_len: int = struct.field(pytree_node=False, default=0)
     output_scores: bool = struct.field(pytree_node=False, default=False)
@@ -53,12 +142,16 @@ class GenerateOutput:
         sequences = np.asarray(self.sequences)[:, start:self.bucket_len + generated]
         per_step = lambda buf: None if buf is None else tuple(np.asarray(buf[:steps]))  # noqa: E731
         has_seq_scores = self.sequences_scores is not None and self.output_scores
+        attentions, hidden_states = (None, None) if self.layers is None else self.layers.trim(
+            steps, int(self.prompt_len), self.bucket_len)
         return HFOutput(
             sequences=sequences,
             scores=per_step(self.scores),
             logits=per_step(self.logits),
             sequences_scores=np.asarray(self.sequences_scores) if has_seq_scores else None,
             beam_indices=beam_indices,
+            attentions=attentions,
+            hidden_states=hidden_states,
         )
 
 
@@ -68,7 +161,8 @@ class HFOutput:
 
     sequences: int64-compatible int32[rows, prompt_len + generated]; scores / logits: tuple of
     float32[beam_rows, V], one per step; sequences_scores: float32[rows] (beam search with
-    ``output_scores``, as transformers); beam_indices: int32[rows, generated] (beam search).
+    ``output_scores``, as transformers); beam_indices: int32[rows, generated] (beam search);
+    attentions / hidden_states: per step, per layer (see `LayerRecord.trim`).
     """
 
     sequences: np.ndarray
@@ -76,3 +170,5 @@ class HFOutput:
     logits: tuple[np.ndarray, ...] | None = None
     sequences_scores: np.ndarray | None = None
     beam_indices: np.ndarray | None = None
+    attentions: tuple[tuple[np.ndarray, ...], ...] | None = None
+    hidden_states: tuple[tuple[np.ndarray | None, ...], ...] | None = None

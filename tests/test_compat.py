@@ -166,7 +166,7 @@ BAD = [
      "not implemented"),
     (dict(penalty_alpha=0.6, top_k=4), r"penalty_alpha=0.6, .*contrastive search .*not implemented"),
     (dict(guidance_scale=1.5), r"guidance_scale=1.5, .*classifier-free guidance is not implemented"),
-    (dict(output_attentions=True), r"output_attentions=True, .*returning attentions is not implemented"),
+    (dict(dola_layers="high"), r"dola_layers='high', .*DoLa decoding is not implemented"),
     (dict(token_type_ids=np.zeros((3, 6))), r"token_type_ids=<array \[3, 6\]>, .*not implemented"),
 ]
 

@@ -158,8 +158,8 @@ def test_generation_config_argument_equals_transformers(tmp_path):
         jaxgen.greedy_search(model, ids, mask, generation_config=passed)
     with pytest.raises(ValueError, match="generation_config sets penalty_alpha=0.6, which jaxgen does not support"):
         jaxgen.generate(model, ids, mask, generation_config=GenerationConfig(penalty_alpha=0.6, top_k=4))
-    with pytest.raises(ValueError, match="generation_config sets output_attentions=True"):
-        jaxgen.generate(model, ids, mask, generation_config=GenerationConfig(output_attentions=True))
+    with pytest.raises(ValueError, match="generation_config sets token_healing=True"):
+        jaxgen.generate(model, ids, mask, generation_config=GenerationConfig(token_healing=True))
     with pytest.raises(ValueError, match=r"stop_strings=\['\.'\].*pass the token ids of the stop texts"):
         jaxgen.generate(model, ids, mask, generation_config=GenerationConfig(stop_strings=["."]))
     sequences = jaxgen.generate(model, ids, mask, generation_config=GenerationConfig(return_dict_in_generate=False))

@@ -22,9 +22,9 @@ sampling tests check that transformers, made to draw jaxgen's tokens (`hf_follow
 the same sequences and scores; beam-sampling tests check consistency (sequence scores are the
 length-normalised sums of the transition scores; one key, one output), their parity with
 transformers being test_sampling.py's ``test_beam_sampling_equals_transformers_on_the_drawn_candidates``.
-The mixin's ``_check_outputs`` is ported for scores and logits; its attention, hidden-state and
-past_key_values checks are not (jaxgen raises ``ValueError`` for ``output_attentions`` /
-``output_hidden_states`` and returns no cache).
+The mixin's ``_check_outputs`` is ported for scores, logits, attentions and hidden states (the
+dict-output tests ask for all four, as the mixin does, and compare them with transformers' eager
+attention, the one that returns weights); its past_key_values checks are not (jaxgen returns no cache).
 
 The integration tests load hub checkpoints (tiny-random-gpt2, distilgpt2, tiny-random-bart,
 t5-small) and tokenize text; here they run on the same tiny GPT-2 with token ids, their hard-coded
@@ -101,6 +101,9 @@ ATTENTION_MASK = np.tril(np.ones_like(_TESTER_IDS))[:2]
 PROMPT = _TESTER_IDS[:1]
 PROMPT_MASK = np.ones_like(PROMPT)
 
+# What the mixin's dict-output tests ask for beside scores and logits.
+LAYERS = dict(output_attentions=True, output_hidden_states=True)
+
 # GenerationTesterMixin._get_beam_kwargs()
 BEAM_KWARGS = dict(early_stopping=False, length_penalty=2.0, num_beams=2, num_return_sequences=1)
 
@@ -116,9 +119,11 @@ def _processor_kwargs(do_sample=False):
 @pytest.fixture(scope="module")
 def tiny_gpt2(tmp_path_factory):
     """(torch model, jaxgen model) on the same weights: ``torch.manual_seed(0)``,
-    ``GPT2LMHeadModel(config).eval().save_pretrained(path)``, ``jaxgen.from_pretrained(path)``."""
+    ``GPT2LMHeadModel(config).eval().save_pretrained(path)``, ``jaxgen.from_pretrained(path)``; the
+    torch model runs eager attention, as the mixin's attention checks need."""
     path = tmp_path_factory.mktemp("tiny_gpt2")
     torch_model = build_checkpoint(path, seed=0, **GPT2_TESTER_CONFIG)
+    torch_model.set_attn_implementation("eager")
     return torch_model, jaxgen.from_pretrained(path)
 
 
@@ -135,9 +140,11 @@ def _generated(out):
 
 
 def _check_outputs(output, num_return_sequences=1, num_beams=1):
-    """The scores and logits checks of GenerationTesterMixin._check_outputs: one entry per generated
-    token, each ``[internal batch, vocab]``, the internal batch being batch x num_beams with beams,
-    batch x num_return_sequences without."""
+    """GenerationTesterMixin._check_outputs (decoder-only, with cache): one entry per generated
+    token, scores and logits ``[internal batch, vocab]``, the internal batch being batch x
+    num_beams with beams, batch x num_return_sequences without; attentions per layer ``[internal
+    batch, heads, prompt, prompt]`` at the first step, then ``[internal batch, heads, 1, prompt +
+    step]``; hidden states per layer (and the embeddings) ``[internal batch, prompt or 1, hidden]``."""
     input_batch_size = output.sequences.shape[0] // num_return_sequences
     internal_batch_size = input_batch_size * (num_beams if num_beams > 1 else num_return_sequences)
     gen_len = output.sequences.shape[-1] - SEQ_LENGTH
@@ -145,6 +152,21 @@ def _check_outputs(output, num_return_sequences=1, num_beams=1):
     assert [s.shape for s in output.scores] == [(internal_batch_size, VOCAB_SIZE)] * gen_len
     assert isinstance(output.logits, tuple) and len(output.logits) == gen_len
     assert [x.shape for x in output.logits] == [(internal_batch_size, VOCAB_SIZE)] * gen_len
+    layers, heads, hidden = GPT2_TESTER_CONFIG["n_layer"], GPT2_TESTER_CONFIG["n_head"], GPT2_TESTER_CONFIG["n_embd"]
+    assert isinstance(output.attentions, tuple) and len(output.attentions) == gen_len
+    assert isinstance(output.hidden_states, tuple) and len(output.hidden_states) == gen_len
+    for step, (attentions, states) in enumerate(zip(output.attentions, output.hidden_states)):
+        query, keys = (SEQ_LENGTH, SEQ_LENGTH) if step == 0 else (1, SEQ_LENGTH + step)
+        assert isinstance(attentions, tuple) and isinstance(states, tuple)
+        assert [a.shape for a in attentions] == [(internal_batch_size, heads, query, keys)] * layers
+        assert [h.shape for h in states] == [(internal_batch_size, query, hidden)] * (layers + 1)
+
+
+def _assert_same_layers(ours, ref):
+    for name in ("attentions", "hidden_states"):
+        for step, (a, b) in enumerate(zip(getattr(ours, name), getattr(ref, name), strict=True)):
+            for x, y in zip(a, b, strict=True):
+                np.testing.assert_allclose(x, y.numpy(), atol=1e-4, rtol=0, err_msg=f"{name} at step {step}")
 
 
 def _assert_same_logits(ours, ref):
@@ -194,20 +216,18 @@ def test_greedy_generate(tiny_gpt2):
 def test_greedy_generate_dict_outputs(tiny_gpt2):
     torch_model, model = tiny_gpt2
     kw = dict(do_sample=False, num_beams=1, max_new_tokens=MAX_NEW_TOKENS, **_processor_kwargs())
-    out = jaxgen.generate(model, INPUT_IDS, ATTENTION_MASK, output_scores=True, output_logits=True, **kw).trim()
+    out = jaxgen.generate(model, INPUT_IDS, ATTENTION_MASK, output_scores=True, output_logits=True, **LAYERS,
+                          **kw).trim()
     assert isinstance(out, jaxgen.HFOutput)
     assert out.sequences.shape[-1] == MAX_NEW_TOKENS + INPUT_IDS.shape[-1]
     assert out.beam_indices is None and out.sequences_scores is None  # no beam fields, as GenerateDecoderOnlyOutput
     _check_outputs(out)
     for step, scores in enumerate(out.scores):  # each token is the best processed score of its step
         np.testing.assert_array_equal(_generated(out)[:, step], scores.argmax(-1))
-    ref = hf_generate(torch_model, INPUT_IDS, ATTENTION_MASK, output_logits=True, **kw)
+    ref = hf_generate(torch_model, INPUT_IDS, ATTENTION_MASK, output_logits=True, **LAYERS, **kw)
     assert_same_generation(out, ref)
     _assert_same_logits(out, ref)
-    # transformers also asks for attentions and hidden states here; jaxgen does not return them.
-    for flag in ("output_attentions", "output_hidden_states"):
-        with pytest.raises(ValueError, match=flag):
-            jaxgen.generate(model, INPUT_IDS, ATTENTION_MASK, **{flag: True}, **kw)
+    _assert_same_layers(out, ref)
 
 
 # --- GenerationTesterMixin: sampling --------------------------------------------------------
@@ -234,7 +254,7 @@ def test_sample_generate_dict_output(tiny_gpt2, monkeypatch):
     torch_model, model = tiny_gpt2
     kw = _sample_kwargs(num_return_sequences=2)
     out = jaxgen.generate(model, INPUT_IDS, ATTENTION_MASK, do_sample=True, key=jax.random.key(0),
-                          output_scores=True, output_logits=True, **kw).trim()
+                          output_scores=True, output_logits=True, **LAYERS, **kw).trim()
     assert isinstance(out, jaxgen.HFOutput)
     assert out.sequences.shape == (4, MAX_NEW_TOKENS + INPUT_IDS.shape[-1])
     assert out.beam_indices is None and out.sequences_scores is None
@@ -243,9 +263,10 @@ def test_sample_generate_dict_output(tiny_gpt2, monkeypatch):
     rows = np.arange(out.sequences.shape[0])
     for step, scores in enumerate(out.scores):  # every drawn token survived the warpers
         assert np.isfinite(scores[rows, _generated(out)[:, step]]).all()
-    ref = hf_following(torch_model, INPUT_IDS, ATTENTION_MASK, out, monkeypatch, **kw)
+    ref = hf_following(torch_model, INPUT_IDS, ATTENTION_MASK, out, monkeypatch, **LAYERS, **kw)
     assert_same_generation(out, ref)
     _assert_same_logits(out, ref)
+    _assert_same_layers(out, ref)
 
 
 # --- GenerationTesterMixin: beam search -----------------------------------------------------
@@ -263,16 +284,18 @@ def test_beam_search_generate(tiny_gpt2):
 def test_beam_search_generate_dict_output(tiny_gpt2):
     torch_model, model = tiny_gpt2
     kw = dict(do_sample=False, max_new_tokens=MAX_NEW_TOKENS, **BEAM_KWARGS, **_processor_kwargs())
-    out = jaxgen.generate(model, INPUT_IDS, ATTENTION_MASK, output_scores=True, output_logits=True, **kw).trim()
+    out = jaxgen.generate(model, INPUT_IDS, ATTENTION_MASK, output_scores=True, output_logits=True, **LAYERS,
+                          **kw).trim()
     assert isinstance(out, jaxgen.HFOutput)
     assert out.sequences.shape[-1] == MAX_NEW_TOKENS + INPUT_IDS.shape[-1]
     _check_outputs(out, num_return_sequences=BEAM_KWARGS["num_return_sequences"], num_beams=BEAM_KWARGS["num_beams"])
     assert out.beam_indices.shape == (2, MAX_NEW_TOKENS)
     assert ((0 <= out.beam_indices) & (out.beam_indices < 2 * BEAM_KWARGS["num_beams"])).all()
     np.testing.assert_allclose(_normalised_sums(out, BEAM_KWARGS["length_penalty"]), out.sequences_scores, atol=1e-4)
-    ref = hf_generate(torch_model, INPUT_IDS, ATTENTION_MASK, output_logits=True, **kw)
+    ref = hf_generate(torch_model, INPUT_IDS, ATTENTION_MASK, output_logits=True, **LAYERS, **kw)
     assert_same_generation(out, ref, beams=True)
     _assert_same_logits(out, ref)
+    _assert_same_layers(out, ref)
 
 
 # --- GenerationTesterMixin: beam sampling ---------------------------------------------------
@@ -293,7 +316,7 @@ def test_beam_sample_generate_dict_output(tiny_gpt2):
     _, model = tiny_gpt2
     kw = dict(do_sample=True, max_new_tokens=MAX_NEW_TOKENS, **BEAM_KWARGS, **_processor_kwargs(do_sample=True))
     out = jaxgen.generate(model, INPUT_IDS, ATTENTION_MASK, key=jax.random.key(0), output_scores=True,
-                          output_logits=True, **kw).trim()
+                          output_logits=True, **LAYERS, **kw).trim()
     assert isinstance(out, jaxgen.HFOutput)
     assert out.sequences.shape[-1] == MAX_NEW_TOKENS + INPUT_IDS.shape[-1]
     _check_outputs(out, num_return_sequences=BEAM_KWARGS["num_return_sequences"], num_beams=BEAM_KWARGS["num_beams"])

@@ -37,7 +37,8 @@ DEFAULTS: dict[str, Any] = {
     "forced_bos_token_id": None, "forced_eos_token_id": None,
     "exponential_decay_length_penalty": None, "renormalize_logits": False,
     "remove_invalid_values": False, "logits_processor": (),
-    "output_scores": False, "output_logits": False, "return_dict_in_generate": True,  # jaxgen's default
+    "output_scores": False, "output_logits": False, "output_attentions": False, "output_hidden_states": False,
+    "return_dict_in_generate": True,  # jaxgen's default
     "stop_sequences": None, "streamer": None, "prompt_bucket": 32, "key": None,
     "prompt_lookup_num_tokens": None, "max_matching_ngram_size": None,
     "mesh": None, "data_axis": "data", "model_axis": "model",
@@ -378,9 +379,14 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
         _fail("logits_processor", f"<{', '.join(torch_procs)}>",
               "transformers' processors run on torch tensors; pass the matching generate argument "
               "(temperature=..., top_p=..., ...) or a JAX function fn(scores, ctx) -> scores")
-    for name in ("renormalize_logits", "remove_invalid_values", "output_scores", "output_logits"):
+    for name in ("renormalize_logits", "remove_invalid_values", "output_scores", "output_logits",
+                 "output_attentions"):
         _bool(kw, name)
     return_dict = _bool(kw, "return_dict_in_generate")
+    hidden_states = _hidden_state_indices(kw["output_hidden_states"], config.n_layers + 1)
+    attentions = kw["output_attentions"]
+    if not return_dict:  # transformers returns the sequences alone and keeps nothing else
+        attentions, hidden_states = False, None
 
     suppressed = set(suppress or ())
     banned = suppressed | {w[0] for w in bad_words or () if len(w) == 1 and w[0] not in eos_ids}
@@ -442,11 +448,21 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
         logits_processor=tuple(UserProcessor(p) for p in user_procs),
         renormalize_logits=kw["renormalize_logits"], neutral=neutral_processors, **sampling,
     )
+    if attentions or hidden_states is not None:
+        asked = "output_attentions" if attentions else "output_hidden_states"
+        if lookup:
+            _fail(asked, kw[asked], f"not with prompt_lookup_num_tokens={lookup}: returning them from a forward "
+                  "over drafted tokens is not implemented in jaxgen yet")
+        if config.recompute_at is not None and 1 <= config.recompute_at - prompt_len < max_new_tokens:
+            _fail(asked, kw[asked], f"this call crosses the sequence length {config.recompute_at} at which "
+                  "transformers' Phi-3 recomputes the whole sequence (its longrope factors switch); returning "
+                  "that step's outputs is not implemented in jaxgen yet: keep prompt + max_new_tokens on one side")
     spec = DecodeSpec(
         bucket_len=bucket_len, max_new_tokens=max_new_tokens,
         eos_token_ids=eos_ids, pad_token_id=pad, stop_sequences=stops or (), do_sample=do_sample, num_beams=num_beams,
         beam_search=beam_search, num_return_sequences=nrs, early_stopping=early_stopping,
-        output_scores=kw["output_scores"], output_logits=kw["output_logits"], stream=streamer is not None,
+        output_scores=kw["output_scores"], output_logits=kw["output_logits"], output_attentions=attentions,
+        output_hidden_states=hidden_states, stream=streamer is not None,
         mesh=mesh, data_axis=data_axis, model_axis=model_axis,
         recompute=config.recompute_at is not None and 1 <= config.recompute_at - prompt_len < max_new_tokens,
         lookup=lookup or 0, lookup_ngram=(lookup_ngram or 2) if lookup else 0,
@@ -460,6 +476,22 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
     padded_ids, padded_mask = _left_pad(ids, mask, bucket_len, pad if pad is not None else 0)
     return Request(spec, padded_ids, padded_mask, jnp.int32(prompt_len), processors, key, jnp.float32(length_penalty),
                    streamer, return_dict, ids)
+
+
+def _hidden_state_indices(value, n_hidden: int) -> tuple[int, ...] | None:
+    """transformers' ``output_hidden_states`` -> the sorted indices it selects of the model's
+    ``n_hidden`` hidden states: True all of them; an int or a list of ints those (negative ones
+    from the end; out of range ones select nothing, as there, which still returns a None per
+    hidden state); a falsy value (False, 0, []) None: none asked, as transformers' generate takes it."""
+    if isinstance(value, (bool, np.bool_)) or value is None:
+        return tuple(range(n_hidden)) if value else None
+    items = [value] if _is_int(value) else value
+    if not isinstance(items, (list, tuple)) or not all(_is_int(i) for i in items):
+        _fail("output_hidden_states", value, "expected True / False, or a layer index or a list of them (indices "
+              f"into the model's {n_hidden} hidden states: the embeddings, then one per layer)")
+    if not value:
+        return None
+    return tuple(sorted({int(i) % n_hidden for i in items if -n_hidden <= i < n_hidden}))
 
 
 def _default_mask(ids, pad: int | None, eos_ids: tuple[int, ...]):

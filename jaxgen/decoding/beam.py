@@ -26,7 +26,7 @@ from jaxgen.decoding import engine, select
 from jaxgen.decoding.engine import DecodeSpec
 from jaxgen.models.cache import KVCache
 from jaxgen.models.model import CausalLM
-from jaxgen.outputs import GenerateOutput
+from jaxgen.outputs import GenerateOutput, LayerRecord
 
 BIG = -1.0e9
 
@@ -62,6 +62,7 @@ class BeamState:
     positions: jax.Array
     scores: jax.Array | None
     raw_logits: jax.Array | None
+    layers: LayerRecord | None
 
 
 def _gather(x: jax.Array, idx: jax.Array) -> jax.Array:
@@ -114,6 +115,7 @@ def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, k
         positions=pre.positions,
         scores=engine.score_buffer(spec.output_scores, spec, batch * beams, vocab),
         raw_logits=engine.score_buffer(spec.output_logits, spec, batch * beams, vocab),
+        layers=engine.layer_record(model, pre, spec),
     )
     top_num_beam_mask = jnp.arange(keep) < beams
     batch_offset = jnp.arange(batch, dtype=jnp.int32)[:, None] * beams
@@ -186,9 +188,10 @@ def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, k
             redo = (when, s.running_sequences.reshape(batch * beams, -1), jnp.repeat(pre.kv_mask, beams, 0))
         reads = pre.kv_mask[:, None, :, None] & (ancestry[..., None] == jnp.arange(beams))  # [batch, beams, S, beams]
         tokens = jax.lax.dynamic_index_in_dim(s.running_sequences, column, axis=2, keepdims=False).reshape(-1)
-        logits, cache = engine.decode_step(model, tokens, s.positions, reads.reshape(batch * beams, -1, beams),
-                                           s.cache, column, spec, redo)
-        return s.replace(logits=logits, cache=cache, ancestry=ancestry, positions=s.positions + 1)
+        logits, cache, outputs = engine.decode_step(model, tokens, s.positions, reads.reshape(batch * beams, -1, beams),
+                                                    s.cache, column, spec, redo)
+        return s.replace(logits=logits, cache=cache, ancestry=ancestry, positions=s.positions + 1,
+                         layers=engine.record_layers(s.layers, s.step, outputs))
 
     final = engine.run_loop(state, choose, advance, spec)
     r = spec.num_return_sequences
@@ -199,5 +202,6 @@ def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, k
         logits=final.raw_logits,
         sequences_scores=final.beam_scores[:, :r].reshape(-1),
         beam_indices=final.beam_indices[:, :r].reshape(batch * r, -1),
+        layers=final.layers,
         prompt_len=prompt_len, bucket_len=spec.bucket_len, output_scores=spec.output_scores,
     )

@@ -27,8 +27,9 @@ from jax.experimental import io_callback
 
 from jaxgen import sharding
 from jaxgen.models.cache import KVCache
-from jaxgen.models.model import CausalLM, forward, positions_from_mask
+from jaxgen.models.model import Capture, CausalLM, LayerOutputs, forward, positions_from_mask
 from jaxgen.models.model import logits as logits_of
+from jaxgen.outputs import LayerRecord
 from jaxgen.processors import ProcessorContext, apply
 
 
@@ -52,6 +53,8 @@ class DecodeSpec:
     early_stopping: bool | str = False
     output_scores: bool = False
     output_logits: bool = False
+    output_attentions: bool = False
+    output_hidden_states: tuple[int, ...] | None = None  # indices of the n_layers + 1 hidden states (`Capture`)
     stream: bool = False  # call the registered streamer's put() from inside the loop
     mesh: jax.sharding.Mesh | None = None  # rows split along data_axis, heads along model_axis
     data_axis: str | None = None
@@ -64,6 +67,13 @@ class DecodeSpec:
     @property
     def total_len(self) -> int:
         return self.bucket_len + self.max_new_tokens
+
+    @property
+    def capture(self) -> Capture | None:
+        """What each forward pass returns beside its logits, or None."""
+        if not self.output_attentions and self.output_hidden_states is None:
+            return None
+        return Capture(self.output_attentions, self.output_hidden_states)
 
     @property
     def row_shards(self) -> int:
@@ -106,7 +116,8 @@ class Prefilled:
     share the prompt's ``P`` slots, stored once per group (``share_prompt=True``); kv_mask:
     bool[rows, P + N] (bool[batch, P + N] when shared); positions: int32[rows], position id of
     the next token; pad_lengths: int32[rows], left padding of each prompt as passed (its first
-    unmasked column, as transformers' ``padding_lengths``).
+    unmasked column, as transformers' ``padding_lengths``); outputs: the prompt's `LayerOutputs`
+    per row when ``spec.capture`` asks for them, else None.
     """
 
     logits: jax.Array
@@ -114,6 +125,7 @@ class Prefilled:
     kv_mask: jax.Array
     positions: jax.Array
     pad_lengths: jax.Array
+    outputs: LayerOutputs | None = None
 
 
 def prefill(model: CausalLM, input_ids: jax.Array, attention_mask: jax.Array, prompt_len: jax.Array, spec: DecodeSpec,
@@ -123,7 +135,8 @@ def prefill(model: CausalLM, input_ids: jax.Array, attention_mask: jax.Array, pr
     cache grouped by ``expand`` rows that all read the prompt's slots, stored once per group.
     ``prompt_len``: int32[], L. The prompt's keys and values are written into a cache of the final
     layout, so neither the cache nor its prompt part is copied afterwards. ``rings=False``: no
-    sliding layer keeps a ring (for a decoder that writes several slots a step)."""
+    sliding layer keeps a ring (for a decoder that writes several slots a step, or one that
+    returns attention weights over every slot)."""
     def rows(x):
         return jnp.repeat(x, expand, axis=0)
 
@@ -132,19 +145,24 @@ def prefill(model: CausalLM, input_ids: jax.Array, attention_mask: jax.Array, pr
     mask = attention_mask.astype(bool)
     kv_mask = jnp.concatenate([mask, jnp.ones((batch, spec.max_new_tokens), bool)], axis=1)
     positions = positions_from_mask(attention_mask)
-    hidden, prompt = forward(model, input_ids, positions, mask, row_shards=spec.row_shards)  # prompt: its keys, values
+    absent = None if spec.capture is None else spec.bucket_len - prompt_len
+    hidden, prompt, *outputs = forward(model, input_ids, positions, mask, row_shards=spec.row_shards,
+                                       capture=spec.capture, absent=absent)  # prompt: its keys, values
+    outputs = jax.tree.map(rows, outputs[0]) if outputs else None
+    rings = rings and not spec.output_attentions
     first_real = jnp.argmax(attention_mask, axis=-1).astype(jnp.int32) - (spec.bucket_len - prompt_len)
     pad_lengths = jnp.where(attention_mask.any(-1), first_real, 0)  # an empty row: 0, as transformers' argmax
     logits = logits_of(model, hidden[:, -1], spec.row_shards)
     logits, positions, pad_lengths = map(rows, (logits, positions[:, -1] + 1, pad_lengths))
     if share_prompt:
-        cache = model.init_cache(batch, spec.bucket_len + spec.phase_ends[0], expand, spec.bucket_len, spec.total_len)
+        cache = model.init_cache(batch, spec.bucket_len + spec.phase_ends[0], expand, spec.bucket_len,
+                                 spec.total_len if rings else None)
     else:
         prompt, kv_mask = prompt.repeat(expand), rows(kv_mask)
         cache = model.init_cache(batch * expand, spec.bucket_len + spec.phase_ends[0],
                                  ring_below=spec.total_len if rings else None)
     cache = pin_cache(pin_cache(cache, spec).fill_prompt(prompt), spec)
-    return Prefilled(pin_rows(logits, spec), cache, pin_rows(kv_mask, spec), positions, pad_lengths)
+    return Prefilled(pin_rows(logits, spec), cache, pin_rows(kv_mask, spec), positions, pad_lengths, outputs)
 
 
 def pin_cache(cache: KVCache, spec: DecodeSpec) -> KVCache:
@@ -158,15 +176,17 @@ def pin_rows(x: jax.Array, spec: DecodeSpec) -> jax.Array:
 
 
 def decode_step(model: CausalLM, tokens: jax.Array, positions: jax.Array, kv_mask: jax.Array, cache: KVCache,
-                slot: jax.Array, spec: DecodeSpec, redo=None) -> tuple[jax.Array, KVCache]:
-    """Feeds ``tokens: int32[rows]`` at cache slot ``slot``; returns float32[rows, V] logits.
+                slot: jax.Array, spec: DecodeSpec, redo=None) -> tuple[jax.Array, KVCache, LayerOutputs | None]:
+    """Feeds ``tokens: int32[rows]`` at cache slot ``slot``; returns float32[rows, V] logits, the
+    cache, and the step's `LayerOutputs` where ``spec.capture`` asks for them (else None).
 
     ``redo``: with ``spec.recompute``, ``(when: bool[], sequences: int32[rows, S], mask:
     bool[rows, S])``: when ``when``, the whole sequence runs again instead and its keys and values
     replace the cache (`recomputes`)."""
     def one():
-        hidden, new = forward(model, tokens[:, None], positions[:, None], kv_mask, cache, slot, spec.row_shards)
-        return logits_of(model, hidden[:, 0], spec.row_shards), pin_cache(new, spec)
+        hidden, new, *outputs = forward(model, tokens[:, None], positions[:, None], kv_mask, cache, slot,
+                                        spec.row_shards, spec.capture)
+        return logits_of(model, hidden[:, 0], spec.row_shards), pin_cache(new, spec), *(outputs or [None])
 
     if redo is None:
         return one()
@@ -179,7 +199,7 @@ def decode_step(model: CausalLM, tokens: jax.Array, positions: jax.Array, kv_mas
                                row_shards=spec.row_shards)
         last = jax.lax.dynamic_index_in_dim(hidden, slot, axis=1, keepdims=False)
         rows = rows.regroup(cache.group, cache.shared, cache.rings, slot)
-        return logits_of(model, last, spec.row_shards), pin_cache(rows, spec)
+        return logits_of(model, last, spec.row_shards), pin_cache(rows, spec), None
 
     return jax.lax.cond(when, again, one)
 
@@ -235,6 +255,20 @@ def score_buffer(enabled: bool, spec: DecodeSpec, rows: int, vocab: int) -> jax.
 
 def record(buffer: jax.Array | None, step: jax.Array, value: jax.Array) -> jax.Array | None:
     return None if buffer is None else jax.lax.dynamic_update_index_in_dim(buffer, value, step, 0)
+
+
+def layer_record(model: CausalLM, pre: Prefilled, spec: DecodeSpec) -> LayerRecord | None:
+    """The buffers of the attentions and hidden states ``spec`` asks for, holding the prefill's;
+    None (nothing allocated) when it asks for none."""
+    if pre.outputs is None:
+        return None
+    c = model.config
+    return LayerRecord.start(pre.outputs, spec.max_new_tokens, spec.output_hidden_states, c.n_layers + 1,
+                             tuple(c.window(i) for i in range(c.n_layers)))
+
+
+def record_layers(buffers: LayerRecord | None, step: jax.Array, outputs: LayerOutputs | None) -> LayerRecord | None:
+    return None if buffers is None else buffers.record(step, outputs)
 
 
 def hits_stop(sequences: jax.Array, column: jax.Array, first_column: jax.Array, spec: DecodeSpec) -> jax.Array:

@@ -15,7 +15,7 @@ from jaxgen.decoding import engine, select
 from jaxgen.decoding.engine import DecodeSpec
 from jaxgen.models.cache import KVCache
 from jaxgen.models.model import CausalLM
-from jaxgen.outputs import GenerateOutput
+from jaxgen.outputs import GenerateOutput, LayerRecord
 
 
 @struct.dataclass
@@ -24,7 +24,8 @@ class TokenState:
 
     step: int32[] tokens generated so far; sequences: int32[rows, P + N];
     logits: float32[rows, V] raw logits for token ``step``; cache; positions: int32[rows];
-    unfinished: bool[rows]; done: bool[]; scores / raw_logits: float32[N, rows, V] or None.
+    unfinished: bool[rows]; done: bool[]; scores / raw_logits: float32[N, rows, V] or None;
+    layers: attentions and hidden states (`LayerRecord`) or None.
     """
 
     step: jax.Array
@@ -36,6 +37,7 @@ class TokenState:
     done: jax.Array
     scores: jax.Array | None
     raw_logits: jax.Array | None
+    layers: LayerRecord | None
 
 
 def select_token(scores: jax.Array, key: jax.Array | None, step: jax.Array, do_sample: bool) -> jax.Array:
@@ -61,6 +63,7 @@ def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, k
         done=jnp.zeros((), bool),
         scores=engine.score_buffer(spec.output_scores, spec, rows, vocab),
         raw_logits=engine.score_buffer(spec.output_logits, spec, rows, vocab),
+        layers=engine.layer_record(model, pre, spec),
     )
 
     def choose(s: TokenState) -> TokenState:
@@ -85,12 +88,14 @@ def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, k
         redo = None
         if spec.recompute:
             redo = (engine.recomputes(model, prompt_len, s.step, spec), s.sequences, pre.kv_mask)
-        logits, cache = engine.decode_step(model, tokens, s.positions, pre.kv_mask, s.cache, column, spec, redo)
-        return s.replace(logits=logits, cache=cache, positions=s.positions + 1)
+        logits, cache, outputs = engine.decode_step(model, tokens, s.positions, pre.kv_mask, s.cache, column, spec,
+                                                    redo)
+        return s.replace(logits=logits, cache=cache, positions=s.positions + 1,
+                         layers=engine.record_layers(s.layers, s.step, outputs))
 
     final = engine.run_loop(state, choose, advance, spec)
     return GenerateOutput(
         sequences=final.sequences, num_steps=final.step, scores=final.scores, logits=final.raw_logits,
-        sequences_scores=None, beam_indices=None,
+        sequences_scores=None, beam_indices=None, layers=final.layers,
         prompt_len=prompt_len, bucket_len=spec.bucket_len, output_scores=spec.output_scores,
     )

@@ -27,35 +27,42 @@ class View:
     masks: dict
     cache: KVCache | None
     slot: jax.Array | int
+    absent: jax.Array | None = None
+    weights: bool = False
 
     def layer(self, index: int, window: int | None) -> "Layer":
         """Layer ``index``'s part of the view."""
         cache = self.cache
         if cache is None:
-            return Layer(self.masks[window], None, None, self.slot, jnp.int32(index), window)
-        return Layer(self.masks[window], cache.keys[index], cache.values[index], self.slot, jnp.int32(index), window,
-                     cache.group, cache.shared, cache.ring(index))
+            return Layer(self.masks[window], None, None, self.slot, jnp.int32(index), self.absent, window,
+                         weights=self.weights)
+        return Layer(self.masks[window], cache.keys[index], cache.values[index], self.slot, jnp.int32(index),
+                     self.absent, window, cache.group, cache.shared, cache.ring(index), self.weights)
 
 
 @struct.dataclass
 class Layer:
     """One layer's attention state: the slots its queries may read (``mask``, bool[batch,
     group, seq, length]), its cache arrays (None in a pass without a cache), the chunk's first
-    slot, the layer's index (traced, so that the layers of a model share one traced function)
-    and, static, its sliding window, the cache's grouping and the layer's ring (see `KVCache`)."""
+    slot, the layer's index (traced, so that the layers of a model share one traced function),
+    ``absent`` (see `view`) and, static, its sliding window, the cache's grouping, the layer's ring
+    (see `KVCache`) and whether it returns its attention weights."""
 
     mask: jax.Array
     keys: jax.Array | None
     values: jax.Array | None
     slot: jax.Array | int
     index: jax.Array
+    absent: jax.Array | None = None
     window: int | None = struct.field(pytree_node=False, default=None)
     group: int = struct.field(pytree_node=False, default=1)
     shared: int = struct.field(pytree_node=False, default=0)
     ring: int | None = struct.field(pytree_node=False, default=None)
+    weights: bool = struct.field(pytree_node=False, default=False)
 
 
-def view(kv_mask: jax.Array, seq: int, cache: KVCache | None, slot, windows) -> View:
+def view(kv_mask: jax.Array, seq: int, cache: KVCache | None, slot, windows, absent: jax.Array | None = None,
+         weights: bool = False) -> View:
     """The `View` of a chunk of ``seq`` tokens written at ``slot``.
 
     kv_mask: which key slots each row may read, before the causal and window limits:
@@ -66,6 +73,11 @@ def view(kv_mask: jax.Array, seq: int, cache: KVCache | None, slot, windows) -> 
     slots ``t <= q``, and ``t > q - window`` in a layer with a sliding window. A layer that keeps
     a ring (`KVCache`) is masked over its ring: index ``j`` holds slot ``q - ((q - j) % ring)``,
     and of a prompt slot, which every row of a group holds, each row reads its own copy.
+
+    ``absent``: int32[], the slots before it hold no token at all (bucket padding) rather than a
+    masked one: a query that may read nothing spreads its weight evenly over the other slots, as
+    transformers' does over its unbucketed prompt (the padding rows of a prefill, whose values
+    only attentions and hidden states show). ``weights``: the layers return their attention weights.
     """
     group = 1 if cache is None else cache.group
     kv_len = seq if cache is None else cache.max_len
@@ -88,7 +100,7 @@ def view(kv_mask: jax.Array, seq: int, cache: KVCache | None, slot, windows) -> 
         reach = t <= query if window is None else (t <= query) & (t > query - window)  # [rows, seq, kv_len]
         m = allowed & reach.reshape(-1, group, seq, kv_len, 1)  # [batch, g, seq, kv_len, r]
         masks[window] = jnp.concatenate([m[..., :shared, :].any(-1), m[..., shared:, :].reshape(*m.shape[:3], -1)], -1)
-    return View(masks, cache, slot)
+    return View(masks, cache, slot, absent, weights)
 
 
 def _ring_mask(kv_mask, query, ring: int, shared: int, group: int):
@@ -110,20 +122,36 @@ def attention(q, k, v, layer: Layer, *, scale, upcast: bool = False, softcap: fl
     keys); ``scale``: the factor on ``q . k`` (may be traced). ``upcast``: scale the queries
     before the product, all in float32 (GPT-2's ``reorder_and_upcast_attn``). ``softcap``: scaled
     scores become ``softcap * tanh(score / softcap)`` before the mask (Gemma 2). Returns
-    (dtype[rows, seq, n_heads * head_dim], the layer's keys and values in the cache layout).
+    (dtype[rows, seq, n_heads * head_dim], the layer's keys and values in the cache layout), and
+    with ``layer.weights`` its attention weights after them: dtype[rows, n_heads, seq, max_len],
+    over the slots in sequence order (each row's own history, whichever row of its group holds it).
     """
     if layer.keys is None:
         kt, vt = stored(to_layout(k, 1, keys=True)), stored(to_layout(v, 1, keys=False))
     else:
         kt, vt = write(layer.keys, layer.values, k, v, layer.slot, layer.group, layer.shared, layer.ring)
-    out = attend(q, loaded(kt, k.dtype), loaded(vt, v.dtype), layer.mask, layer.group, scale, upcast, softcap)
-    return out, (kt, vt)
+    out, weights = attend(q, loaded(kt, k.dtype), loaded(vt, v.dtype), layer.mask, layer.group, scale, upcast,
+                          softcap, layer.absent)
+    if not layer.weights:
+        return out, (kt, vt)
+    if layer.ring is not None:
+        raise ValueError("attention weights are returned over whole slots, not a ring's")
+    rows, s, h, _ = q.shape
+    kvh = kt.shape[-3]
+    w = weights.reshape(rows // layer.group, kvh, layer.group, s, h // kvh, -1).transpose(0, 2, 1, 4, 3, 5)
+    w = w.reshape(rows, h, s, -1)
+    if layer.group > 1:  # slot t of row r sits in one of its group's copies; the others weigh 0
+        shared = layer.shared
+        w = jnp.concatenate([w[..., :shared], w[..., shared:].reshape(rows, h, s, -1, layer.group).sum(-1)], -1)
+    return out, (kt, vt, w)
 
 
-def attend(q, kt, v, mask, group: int, scale: float, upcast: bool = False, softcap: float | None = None):
+def attend(q, kt, v, mask, group: int, scale: float, upcast: bool = False, softcap: float | None = None,
+           absent: jax.Array | None = None):
     """q: [b * g, s, h, hd]; kt: [b, kvh, hd, L] (keys transposed); v: [b, kvh, L, hd]; mask:
-    bool[b, g, s, L] -> [b * g, s, h * hd]. With ``b == 1``, kt and v come without their batch
-    dim (`KVCache`'s layout) and the products are taken without it."""
+    bool[b, g, s, L] -> ([b * g, s, h * hd], the weights [b, kvh, g * s * heads, L]). With ``b ==
+    1``, kt and v come without their batch dim (`KVCache`'s layout) and the products are taken
+    without it. ``absent``: slots before it weigh 0 even for a query that may read nothing (`view`)."""
     rows, s, h, hd = q.shape
     b, kvh = rows // group, kt.shape[-3]
     heads = h // kvh  # query heads per kv head
@@ -140,7 +168,9 @@ def attend(q, kt, v, mask, group: int, scale: float, upcast: bool = False, softc
         scores = jnp.einsum("...mk,...kn->...mn", q, kt, preferred_element_type=jnp.float32)
     scores = soft_cap(scores * scale, softcap).reshape(*scores.shape[:-2], group * s, heads, -1)
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    if absent is not None:
+        scores = jnp.where(jnp.arange(scores.shape[-1]) < absent, -jnp.inf, scores)
     weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(*scores.shape[:-3], group * s * heads, -1)
     out = jnp.einsum("...mk,...kn->...mn", weights, v, preferred_element_type=jnp.float32).astype(v.dtype)
     out = out.reshape(b, kvh, group, s, heads, hd).transpose(0, 2, 3, 1, 4, 5)
-    return out.reshape(rows, s, h * hd)
+    return out.reshape(rows, s, h * hd), weights

@@ -9,6 +9,7 @@ protocol::
 
     model.init_cache(batch, max_len, group, shared) -> KVCache
     forward(model, tokens, positions, kv_mask, cache, slot) -> (hidden, cache)
+    forward(..., capture=Capture(...)) -> (hidden, cache, LayerOutputs)
     logits(model, hidden) -> float32[..., vocab]
 
 and ``model.config``'s `ModelConfig` fields.
@@ -17,6 +18,7 @@ and ``model.config``'s `ModelConfig` fields.
 from __future__ import annotations
 
 import functools
+import dataclasses
 from typing import Any
 
 import jax
@@ -79,6 +81,26 @@ class CausalLM:
                              batch=batch_size, max_len=max_len, group=group, shared=shared, rings=rings)
 
 
+@dataclasses.dataclass(frozen=True)
+class Capture:
+    """What a forward pass returns beside its output (static): every layer's attention weights,
+    and the hidden states at these indices of transformers' ``n_layers + 1`` (the embeddings, the
+    output of each layer but the last, then the last's after the final norm; None: none asked)."""
+
+    attentions: bool = False
+    hidden_states: tuple[int, ...] | None = None
+
+
+@struct.dataclass
+class LayerOutputs:
+    """What a `Capture` asks of one forward pass of ``seq`` tokens over ``max_len`` slots:
+    attentions, one per layer, dtype[rows, n_heads, seq, max_len] (slots in sequence order); and
+    hidden_states, one per captured index, dtype[rows, seq, d_model]. None where not asked."""
+
+    attentions: tuple[jax.Array, ...] | None
+    hidden_states: tuple[jax.Array, ...] | None
+
+
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     """Position ids of a left-padded batch (holes too): ``cumsum(mask) - 1``, padded slots set to 0.
 
@@ -91,8 +113,9 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
 
 def forward(model: CausalLM, input_ids: jax.Array, position_ids: jax.Array, kv_mask: jax.Array,
             cache: KVCache | None = None, cache_index: jax.Array | int = 0,
-            row_shards: int = 1) -> tuple[jax.Array, KVCache]:
-    """Runs the layers over a chunk of tokens; returns the final hidden states and the cache.
+            row_shards: int = 1, capture: Capture | None = None, absent: jax.Array | None = None):
+    """Runs the layers over a chunk of tokens; returns the final hidden states and the cache
+    (and, with ``capture``, the `LayerOutputs` it asks for).
 
     Args:
       input_ids: int[rows, seq], the chunk; ``rows = batch * cache.group`` (``batch`` without a
@@ -107,6 +130,8 @@ def forward(model: CausalLM, input_ids: jax.Array, position_ids: jax.Array, kv_m
         stand at different lengths (``group == 1``).
       row_shards: static; how many devices a mesh splits the rows over (its data axis), so that
         the weight products pad each device's rows on their own (`kernels.matmul.project`).
+      capture: static; the attentions and hidden states to return (`Capture`).
+      absent: int32[]: the slots before it are bucket padding (see `attention.view`).
 
     Returns:
       hidden: dtype[rows, seq, d_model] after the final norm; the updated cache, or without one
@@ -114,17 +139,26 @@ def forward(model: CausalLM, input_ids: jax.Array, position_ids: jax.Array, kv_m
       prompt's into a longer one).
     """
     family, config, params = model.family, model.config, model.params
-    view = attention.view(kv_mask, input_ids.shape[1], cache, cache_index, config.windows)
+    view = attention.view(kv_mask, input_ids.shape[1], cache, cache_index, config.windows, absent,
+                          capture is not None and capture.attentions)
     x, rotary = family.embed(params, config, input_ids, position_ids)
-    keys, values = [], []
+    keys, values, weights, states = [], [], [], [x]
     for i, layer in enumerate(params["layers"]):
-        x, (k, v) = _block(family, config, row_shards, layer, x, rotary, view.layer(i, config.window(i)))
+        x, (k, v, *w) = _block(family, config, row_shards, layer, x, rotary, view.layer(i, config.window(i)))
         keys.append(k)
         values.append(v)
+        weights += w
+        states.append(x)
     x = family.final(params, config, x)
+    states[-1] = x
     if cache is None:
-        return x, KVCache(tuple(keys), tuple(values), max_len=input_ids.shape[1])
-    return x, cache.replace(keys=tuple(keys), values=tuple(values))
+        cache = KVCache(tuple(keys), tuple(values), max_len=input_ids.shape[1])
+    else:
+        cache = cache.replace(keys=tuple(keys), values=tuple(values))
+    if capture is None:
+        return x, cache
+    return x, cache, LayerOutputs(tuple(weights) if capture.attentions else None,
+                                  tuple(states[i] for i in capture.hidden_states or ()) or None)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))

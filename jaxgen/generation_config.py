@@ -10,7 +10,7 @@ reads the model's part when a checkpoint is loaded (it becomes ``GPT2.generation
 Only settings that change what is generated are kept: metadata, values equal to transformers'
 global defaults and settings that cannot change jaxgen's output (cache and compile knobs,
 ``bos_token_id``, ...) are dropped on load. A kept setting that jaxgen cannot honour (contrastive
-search's ``penalty_alpha``, say) raises when a call would use it, never silently.
+search's ``num_beam_groups``, say) raises when a call would use it, never silently.
 """
 
 from __future__ import annotations
@@ -75,7 +75,6 @@ UNSUPPORTED = {
     "stopping_criteria": "custom stopping criteria are host-side Python; use eos_token_id or stop_sequences",
     "prefix_allowed_tokens_fn": "a host-side Python function called at every step; pass a JAX function as "
                                 "logits_processor=[fn] instead",
-    "penalty_alpha": "contrastive search (penalty_alpha > 0) is not implemented in jaxgen yet",
     "num_beam_groups": "group (diverse) beam search is not implemented in jaxgen yet",
     "diversity_penalty": "group (diverse) beam search is not implemented in jaxgen yet",
     "guidance_scale": "classifier-free guidance is not implemented in jaxgen yet",
@@ -96,8 +95,10 @@ UNSUPPORTED = {
     "token_type_ids": "token_type_ids are not implemented in jaxgen",
     "inputs_embeds": "jaxgen starts from input_ids, not embeddings",
 }
-# Arguments that cannot change what jaxgen generates, whatever their value (beside `INERT`).
-IGNORED_ARGUMENTS = frozenset({"use_cache", "synced_gpus", "low_memory", "use_model_defaults"})
+# Arguments that cannot change what jaxgen generates, whatever their value (beside `INERT`):
+# trust_remote_code lets transformers 5.x load the strategies it moved to the hub (contrastive
+# search), which jaxgen runs from its own code.
+IGNORED_ARGUMENTS = frozenset({"use_cache", "synced_gpus", "low_memory", "use_model_defaults", "trust_remote_code"})
 
 LENGTHS = (("max_new_tokens", "max_length"), ("min_new_tokens", "min_length"))
 SAMPLING_ONLY = ("temperature", "top_h", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")

@@ -112,7 +112,8 @@ def test_arguments_that_change_nothing_are_accepted(eos_model):
     kw = dict(max_new_tokens=4, eos_token_id=EOS, pad_token_id=PAD)
     plain = jaxgen.generate(model, ids, mask, **kw).trim().sequences
     for extra in (dict(use_cache=True), dict(use_cache=False), dict(output_attentions=False),
-                  dict(output_hidden_states=False), dict(synced_gpus=False), dict(num_beam_groups=1),
+                  dict(trust_remote_code=True), dict(output_hidden_states=False), dict(synced_gpus=False),
+                  dict(num_beam_groups=1),
                   dict(diversity_penalty=0.0), dict(penalty_alpha=None), dict(guidance_scale=1.0),
                   dict(low_memory=True), dict(cache_implementation="static")):
         np.testing.assert_array_equal(_quiet(jaxgen.generate, model, ids, mask, **kw, **extra).trim().sequences, plain)
@@ -164,7 +165,7 @@ BAD = [
     (dict(num_beams=4, num_beam_groups=2, diversity_penalty=0.5),
      r"(num_beam_groups=2|diversity_penalty=0.5), which jaxgen does not support \(group \(diverse\) beam search is "
      "not implemented"),
-    (dict(penalty_alpha=0.6, top_k=4), r"penalty_alpha=0.6, .*contrastive search .*not implemented"),
+    (dict(penalty_alpha=0.6), r"top_k=50 is not allowed: contrastive search .* vocabulary of 48"),
     (dict(guidance_scale=1.5), r"guidance_scale=1.5, .*classifier-free guidance is not implemented"),
     (dict(dola_layers="high"), r"dola_layers='high', .*DoLa decoding is not implemented"),
     (dict(token_type_ids=np.zeros((3, 6))), r"token_type_ids=<array \[3, 6\]>, .*not implemented"),

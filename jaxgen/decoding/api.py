@@ -15,17 +15,20 @@ import jax
 import numpy as np
 
 from jaxgen import generation_config, sharding
-from jaxgen.decoding import args, beam, engine, greedy, lookup
+from jaxgen.decoding import args, beam, contrastive, engine, greedy, lookup
 from jaxgen.decoding.engine import DecodeSpec
 from jaxgen.models.model import CausalLM
 from jaxgen.outputs import GenerateOutput
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
-def _decode(model, input_ids, attention_mask, prompt_len, processors, key, length_penalty, streamer_id, *,
-            spec: DecodeSpec) -> GenerateOutput:
+def _decode(model, input_ids, attention_mask, prompt_len, processors, key, length_penalty, penalty_alpha, streamer_id,
+            *, spec: DecodeSpec) -> GenerateOutput:
     if spec.beam_search:
         return beam.decode(model, input_ids, attention_mask, prompt_len, processors, key, length_penalty, spec)
+    if spec.contrastive:
+        return contrastive.decode(model, input_ids, attention_mask, prompt_len, processors, penalty_alpha, streamer_id,
+                                  spec)
     if spec.lookup:
         return lookup.decode(model, input_ids, attention_mask, prompt_len, processors, key, streamer_id, spec)
     return greedy.decode(model, input_ids, attention_mask, prompt_len, processors, key, streamer_id, spec)
@@ -33,7 +36,7 @@ def _decode(model, input_ids, attention_mask, prompt_len, processors, key, lengt
 
 def _operands(req: args.Request):
     return (req.input_ids, req.attention_mask, req.prompt_len, req.processors, req.key, req.length_penalty,
-            req.streamer_id)
+            req.penalty_alpha, req.streamer_id)
 
 
 def _streaming(req: args.Request, input_ids, run: Callable[[], GenerateOutput]) -> GenerateOutput:

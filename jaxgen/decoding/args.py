@@ -40,7 +40,7 @@ DEFAULTS: dict[str, Any] = {
     "output_scores": False, "output_logits": False, "output_attentions": False, "output_hidden_states": False,
     "return_dict_in_generate": True,  # jaxgen's default
     "stop_sequences": None, "streamer": None, "prompt_bucket": 32, "key": None,
-    "prompt_lookup_num_tokens": None, "max_matching_ngram_size": None,
+    "prompt_lookup_num_tokens": None, "max_matching_ngram_size": None, "penalty_alpha": None,
     "mesh": None, "data_axis": "data", "model_axis": "model",
 }
 HF_MAX_NEW_TOKENS = 20  # without a length: max_length = prompt + 20, at most max_position_embeddings
@@ -62,6 +62,7 @@ class Request:
     processors: tuple
     key: Any
     length_penalty: Any
+    penalty_alpha: Any  # float32[], contrastive search's
     streamer: Any = None  # host object with put(np.ndarray) and end()
     return_dict: bool = True  # False: the call returns the sequences alone, as transformers
     prompt: Any = None  # int[batch, L], the prompt as passed (bos_token_id where it was None)
@@ -310,8 +311,23 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
     if length_penalty is None:
         _fail("length_penalty", None, "expected a number")
     beam_search = num_beams > 1 if beam_search is None else beam_search
+    penalty_alpha = _float(kw, "penalty_alpha")
+    top_k = _int(kw, "top_k", 0)
+    top_k = HF_TOP_K if top_k is None else top_k
+    # transformers' dispatch (GenerationConfig.get_generation_mode)
+    contrastive = top_k if not beam_search and not do_sample and top_k > 1 and (penalty_alpha or 0) > 0 else 0
     lookup = _int(kw, "prompt_lookup_num_tokens", 1)
     lookup_ngram = _int(kw, "max_matching_ngram_size", 1)
+    if contrastive:
+        if contrastive > vocab:
+            _fail("top_k", top_k, f"contrastive search (penalty_alpha={penalty_alpha}) takes the top_k most probable "
+                  f"tokens as candidates, at most the model's vocabulary of {vocab} (transformers' topk fails too)")
+        if kwargs.get("use_cache") is False:
+            _fail("use_cache", False, "contrastive search (penalty_alpha > 0, top_k > 1) needs the cache (as in "
+                  "transformers)")
+        if lookup:
+            _fail("prompt_lookup_num_tokens", lookup, f"not with contrastive search (penalty_alpha={penalty_alpha}, "
+                  f"top_k={top_k}): assisted decoding extends greedy search and sampling only (as in transformers)")
     if lookup:
         for name, bad, why in (("num_beams", beam_search, "prompt lookup decoding is greedy search; it takes no beams "
                                 "(as in transformers)"),
@@ -330,8 +346,7 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
     if do_sample:
         sampling["temperature"] = _float(kw, "temperature", 0.0)
         sampling["top_h"] = _float(kw, "top_h", 0.0, 1.0)
-        top_k = _int(kw, "top_k", 0)
-        sampling["top_k"] = HF_TOP_K if top_k is None else top_k
+        sampling["top_k"] = top_k
         sampling["top_p"] = _float(kw, "top_p", 0.0, 1.0)
         sampling["min_p"] = _float(kw, "min_p", 0.0, 1.0, low_open=False)
         sampling["typical_p"] = _float(kw, "typical_p", 0.0, 1.0)
@@ -343,6 +358,8 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
         key = _prng_key(key)
     else:
         for name in generation_config.SAMPLING_ONLY:  # transformers ignores them, warning where not defaults
+            if name == "top_k" and penalty_alpha is not None:  # contrastive search's, or meant for it
+                continue
             if kw[name] is not None and kw[name] != SAMPLING_DEFAULTS[name] and name in kwargs:
                 warnings.warn(f"do_sample is not set to True. However, {name} is set to {kw[name]} -- this flag is "
                               f"only used in sample-based generation modes. You should set do_sample=True or unset "
@@ -450,6 +467,9 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
     )
     if attentions or hidden_states is not None:
         asked = "output_attentions" if attentions else "output_hidden_states"
+        if contrastive:
+            _fail(asked, kw[asked], "contrastive search returning attentions or hidden states is not implemented "
+                  "in jaxgen yet")
         if lookup:
             _fail(asked, kw[asked], f"not with prompt_lookup_num_tokens={lookup}: returning them from a forward "
                   "over drafted tokens is not implemented in jaxgen yet")
@@ -465,9 +485,13 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
         output_hidden_states=hidden_states, stream=streamer is not None,
         mesh=mesh, data_axis=data_axis, model_axis=model_axis,
         recompute=config.recompute_at is not None and 1 <= config.recompute_at - prompt_len < max_new_tokens,
-        lookup=lookup or 0, lookup_ngram=(lookup_ngram or 2) if lookup else 0,
+        contrastive=contrastive, lookup=lookup or 0, lookup_ngram=(lookup_ngram or 2) if lookup else 0,
     )
     ropes = [getattr(config, f.name) for f in dataclasses.fields(config) if isinstance(getattr(config, f.name), Rope)]
+    if spec.contrastive and spec.recompute:
+        _fail("penalty_alpha", penalty_alpha, f"this call crosses the sequence length {config.recompute_at} at which "
+              "transformers' Phi-3 recomputes the whole sequence; contrastive search across it is not implemented "
+              "in jaxgen yet: keep prompt + max_new_tokens on one side")
     if spec.lookup and any(r.dynamic is not None or r.long_inv_freq is not None for r in ropes):
         _fail("prompt_lookup_num_tokens", lookup, "this model's rotary embedding depends on the sequence length "
               "(dynamic or longrope scaling), which a forward over drafted tokens would change; prompt lookup "
@@ -475,7 +499,7 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
     spec = dataclasses.replace(spec, phases=1 if spec.lookup else loop_phases(model, ids.shape[0], spec))
     padded_ids, padded_mask = _left_pad(ids, mask, bucket_len, pad if pad is not None else 0)
     return Request(spec, padded_ids, padded_mask, jnp.int32(prompt_len), processors, key, jnp.float32(length_penalty),
-                   streamer, return_dict, ids)
+                   jnp.float32(penalty_alpha or 0.0), streamer, return_dict, ids)
 
 
 def _hidden_state_indices(value, n_hidden: int) -> tuple[int, ...] | None:

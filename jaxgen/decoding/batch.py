@@ -269,6 +269,9 @@ def _request(model, prompt, index: int, tokenizer, shared: dict, labels=None) ->
     if spec.num_beams > 1:
         raise ValueError(f"{name}: num_beams={spec.num_beams} is not allowed: generate_batch runs greedy "
                          "search and sampling (use generate for beams)")
+    if spec.contrastive:
+        raise ValueError(f"{name}: penalty_alpha={call.get('penalty_alpha')} with top_k={spec.contrastive} is "
+                         "contrastive search, which generate_batch does not run (use generate)")
     if spec.recompute:
         raise ValueError(f"{name}: this model runs the whole sequence again at {model.config.recompute_at} "
                          "tokens (Phi-3's longrope), which generate_batch does not; use generate")

@@ -61,6 +61,7 @@ class DecodeSpec:
     model_axis: str | None = None
     phases: int = 1  # of the decode loop, see `loop_phases`
     recompute: bool = False  # the sequence reaches config.recompute_at during this call (`recomputes`)
+    contrastive: int = 0  # contrastive search: candidates per step (top_k; `jaxgen.decoding.contrastive`)
     lookup: int = 0  # prompt lookup decoding: tokens drafted per forward (`jaxgen.decoding.lookup`)
     lookup_ngram: int = 0  # the longest n-gram it matches
 
@@ -100,7 +101,8 @@ def loop_phases(model: CausalLM, batch: int, spec: DecodeSpec) -> int:
     23.6 in three; beam 4 at batch 1 (0.16x) runs one, and four would take 20.1 -> 18.7 ms a step
     for 1.7 s more compile (0.35 s saved a call: a net loss for a script that calls once).
     """
-    slots = batch * (spec.bucket_len + spec.max_new_tokens * spec.num_beams) if spec.beam_search else (
+    group = spec.num_beams if spec.beam_search else spec.contrastive  # rows sharing a prompt
+    slots = batch * (spec.bucket_len + spec.max_new_tokens * group) if group else (
         batch * spec.num_return_sequences * spec.total_len)
     cache = model.config.kv_bytes_per_slot * slots
     weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(model.params))
@@ -117,7 +119,8 @@ class Prefilled:
     bool[rows, P + N] (bool[batch, P + N] when shared); positions: int32[rows], position id of
     the next token; pad_lengths: int32[rows], left padding of each prompt as passed (its first
     unmasked column, as transformers' ``padding_lengths``); outputs: the prompt's `LayerOutputs`
-    per row when ``spec.capture`` asks for them, else None.
+    per row when ``spec.capture`` asks for them, else None; hidden: dtype[batch, P, d], the
+    prompt's last hidden states (after the final norm, one row a prompt), when asked, else None.
     """
 
     logits: jax.Array
@@ -126,17 +129,18 @@ class Prefilled:
     positions: jax.Array
     pad_lengths: jax.Array
     outputs: LayerOutputs | None = None
+    hidden: jax.Array | None = None
 
 
 def prefill(model: CausalLM, input_ids: jax.Array, attention_mask: jax.Array, prompt_len: jax.Array, spec: DecodeSpec,
-            expand: int, share_prompt: bool = False, rings: bool = True) -> Prefilled:
+            expand: int, share_prompt: bool = False, rings: bool = True, keep_hidden: bool = False) -> Prefilled:
     """One forward over ``input_ids: int32[batch, P]``; every row then repeated ``expand`` times
     (consecutive copies, as transformers' ``repeat_interleave``) or, with ``share_prompt``, the
     cache grouped by ``expand`` rows that all read the prompt's slots, stored once per group.
     ``prompt_len``: int32[], L. The prompt's keys and values are written into a cache of the final
     layout, so neither the cache nor its prompt part is copied afterwards. ``rings=False``: no
     sliding layer keeps a ring (for a decoder that writes several slots a step, or one that
-    returns attention weights over every slot)."""
+    returns attention weights over every slot). ``keep_hidden``: `Prefilled.hidden` too."""
     def rows(x):
         return jnp.repeat(x, expand, axis=0)
 
@@ -162,7 +166,8 @@ def prefill(model: CausalLM, input_ids: jax.Array, attention_mask: jax.Array, pr
         cache = model.init_cache(batch * expand, spec.bucket_len + spec.phase_ends[0],
                                  ring_below=spec.total_len if rings else None)
     cache = pin_cache(pin_cache(cache, spec).fill_prompt(prompt), spec)
-    return Prefilled(pin_rows(logits, spec), cache, pin_rows(kv_mask, spec), positions, pad_lengths, outputs)
+    return Prefilled(pin_rows(logits, spec), cache, pin_rows(kv_mask, spec), positions, pad_lengths, outputs,
+                     hidden if keep_hidden else None)
 
 
 def pin_cache(cache: KVCache, spec: DecodeSpec) -> KVCache:
@@ -219,12 +224,17 @@ def run_loop(state, choose, advance, spec: DecodeSpec):
     One ``lax.while_loop`` per phase (`DecodeSpec.phase_ends`), the cache grown between them. The
     last step only chooses: its forward pass would compute logits nobody reads (1 of
     ``max_new_tokens`` forwards saved). The cache does not enter that final ``lax.cond``.
+    ``advance=None``: ``choose`` runs the forward pass of every step itself (contrastive search
+    chooses with one).
     """
     n = spec.max_new_tokens
+    last = n if advance is None else n - 1
     for end in spec.phase_ends:
         state = state.replace(cache=pin_cache(state.cache.grow(spec.bucket_len + end), spec))
-        state = jax.lax.while_loop(lambda s, end=end: ~s.done & (s.step < min(end, n - 1)),
-                                   lambda s: advance(choose(s)), state)
+        state = jax.lax.while_loop(lambda s, end=end: ~s.done & (s.step < min(end, last)),
+                                   choose if advance is None else (lambda s: advance(choose(s))), state)
+    if advance is None:
+        return state
     cache = state.cache
     rest = state.replace(cache=None)
     rest = jax.lax.cond(rest.done, lambda s: s, choose, rest)

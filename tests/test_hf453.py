@@ -1,0 +1,143 @@
+"""Contrastive search against transformers 4.53.3, the last release that runs it in its core
+(transformers 5.x loads it from the hub repository ``transformers-community/contrastive-search``,
+whose code is 4.53's). 4.53 runs in a virtual environment of its own, built once and cached in
+``~/.cache/jaxgen-tests`` (``pip install torch==2.13.0 transformers==4.53.3``, about 30 s), and
+is called in a subprocess (tests/hf453_reference.py) on the checkpoints these tests save.
+
+The calls avoid processors whose 4.53 form differs from 5.x's, which jaxgen follows (4.53's
+repetition penalty also penalises the left padding's pad id)."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import jaxgen
+from tests.conftest import EOS, EOS_MODEL, PAD, build_checkpoint, left_padded_batch
+
+HERE = pathlib.Path(__file__).parent
+CACHE = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache")) / "jaxgen-tests"
+PACKAGES = ("torch==2.13.0", "transformers==4.53.3")
+
+
+@pytest.fixture(scope="session")
+def hf453() -> str:
+    """The python of a virtual environment with transformers 4.53.3 (built on first use; a lock
+    keeps parallel test workers from building it twice)."""
+    venv = CACHE / "transformers-4.53.3"
+    python = venv / "bin" / "python"
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / "transformers-4.53.3.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (venv / "ready").exists():
+            subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+            subprocess.run([str(python), "-m", "pip", "install", "-q", *PACKAGES], check=True)
+            (venv / "ready").touch()
+    return str(python)
+
+
+def reference(hf453: str, checkpoint, calls: list[dict], tmp_path) -> list[dict]:
+    """transformers 4.53's ``generate(**call)`` for each call, in one subprocess."""
+    subprocess.run([hf453, str(HERE / "hf453_reference.py"), str(checkpoint), str(tmp_path)], check=True,
+                   input=json.dumps(calls), text=True, capture_output=True)
+    return [dict(np.load(tmp_path / f"{i}.npz")) for i in range(len(calls))]
+
+
+def assert_equal_to(ours, ref, atol=1e-4):
+    """Sequences exactly, scores within ``atol`` with the same -inf pattern."""
+    np.testing.assert_array_equal(ours.sequences, ref["sequences"])
+    scores = np.stack(ours.scores)
+    assert scores.shape == ref["scores"].shape
+    finite = np.isfinite(ref["scores"])
+    assert (np.isfinite(scores) == finite).all()
+    np.testing.assert_allclose(scores[finite], ref["scores"][finite], atol=atol, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    """(checkpoint path, jaxgen model): the EOS model of conftest (rows end at different steps)."""
+    path = tmp_path_factory.mktemp("contrastive_gpt2")
+    build_checkpoint(path, seed=0, eos_boost=2.0, **EOS_MODEL)
+    return path, jaxgen.from_pretrained(path)
+
+
+def _prompts(batch):
+    ids, mask = left_padded_batch(np.random.default_rng(3), 3, 6, EOS_MODEL["vocab_size"], [0, 2, 5])
+    return (ids, mask) if batch == 3 else (ids[1:2], mask[1:2])
+
+
+CONTRASTIVE = [  # (batch, generate kwargs)
+    (3, dict(penalty_alpha=0.6, top_k=4)),
+    (3, dict(penalty_alpha=0.3, top_k=2, min_new_tokens=3)),
+    (1, dict(penalty_alpha=0.8, top_k=6)),
+    (3, dict(penalty_alpha=0.5, top_k=3, eos_token_id=[EOS, 7], max_new_tokens=14)),
+    (3, dict(penalty_alpha=0.6, top_k=4, eos_token_id=None, max_new_tokens=4)),
+]
+
+
+def test_contrastive_search_equals_transformers_4_53(gpt2, hf453, tmp_path):
+    path, model = gpt2
+    calls = [dict(dict(max_new_tokens=10, eos_token_id=EOS, pad_token_id=PAD), **kw) for _, kw in CONTRASTIVE]
+    refs = reference(hf453, path, [dict(call, ids=_prompts(b)[0].tolist(), mask=_prompts(b)[1].tolist())
+                                   for (b, _), call in zip(CONTRASTIVE, calls)], tmp_path)
+    finished_early = []
+    for (batch, _), call, ref in zip(CONTRASTIVE, calls, refs):
+        ids, mask = _prompts(batch)
+        ours = jaxgen.generate(model, ids, mask, output_scores=True, **call).trim()
+        assert_equal_to(ours, ref)
+        finished_early.append(np.isin(ours.sequences[:, ids.shape[1]:-1], EOS).any(1))
+    finished = np.concatenate(finished_early)
+    assert finished.any() and not finished.all()  # rows end at different steps, and some run to the end
+
+
+def test_contrastive_search_on_llama_equals_transformers_4_53(hf453, tmp_path):
+    """Grouped-query attention, untied head, biases, on a left-padded batch: each row equals 4.53
+    on that prompt alone. (4.53 on the padded batch is no reference here: its Llama leaves the
+    padding positions' last hidden state at zero, whose cosine similarity is NaN; the NaN wins its
+    max and every candidate's score, so a padded row takes the top candidate, as greedy search.)"""
+    from tests.test_families import VOCAB, build
+    build(tmp_path / "model", "llama_gqa2_biases_untied")
+    model = jaxgen.from_pretrained(tmp_path / "model")
+    ids, mask = left_padded_batch(np.random.default_rng(0), 3, 7, VOCAB, pads=[0, 3, 1], low=3)
+    call = dict(max_new_tokens=8, eos_token_id=EOS, pad_token_id=PAD, penalty_alpha=0.6, top_k=4)
+    alone = [dict(call, ids=[row[m == 1].tolist()], mask=[[1] * int(m.sum())]) for row, m in zip(ids, mask)]
+    ours = jaxgen.generate(model, ids, mask, output_scores=True, **call).trim()
+    for row, ref in enumerate(reference(hf453, tmp_path / "model", alone, tmp_path)):
+        steps = ref["scores"].shape[0]
+        np.testing.assert_array_equal(ours.sequences[row, ids.shape[1]:ids.shape[1] + steps],
+                                      ref["sequences"][0, -steps:])
+        np.testing.assert_allclose(np.stack(ours.scores)[:steps, row], ref["scores"][:, 0], atol=1e-4, rtol=0)
+
+
+def test_contrastive_search_compiles_once_per_top_k(gpt2):
+    """penalty_alpha is traced (a new value reuses the program); top_k, the candidate count, is static."""
+    from jaxgen.decoding import api
+    _, model = gpt2
+    ids, mask = _prompts(3)
+    kw = dict(max_new_tokens=5, eos_token_id=EOS, pad_token_id=PAD, top_k=3)
+    jaxgen.generate(model, ids, mask, penalty_alpha=0.5, **kw)
+    before = api._decode._cache_size()
+    jaxgen.generate(model, ids, mask, penalty_alpha=0.7, **kw)
+    assert api._decode._cache_size() == before
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_return_sequences=2), "num_return_sequences=2"),
+    (dict(output_attentions=True), "output_attentions=True.*contrastive search"),
+    (dict(prompt_lookup_num_tokens=3), "prompt_lookup_num_tokens=3.*contrastive search"),
+    (dict(use_cache=False), "use_cache=False.*contrastive search"),
+    (dict(penalty_alpha="high"), "penalty_alpha='high'"),
+])
+def test_contrastive_search_bad_arguments(gpt2, kwargs, message):
+    _, model = gpt2
+    ids, mask = _prompts(3)
+    with pytest.raises(ValueError, match=message):
+        jaxgen.generate(model, ids, mask, **{"max_new_tokens": 4, "penalty_alpha": 0.6, "top_k": 4,
+                                             "pad_token_id": PAD, **kwargs})

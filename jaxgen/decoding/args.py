@@ -312,10 +312,11 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
         _fail("length_penalty", None, "expected a number")
     beam_search = num_beams > 1 if beam_search is None else beam_search
     penalty_alpha = _float(kw, "penalty_alpha")
-    top_k = _int(kw, "top_k", 0)
+    # transformers' dispatch (GenerationConfig.get_generation_mode); top_k counts only when used
+    contrastive = not beam_search and not do_sample and (penalty_alpha or 0) > 0
+    top_k = _int(kw, "top_k", 0) if do_sample or contrastive else None
     top_k = HF_TOP_K if top_k is None else top_k
-    # transformers' dispatch (GenerationConfig.get_generation_mode)
-    contrastive = top_k if not beam_search and not do_sample and top_k > 1 and (penalty_alpha or 0) > 0 else 0
+    contrastive = top_k if contrastive and top_k > 1 else 0
     lookup = _int(kw, "prompt_lookup_num_tokens", 1)
     lookup_ngram = _int(kw, "max_matching_ngram_size", 1)
     if contrastive:

@@ -10,7 +10,7 @@ reads the model's part when a checkpoint is loaded (it becomes ``GPT2.generation
 Only settings that change what is generated are kept: metadata, values equal to transformers'
 global defaults and settings that cannot change jaxgen's output (cache and compile knobs,
 ``bos_token_id``, ...) are dropped on load. A kept setting that jaxgen cannot honour (contrastive
-search's ``num_beam_groups``, say) raises when a call would use it, never silently.
+search's ``constraints``, say) raises when a call would use it, never silently.
 """
 
 from __future__ import annotations
@@ -75,8 +75,6 @@ UNSUPPORTED = {
     "stopping_criteria": "custom stopping criteria are host-side Python; use eos_token_id or stop_sequences",
     "prefix_allowed_tokens_fn": "a host-side Python function called at every step; pass a JAX function as "
                                 "logits_processor=[fn] instead",
-    "num_beam_groups": "group (diverse) beam search is not implemented in jaxgen yet",
-    "diversity_penalty": "group (diverse) beam search is not implemented in jaxgen yet",
     "guidance_scale": "classifier-free guidance is not implemented in jaxgen yet",
     "negative_prompt_ids": "classifier-free guidance is not implemented in jaxgen yet",
     "negative_prompt_attention_mask": "classifier-free guidance is not implemented in jaxgen yet",

@@ -40,12 +40,15 @@ class ProcessorContext:
       (prompt length as passed + tokens generated so far).
     pad_lengths: int32[rows], left padding of each row's prompt as passed (its first unmasked column).
     offset: int32[], bucket-padding columns before the prompt as passed.
+    chosen: int32[rows, k], group beam search: the tokens the earlier groups of the row's prompt
+      chose at this step (transformers' ``current_tokens``); None elsewhere.
     """
 
     sequences: jax.Array
     cur_len: jax.Array
     pad_lengths: jax.Array
     offset: jax.Array
+    chosen: jax.Array | None = None
 
     @property
     def end(self) -> jax.Array:
@@ -114,6 +117,20 @@ def _spare_best(remove: jax.Array, values: jax.Array, k: int) -> jax.Array:
 
 
 # --- processors (greedy, beam and sampling) --------------------------------------------------
+
+
+@struct.dataclass
+class HammingDiversity:
+    """Group beam search's diversity penalty: each token loses ``penalty`` times the number of
+    times the earlier groups chose it at this step (``ctx.chosen``)."""
+
+    penalty: jax.Array
+
+    def __call__(self, scores, ctx):
+        if ctx.chosen is None or ctx.chosen.shape[-1] == 0:
+            return scores
+        counts = (ctx.chosen[:, :, None] == jnp.arange(scores.shape[-1])).sum(1)
+        return scores - self.penalty * counts.astype(scores.dtype)
 
 
 @struct.dataclass
@@ -501,6 +518,7 @@ def build_processors(
     epsilon_cutoff: float | None = None,
     eta_cutoff: float | None = None,
     renormalize_logits: bool = False,
+    diversity_penalty: float | None = None,
     neutral: bool = False,
 ) -> tuple[Any, ...]:
     """The processor list transformers 5.x builds for these (already validated) arguments.
@@ -515,6 +533,8 @@ def build_processors(
     if sequence_bias:
         seqs = tuple(tuple(int(t) for t in s) for s in sequence_bias)
         procs.append(SequenceBias(seqs, f32([sequence_bias[s] for s in sequence_bias])))
+    if diversity_penalty is not None and diversity_penalty > 0.0:
+        procs.append(HammingDiversity(f32(diversity_penalty)))
     if (repetition_penalty is not None and repetition_penalty != 1.0) or neutral:
         procs.append(RepetitionPenalty(f32(1.0 if repetition_penalty is None else repetition_penalty)))
     if no_repeat_ngram_size:

@@ -162,9 +162,6 @@ BAD = [
     (dict(sequence_bias={(1,): "a"}), r"sequence_bias=\{\(1,\): 'a'\} is not allowed: expected \{tuple_of_ids"),
     (dict(sequence_bias={1: 1.0}), r"sequence_bias=\{1: 1.0\} is not allowed"),
     (dict(sequence_bias=[[[1, 2]]]), "sequence_bias=.* is not allowed"),
-    (dict(num_beams=4, num_beam_groups=2, diversity_penalty=0.5),
-     r"(num_beam_groups=2|diversity_penalty=0.5), which jaxgen does not support \(group \(diverse\) beam search is "
-     "not implemented"),
     (dict(penalty_alpha=0.6), r"top_k=50 is not allowed: contrastive search .* vocabulary of 48"),
     (dict(guidance_scale=1.5), r"guidance_scale=1.5, .*classifier-free guidance is not implemented"),
     (dict(dola_layers="high"), r"dola_layers='high', .*DoLa decoding is not implemented"),

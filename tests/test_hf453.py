@@ -1,11 +1,13 @@
-"""Contrastive search against transformers 4.53.3, the last release that runs it in its core
-(transformers 5.x loads it from the hub repository ``transformers-community/contrastive-search``,
-whose code is 4.53's). 4.53 runs in a virtual environment of its own, built once and cached in
+"""Contrastive search and group (diverse) beam search against transformers 4.53.3, the last
+release that runs them in its core (transformers 5.x loads them from the hub repositories
+``transformers-community/contrastive-search`` and ``.../group-beam-search``, whose code is
+4.53's). 4.53 runs in a virtual environment of its own, built once and cached in
 ``~/.cache/jaxgen-tests`` (``pip install torch==2.13.0 transformers==4.53.3``, about 30 s), and
 is called in a subprocess (tests/hf453_reference.py) on the checkpoints these tests save.
 
 The calls avoid processors whose 4.53 form differs from 5.x's, which jaxgen follows (4.53's
-repetition penalty also penalises the left padding's pad id)."""
+repetition penalty also penalises the left padding's pad id). Where 4.53 is wrong, the tests say
+how and check what is right instead."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import pytest
 
 import jaxgen
 from tests.conftest import EOS, EOS_MODEL, PAD, build_checkpoint, left_padded_batch
+from tests.test_hf_generation_utils import _normalised_sums
 
 HERE = pathlib.Path(__file__).parent
 CACHE = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache")) / "jaxgen-tests"
@@ -141,3 +144,75 @@ def test_contrastive_search_bad_arguments(gpt2, kwargs, message):
     with pytest.raises(ValueError, match=message):
         jaxgen.generate(model, ids, mask, **{"max_new_tokens": 4, "penalty_alpha": 0.6, "top_k": 4,
                                              "pad_token_id": PAD, **kwargs})
+
+
+GROUPS = [  # (batch, generate kwargs)
+    (3, dict(num_beams=4, num_beam_groups=2, diversity_penalty=0.5)),
+    (3, dict(num_beams=6, num_beam_groups=3, diversity_penalty=1.0, num_return_sequences=3, length_penalty=0.7)),
+    (3, dict(num_beams=4, num_beam_groups=4, diversity_penalty=0.3, early_stopping=True)),
+    (3, dict(num_beams=4, num_beam_groups=2, diversity_penalty=0.5, early_stopping="never", max_new_tokens=12)),
+    (1, dict(num_beams=4, num_beam_groups=2, diversity_penalty=2.0, num_return_sequences=2, length_penalty=1.3)),
+    (1, dict(num_beams=6, num_beam_groups=2, diversity_penalty=0.7, early_stopping=True, min_new_tokens=2)),
+]
+
+
+def assert_group_beams_equal(ours, ref, batch, beams, length_penalty):
+    """Sequences exactly and sequence scores within 1e-4; scores within 1e-4 for every row of a
+    single prompt, and of the first prompt of a batch: 4.53 continues a finished group of a later
+    prompt as copies of the first prompt's beam (its ``next_beam_indices = 0`` indexes the whole
+    batch), so the scores of such rows are not that prompt's. Beam indices are checked for what
+    they mean (each returned beam's transition scores sum to its sequence score): 4.53 numbers
+    them within each group and mixes prompts, which jaxgen does not copy."""
+    np.testing.assert_array_equal(ours.sequences, ref["sequences"])
+    np.testing.assert_allclose(ours.sequences_scores, ref["sequences_scores"], atol=1e-4, rtol=0)
+    scores, expected = np.stack(ours.scores), ref["scores"]
+    rows = slice(None) if batch == 1 else slice(0, beams)
+    finite = np.isfinite(expected[:, rows])
+    assert (np.isfinite(scores[:, rows]) == finite).all()
+    np.testing.assert_allclose(scores[:, rows][finite], expected[:, rows][finite], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(_normalised_sums(ours, length_penalty), ours.sequences_scores, atol=1e-4)
+
+
+def test_group_beam_search_equals_transformers_4_53(gpt2, hf453, tmp_path):
+    path, model = gpt2
+    calls = [dict(dict(max_new_tokens=8, eos_token_id=EOS, pad_token_id=PAD), **kw) for _, kw in GROUPS]
+    refs = reference(hf453, path, [dict(call, ids=_prompts(b)[0].tolist(), mask=_prompts(b)[1].tolist())
+                                   for (b, _), call in zip(GROUPS, calls)], tmp_path)
+    for (batch, _), call, ref in zip(GROUPS, calls, refs):
+        ids, mask = _prompts(batch)
+        ours = jaxgen.generate(model, ids, mask, output_scores=True, **call).trim()
+        assert_group_beams_equal(ours, ref, batch, call["num_beams"], call.get("length_penalty", 1.0))
+
+
+def test_group_beam_search_on_llama_equals_transformers_4_53(hf453, tmp_path):
+    from tests.test_families import VOCAB, build
+    build(tmp_path / "model", "llama_gqa2_biases_untied")
+    model = jaxgen.from_pretrained(tmp_path / "model")
+    ids, mask = left_padded_batch(np.random.default_rng(0), 3, 7, VOCAB, pads=[0, 3, 1], low=3)
+    call = dict(max_new_tokens=8, eos_token_id=EOS, pad_token_id=PAD, num_beams=4, num_beam_groups=2,
+                diversity_penalty=0.8, num_return_sequences=2)
+    ref, = reference(hf453, tmp_path / "model", [dict(call, ids=ids.tolist(), mask=mask.tolist())], tmp_path)
+    assert_group_beams_equal(jaxgen.generate(model, ids, mask, output_scores=True, **call).trim(), ref, 3, 4, 1.0)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_beams=4, num_beam_groups=3, diversity_penalty=0.5), "num_beam_groups=3 .*divisible"),
+    (dict(num_beams=4, diversity_penalty=0.5), "diversity_penalty=0.5 .*num_beam_groups > 1"),
+    (dict(num_beams=4, num_beam_groups=2), "diversity_penalty=None .*diversity_penalty > 0.0"),
+    (dict(num_beams=4, num_beam_groups=2, diversity_penalty=0.5, do_sample=True), "do_sample=True"),
+    (dict(num_beams=4, num_beam_groups=2, diversity_penalty=0.5, stop_sequences=[[5, 6]]), "stop_sequences"),
+])
+def test_group_beam_search_bad_arguments(gpt2, kwargs, message):
+    _, model = gpt2
+    ids, mask = _prompts(3)
+    with pytest.raises(ValueError, match=message):
+        jaxgen.generate(model, ids, mask, max_new_tokens=4, pad_token_id=PAD, **kwargs)
+
+
+def test_groups_without_beams_warn_and_run_greedy_search(gpt2):
+    _, model = gpt2
+    ids, mask = _prompts(3)
+    kw = dict(max_new_tokens=4, pad_token_id=PAD)
+    with pytest.warns(UserWarning, match="num_beams is set to 1. However, num_beam_groups is set to 2"):
+        out = jaxgen.generate(model, ids, mask, num_beam_groups=2, diversity_penalty=0.5, **kw).trim()
+    np.testing.assert_array_equal(out.sequences, jaxgen.generate(model, ids, mask, **kw).trim().sequences)

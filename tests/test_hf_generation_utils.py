@@ -39,7 +39,8 @@ Not ported (jaxgen-irrelevant internals or strategies jaxgen does not have):
   what they add are checks of past_key_values and of cached attentions / hidden states.
 - test_model_parallel_beam_search: accelerate's device_map model parallelism (jaxgen: test_sharding).
 - test_group_beam_search_generate, test_group_beam_search_generate_dict_output,
-  test_transition_scores_group_beam_search_encoder_decoder: group (diverse) beam search.
+  test_transition_scores_group_beam_search_encoder_decoder: group (diverse) beam search, which
+  tests/test_hf453.py checks against transformers 4.53 (5.x runs it from the hub only).
 - test_transition_scores_beam_search_encoder_decoder: encoder-decoder (its decoder-only twin is ported).
 - test_constrained_beam_search_generate, test_constrained_beam_search_generate_dict_output:
   constrained beam search.

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from jaxgen import generation_config, sharding
-from jaxgen.decoding import args, beam, contrastive, engine, greedy, lookup
+from jaxgen.decoding import args, beam, contrastive, engine, greedy, group_beam, lookup
 from jaxgen.decoding.engine import DecodeSpec
 from jaxgen.models.model import CausalLM
 from jaxgen.outputs import GenerateOutput
@@ -24,6 +24,8 @@ from jaxgen.outputs import GenerateOutput
 @functools.partial(jax.jit, static_argnames=("spec",))
 def _decode(model, input_ids, attention_mask, prompt_len, processors, key, length_penalty, penalty_alpha, streamer_id,
             *, spec: DecodeSpec) -> GenerateOutput:
+    if spec.num_beam_groups > 1:
+        return group_beam.decode(model, input_ids, attention_mask, prompt_len, processors, length_penalty, spec)
     if spec.beam_search:
         return beam.decode(model, input_ids, attention_mask, prompt_len, processors, key, length_penalty, spec)
     if spec.contrastive:

@@ -41,6 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "return_dict_in_generate": True,  # jaxgen's default
     "stop_sequences": None, "streamer": None, "prompt_bucket": 32, "key": None,
     "prompt_lookup_num_tokens": None, "max_matching_ngram_size": None, "penalty_alpha": None,
+    "num_beam_groups": None, "diversity_penalty": None,
     "mesh": None, "data_axis": "data", "model_axis": "model",
 }
 HF_MAX_NEW_TOKENS = 20  # without a length: max_length = prompt + 20, at most max_position_embeddings
@@ -311,6 +312,30 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
     if length_penalty is None:
         _fail("length_penalty", None, "expected a number")
     beam_search = num_beams > 1 if beam_search is None else beam_search
+    groups = _int(kw, "num_beam_groups", 1) or 1
+    diversity = _float(kw, "diversity_penalty") or 0.0
+    if beam_search and (groups != 1 or diversity != 0.0):  # transformers 4.53's checks of group beam search
+        why = "diversity_penalty is not 0.0 or num_beam_groups is not 1, which is group beam search; it needs "
+        if do_sample:
+            _fail("do_sample", True, why + "do_sample=False")
+        if num_beams % groups:
+            _fail("num_beam_groups", groups, why + f"num_beams={num_beams} divisible by num_beam_groups")
+        if diversity == 0.0:
+            _fail("diversity_penalty", kw["diversity_penalty"], why + "diversity_penalty > 0.0 (otherwise the groups "
+                  "are identical)")
+        if groups == 1:
+            _fail("diversity_penalty", diversity, "needs num_beam_groups > 1: it penalises a group's tokens that "
+                  "earlier groups chose at the same step")
+        if stops:
+            _fail("stop_sequences", [list(x) for x in stops], "not with group beam search (num_beam_groups="
+                  f"{groups}): not implemented in jaxgen yet")
+    elif groups != 1 or diversity != 0.0:
+        for name in ("num_beam_groups", "diversity_penalty"):
+            if kw[name] not in (None, 1, 0.0) and name in kwargs:
+                warnings.warn(f"num_beams is set to 1. However, {name} is set to {kw[name]} -- this flag is only "
+                              f"used in beam-based generation modes. You should set num_beams>1 or unset {name}.",
+                              stacklevel=4)
+        groups, diversity = 1, 0.0
     penalty_alpha = _float(kw, "penalty_alpha")
     # transformers' dispatch (GenerationConfig.get_generation_mode); top_k counts only when used
     contrastive = not beam_search and not do_sample and (penalty_alpha or 0) > 0
@@ -464,7 +489,8 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
         remove_invalid_values=kw["remove_invalid_values"], exponential_decay_length_penalty=decay,
         suppress_tokens=suppress, begin_suppress_tokens=begin_suppress,
         logits_processor=tuple(UserProcessor(p) for p in user_procs),
-        renormalize_logits=kw["renormalize_logits"], neutral=neutral_processors, **sampling,
+        renormalize_logits=kw["renormalize_logits"], diversity_penalty=diversity, neutral=neutral_processors,
+        **sampling,
     )
     if attentions or hidden_states is not None:
         asked = "output_attentions" if attentions else "output_hidden_states"
@@ -481,7 +507,7 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
     spec = DecodeSpec(
         bucket_len=bucket_len, max_new_tokens=max_new_tokens,
         eos_token_ids=eos_ids, pad_token_id=pad, stop_sequences=stops or (), do_sample=do_sample, num_beams=num_beams,
-        beam_search=beam_search, num_return_sequences=nrs, early_stopping=early_stopping,
+        beam_search=beam_search, num_beam_groups=groups, num_return_sequences=nrs, early_stopping=early_stopping,
         output_scores=kw["output_scores"], output_logits=kw["output_logits"], output_attentions=attentions,
         output_hidden_states=hidden_states, stream=streamer is not None,
         mesh=mesh, data_axis=data_axis, model_axis=model_axis,

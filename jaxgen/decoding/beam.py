@@ -87,6 +87,29 @@ def _top_candidates(acc: jax.Array, k: int, key, step, do_sample: bool, beams: i
     return jnp.take_along_axis(logp, order, -1), jnp.take_along_axis(idx, order, -1)
 
 
+def feed(model: CausalLM, s, source: jax.Array, pre: engine.Prefilled, prompt_len, spec: DecodeSpec):
+    """Feeds the running beams' tokens of step ``s.step - 1`` (``s``: a `BeamState` or a state
+    with its ``running_sequences``, ``ancestry``, ``cache``, ``positions``, ``layers``): beam ``j``
+    extends beam ``source[b, j]`` of its group (int32[batch, beams]) and reads its history from
+    the rows its ancestors computed it in (a gather of ``ancestry`` within each batch row: no
+    communication when the batch is sharded), writing the new slot into its own row."""
+    batch, beams = source.shape
+    column = spec.bucket_len + s.step - 1
+    own_row = jnp.broadcast_to(jnp.arange(beams, dtype=jnp.int32), (batch, beams))
+    ancestry = _set_column(_gather(s.ancestry, source), column, own_row)
+    redo = None
+    if spec.recompute:  # the cache is rebuilt from each beam's sequence: every beam reads its own row
+        when = engine.recomputes(model, prompt_len, s.step, spec)
+        ancestry = jnp.where(when, own_row[:, :, None], ancestry)
+        redo = (when, s.running_sequences.reshape(batch * beams, -1), jnp.repeat(pre.kv_mask, beams, 0))
+    reads = pre.kv_mask[:, None, :, None] & (ancestry[..., None] == jnp.arange(beams))  # [batch, beams, S, beams]
+    tokens = jax.lax.dynamic_index_in_dim(s.running_sequences, column, axis=2, keepdims=False).reshape(-1)
+    logits, cache, outputs = engine.decode_step(model, tokens, s.positions, reads.reshape(batch * beams, -1, beams),
+                                                s.cache, column, spec, redo)
+    return s.replace(logits=logits, cache=cache, ancestry=ancestry, positions=s.positions + 1,
+                     layers=engine.record_layers(s.layers, s.step, outputs))
+
+
 def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, key, length_penalty,
            spec: DecodeSpec) -> GenerateOutput:
     """Beam search over ``input_ids: int32[batch, P]`` (left-padded to the bucket)."""
@@ -174,24 +197,8 @@ def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, k
         )
 
     def advance(s: BeamState) -> BeamState:
-        """Feeds the surviving beams' new tokens; each beam reads its history from the rows its
-        ancestors computed it in (a gather of ``ancestry`` within each batch row: no
-        communication when the batch is sharded) and writes the new slot into its own row."""
-        step, column = s.step - 1, spec.bucket_len + s.step - 1
-        source = jax.lax.dynamic_index_in_dim(s.running_beam_indices, step, axis=2, keepdims=False) - batch_offset
-        own_row = jnp.broadcast_to(jnp.arange(beams, dtype=jnp.int32), (batch, beams))
-        ancestry = _set_column(_gather(s.ancestry, source), column, own_row)
-        redo = None
-        if spec.recompute:  # the cache is rebuilt from each beam's sequence: every beam reads its own row
-            when = engine.recomputes(model, prompt_len, s.step, spec)
-            ancestry = jnp.where(when, own_row[:, :, None], ancestry)
-            redo = (when, s.running_sequences.reshape(batch * beams, -1), jnp.repeat(pre.kv_mask, beams, 0))
-        reads = pre.kv_mask[:, None, :, None] & (ancestry[..., None] == jnp.arange(beams))  # [batch, beams, S, beams]
-        tokens = jax.lax.dynamic_index_in_dim(s.running_sequences, column, axis=2, keepdims=False).reshape(-1)
-        logits, cache, outputs = engine.decode_step(model, tokens, s.positions, reads.reshape(batch * beams, -1, beams),
-                                                    s.cache, column, spec, redo)
-        return s.replace(logits=logits, cache=cache, ancestry=ancestry, positions=s.positions + 1,
-                         layers=engine.record_layers(s.layers, s.step, outputs))
+        source = jax.lax.dynamic_index_in_dim(s.running_beam_indices, s.step - 1, axis=2, keepdims=False)
+        return feed(model, s, source - batch_offset, pre, prompt_len, spec)
 
     final = engine.run_loop(state, choose, advance, spec)
     r = spec.num_return_sequences

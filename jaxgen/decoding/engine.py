@@ -49,6 +49,7 @@ class DecodeSpec:
     do_sample: bool = False
     num_beams: int = 1
     beam_search: bool = False
+    num_beam_groups: int = 1  # group (diverse) beam search when > 1 (`jaxgen.decoding.group_beam`)
     num_return_sequences: int = 1
     early_stopping: bool | str = False
     output_scores: bool = False
@@ -241,9 +242,11 @@ def run_loop(state, choose, advance, spec: DecodeSpec):
     return rest.replace(cache=cache)
 
 
-def process(processors, scores: jax.Array, sequences, step, prompt_len, pad_lengths, spec: DecodeSpec) -> jax.Array:
-    """Runs the processors on ``scores: float32[rows, V]`` before token ``step`` is chosen."""
-    ctx = ProcessorContext(sequences, prompt_len + step, pad_lengths, spec.bucket_len - prompt_len)
+def process(processors, scores: jax.Array, sequences, step, prompt_len, pad_lengths, spec: DecodeSpec,
+            chosen: jax.Array | None = None) -> jax.Array:
+    """Runs the processors on ``scores: float32[rows, V]`` before token ``step`` is chosen
+    (``chosen``: see `ProcessorContext`)."""
+    ctx = ProcessorContext(sequences, prompt_len + step, pad_lengths, spec.bucket_len - prompt_len, chosen)
     return apply(processors, scores, ctx)
 
 

@@ -1,0 +1,187 @@
+"""Group (diverse) beam search: ``num_beam_groups > 1`` (transformers 4.53's ``_group_beam_search``
+and ``BeamSearchScorer``, which transformers 5.x moved to the hub).
+
+The ``num_beams`` beams of a prompt form ``G`` groups of ``g = num_beams / G``. Each step, one
+forward pass for every beam, then the groups choose in turn: a group's log-probs, processed with
+the diversity penalty (each token loses ``diversity_penalty`` times the count of earlier groups
+that chose it at this step for the same prompt), plus its beams' scores give ``max(2, 1 + n_eos)
+* g`` candidates; EOS candidates among the first ``g`` become finished hypotheses of that group
+(``score / generated_len ** length_penalty``, at most ``g`` a group, the worst dropped),
+the first ``g`` others continue. A group is done once it holds ``num_beams`` hypotheses none of
+its running beams can beat (4.53's ``BeamHypotheses.is_done``, with ``early_stopping``); a done
+group's beams continue as copies of its first beam emitting ``pad_token_id`` (their scores are
+still returned). At the end the running beams of groups not done join their hypotheses, and each
+prompt returns its ``num_return_sequences`` best over all groups.
+
+The cache is beam search's (`beam.feed`): beams never move, a table says which row holds each slot.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jaxgen.decoding import beam, engine, select
+from jaxgen.decoding.engine import DecodeSpec
+from jaxgen.models.cache import KVCache
+from jaxgen.models.model import CausalLM
+from jaxgen.outputs import GenerateOutput, LayerRecord
+
+NONE = -jnp.inf  # the score of an empty hypothesis slot
+
+
+@struct.dataclass
+class GroupBeamState:
+    """Loop carry; ``B`` prompts, ``N`` beams in ``G`` groups (beam ``j`` of group ``i`` at
+    ``i * g + j``), ``S = P + T`` columns, ``T`` = max_new_tokens.
+
+    running_sequences: int32[B, N, S]; running_scores: float32[B, N]; running_beam_indices:
+    int32[B, N, T] (the ``batch * num_beams`` row each token extended); hyp_sequences /
+    hyp_beam_indices: int32[B, G, g, S] / [B, G, g, T], the finished hypotheses of each group,
+    hyp_scores: float32[B, G, g] (`NONE` where empty); group_done: bool[B, G]; source:
+    int32[B, N], the beam each beam extended at the last step; logits, cache, ancestry,
+    positions, layers as `beam.BeamState`'s.
+    """
+
+    step: jax.Array
+    running_sequences: jax.Array
+    running_scores: jax.Array
+    running_beam_indices: jax.Array
+    hyp_sequences: jax.Array
+    hyp_scores: jax.Array
+    hyp_beam_indices: jax.Array
+    group_done: jax.Array
+    done: jax.Array
+    source: jax.Array
+    logits: jax.Array
+    cache: KVCache
+    ancestry: jax.Array
+    positions: jax.Array
+    scores: jax.Array | None
+    raw_logits: jax.Array | None
+    layers: LayerRecord | None
+
+
+def keep_best(scores, sequences, indices, new_scores, new_sequences, new_indices):
+    """A group's hypotheses after adding new ones: the ``g`` best of both, old ones first among
+    equal scores (4.53 adds a hypothesis only if it beats the worst of a full list).
+    scores: [..., g]; sequences / indices: [..., g, L]; new_*: [..., k], [..., k, L]."""
+    n = scores.shape[-1]
+    merged = jnp.concatenate([scores, new_scores], -1)
+    _, best = jax.lax.top_k(merged, n)
+    take = lambda x, y: jnp.take_along_axis(jnp.concatenate([x, y], -2), best[..., None], axis=-2)  # noqa: E731
+    return jnp.take_along_axis(merged, best, -1), take(sequences, new_sequences), take(indices, new_indices)
+
+
+def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, length_penalty,
+           spec: DecodeSpec) -> GenerateOutput:
+    """Group beam search over ``input_ids: int32[batch, P]`` (left-padded to the bucket)."""
+    batch, beams, groups, t_max = input_ids.shape[0], spec.num_beams, spec.num_beam_groups, spec.max_new_tokens
+    g = beams // groups
+    keep = max(2, 1 + len(spec.eos_token_ids)) * g
+    pre = engine.prefill(model, input_ids, attention_mask, prompt_len, spec, beams, share_prompt=True)
+    vocab = pre.logits.shape[-1]
+    fill = spec.pad_token_id if spec.pad_token_id is not None else 0
+    seqs = engine.initial_sequences(jnp.repeat(input_ids, beams, 0), spec, fill).reshape(batch, beams, -1)
+    state = GroupBeamState(
+        step=jnp.zeros((), jnp.int32),
+        running_sequences=seqs,
+        running_scores=jnp.full((batch, groups, g), -1e9, jnp.float32).at[:, :, 0].set(0.0).reshape(batch, beams),
+        running_beam_indices=jnp.full((batch, beams, t_max), -1, jnp.int32),
+        hyp_sequences=seqs.reshape(batch, groups, g, -1),
+        hyp_scores=jnp.full((batch, groups, g), NONE, jnp.float32),
+        hyp_beam_indices=jnp.full((batch, groups, g, t_max), -1, jnp.int32),
+        group_done=jnp.zeros((batch, groups), bool),
+        done=jnp.zeros((), bool),
+        source=jnp.zeros((batch, beams), jnp.int32),
+        logits=pre.logits,
+        cache=pre.cache,
+        ancestry=jnp.zeros((batch, beams, spec.total_len), jnp.int32),
+        positions=pre.positions,
+        scores=engine.score_buffer(spec.output_scores, spec, batch * beams, vocab),
+        raw_logits=engine.score_buffer(spec.output_logits, spec, batch * beams, vocab),
+        layers=engine.layer_record(model, pre, spec),
+    )
+    rows = jnp.arange(batch, dtype=jnp.int32)[:, None] * beams  # each prompt's first row
+    eos = jnp.asarray(spec.eos_token_ids or (-1,), jnp.int32)
+
+    def choose(s: GroupBeamState) -> GroupBeamState:
+        column, generated = spec.bucket_len + s.step, (s.step + 1).astype(jnp.float32)
+        log_probs = jax.nn.log_softmax(s.logits, axis=-1).reshape(batch, beams, vocab)
+        chosen = jnp.zeros((batch, 0), jnp.int32)  # this step's tokens of the groups so far
+        processed, out = [], []
+        for i in range(groups):
+            part = slice(i * g, (i + 1) * g)
+            sequences, scores = s.running_sequences[:, part], s.running_scores[:, part]
+            group_scores = engine.process(
+                processors, log_probs[:, part].reshape(batch * g, vocab), sequences.reshape(batch * g, -1), s.step,
+                prompt_len, pre.pad_lengths.reshape(batch, beams)[:, part].reshape(-1), spec,
+                jnp.repeat(chosen, g, 0)).reshape(batch, g, vocab)
+            processed.append(group_scores)
+            top_scores, top = select.top_k((group_scores + scores[:, :, None]).reshape(batch, -1), keep)
+            src, tokens = (top // vocab).astype(jnp.int32), (top % vocab).astype(jnp.int32)
+            is_eos = jnp.isin(tokens, eos)
+            done = s.group_done[:, i:i + 1]
+
+            # EOS among the first g candidates: finished hypotheses (unless the group is done).
+            finishing = is_eos & (jnp.arange(keep) < g) & ~done
+            finished = beam._set_column(beam._gather(sequences, src), column, tokens)
+            finished_indices = beam._set_column(beam._gather(s.running_beam_indices[:, part], src), s.step,
+                                                src + i * g + rows)
+            hyps = keep_best(s.hyp_scores[:, i], s.hyp_sequences[:, i], s.hyp_beam_indices[:, i],
+                             jnp.where(finishing, top_scores / generated**length_penalty, NONE), finished,
+                             finished_indices)
+            full = (hyps[0] > NONE).all(-1, keepdims=True)
+            if spec.early_stopping is True:
+                hopeless = full
+            else:
+                length = jnp.float32(t_max) if spec.early_stopping == "never" else generated
+                length = jnp.where(length_penalty > 0.0, length, generated)
+                hopeless = full & (hyps[0].min(-1, keepdims=True) >= top_scores[:, :1] / length**length_penalty)
+
+            # The first g other candidates continue; a done group's beams copy its first one.
+            order = jnp.argsort(jnp.where(is_eos, keep, 0) + jnp.arange(keep), axis=-1)[:, :g]
+            next_scores = jnp.where(done, 0.0, jnp.take_along_axis(top_scores, order, -1))
+            next_tokens = jnp.where(done, fill, jnp.take_along_axis(tokens, order, -1))
+            next_src = jnp.where(done, 0, jnp.take_along_axis(src, order, -1))
+            chosen = jnp.concatenate([chosen, next_tokens], -1)
+            out.append((next_scores, next_tokens, next_src + i * g, hyps, done | hopeless))
+
+        next_scores, next_tokens, source = (jnp.concatenate([o[k] for o in out], 1) for k in range(3))
+        hyp_scores, hyp_sequences, hyp_indices = (jnp.stack([o[3][k] for o in out], 1) for k in range(3))
+        group_done = jnp.concatenate([o[4] for o in out], 1)
+        running_indices = beam._set_column(beam._gather(s.running_beam_indices, source), s.step, source + rows)
+        processed = jnp.concatenate(processed, 1).reshape(batch * beams, vocab)
+        return s.replace(
+            step=s.step + 1,
+            running_sequences=beam._set_column(beam._gather(s.running_sequences, source), column, next_tokens),
+            running_scores=next_scores, running_beam_indices=running_indices, hyp_sequences=hyp_sequences,
+            hyp_scores=hyp_scores, hyp_beam_indices=hyp_indices, group_done=group_done,
+            done=jnp.all(group_done) | (s.step + 1 >= t_max), source=source,
+            scores=engine.record(s.scores, s.step, processed), raw_logits=engine.record(s.raw_logits, s.step, s.logits),
+        )
+
+    def advance(s: GroupBeamState) -> GroupBeamState:
+        return beam.feed(model, s, s.source, pre, prompt_len, spec)
+
+    final = engine.run_loop(state, choose, advance, spec)
+    # The running beams of groups not done join their hypotheses, scored by the length generated.
+    running = jnp.where(final.group_done[:, :, None], NONE,
+                        final.running_scores.reshape(batch, groups, g) / final.step.astype(jnp.float32)**length_penalty)
+    hyp_scores, hyp_sequences, hyp_indices = keep_best(
+        final.hyp_scores, final.hyp_sequences, final.hyp_beam_indices, running,
+        final.running_sequences.reshape(batch, groups, g, -1), final.running_beam_indices.reshape(batch, groups, g, -1))
+    r = spec.num_return_sequences
+    best_scores, best = jax.lax.top_k(hyp_scores.reshape(batch, -1), r)
+    pick = lambda x: jnp.take_along_axis(x.reshape(batch, beams, -1), best[..., None], 1)  # noqa: E731
+    return GenerateOutput(
+        sequences=pick(hyp_sequences).reshape(batch * r, -1),
+        num_steps=final.step,
+        scores=final.scores,
+        logits=final.raw_logits,
+        sequences_scores=best_scores.reshape(-1),
+        beam_indices=pick(hyp_indices).reshape(batch * r, -1),
+        layers=final.layers,
+        prompt_len=prompt_len, bucket_len=spec.bucket_len, output_scores=spec.output_scores,
+    )

@@ -3,9 +3,13 @@
     python scripts/benchmark.py                       # GPT-2 124M architecture, random weights
     python scripts/benchmark.py --model path/to/gpt2 --new-tokens 32 --workloads greedy-1 beam4-8
     python scripts/benchmark.py --workloads beam5-1 greedy-6 sample-12   # any strategy-batch
+    python scripts/benchmark.py --workloads contrastive-1 group4x2-1     # against transformers 4.53
 
 A workload is ``greedy-B``, ``sample-B`` (top-k 50, top-p 0.9, temperature 0.8) or ``beamK-B``
 (K beams) at batch B; the default five are the ones the README and docs/performance.md report.
+``batch-N`` (continuous batching) is `batch_workload`'s; ``contrastive-B`` and ``groupKxG-B``
+(strategies transformers 5.x runs from the hub only) are `hub_workload`'s, timed against
+transformers 4.53 in a subprocess.
 
 For each workload both libraries decode the same left-padded prompts (``--prompt-len`` tokens,
 ``--new-tokens`` new tokens, every step run: ``min_new_tokens`` keeps EOS away), alternating
@@ -51,6 +55,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its workload modules, when it is imported
+import hub_workload  # noqa: E402
 import jaxgen  # noqa: E402
 from jaxgen.decoding.api import compile_generate  # noqa: E402
 
@@ -60,11 +66,15 @@ WORKLOADS = ("greedy-1", "greedy-8", "beam4-1", "beam4-8", "sample-8")  # the de
 
 def workload(name: str) -> tuple[str, int, int]:
     """``"beam4-8"`` -> (strategy, num_beams, batch): ``("beam", 4, 8)``; also ``greedy-B``, ``sample-B``,
-    and ``batch-N`` (N requests through continuous batching, `batch_workload`)."""
+    ``batch-N`` (N requests through continuous batching, `batch_workload`), and `hub_workload`'s
+    ``contrastive-B`` and ``groupKxG-B``."""
     m = re.fullmatch(r"(greedy|sample|batch|beam([1-9]\d*))-([1-9]\d*)", name)
+    hub = hub_workload.parse(name)
+    if hub:
+        return hub[0], hub[1].get("num_beams", 1), hub[2]
     if m is None:
-        raise argparse.ArgumentTypeError(f"{name!r}: expected greedy-B, sample-B, beamK-B (K beams, batch B) or "
-                                         "batch-N (N requests)")
+        raise argparse.ArgumentTypeError(f"{name!r}: expected greedy-B, sample-B, beamK-B (K beams, batch B), "
+                                         "batch-N (N requests), contrastive-B or groupKxG-B (K beams in G groups)")
     return ("beam" if m.group(2) else m.group(1)), int(m.group(2) or 1), int(m.group(3))
 
 
@@ -275,7 +285,8 @@ def main():
     ap.add_argument("--layers", type=int, help="override --arch's number of layers")
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "jaxgen-bench")
     ap.add_argument("--workloads", nargs="+", type=_workload_name, default=list(WORKLOADS), metavar="WORKLOAD",
-                    help=f"greedy-B, sample-B or beamK-B (default: {' '.join(WORKLOADS)})")
+                    help=f"greedy-B, sample-B, beamK-B, batch-N, contrastive-B or groupKxG-B (default: "
+                    f"{' '.join(WORKLOADS)})")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=5)
@@ -284,6 +295,8 @@ def main():
     ap.add_argument("--torch-compile", action="store_true", help="also time transformers static cache + torch.compile")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--rows", type=int, default=8, help="decode rows of the batch-N workloads")
+    ap.add_argument("--hf453", type=Path, help="python of a venv with transformers 4.53.3, for contrastive-B and "
+                    f"groupKxG-B (default: {hub_workload.HF453}, which tests/test_hf453.py builds)")
     ap.add_argument("--json", type=Path, default=Path("bench-results/benchmark.json"))
     ap.add_argument("--memory-probe", nargs=2, metavar=("LIBRARY", "WORKLOAD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -299,12 +312,16 @@ def main():
           f"{_limits(measurements[0])}", flush=True)
 
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    results, batch_results = [], []
+    results, batch_results, hub_results = [], [], []
     if any(name.startswith("batch-") for name in args.workloads):
         import batch_workload  # beside this script (its directory is on sys.path when run as one)
     for name in args.workloads:
         if name.startswith("batch-"):
             batch_results.append(batch_workload.run(name, args, model, torch_model))
+            continue
+        if hub_workload.parse(name):
+            path = args.model or default_checkpoint(args.cache, args.arch, args.layers)
+            hub_results.append(hub_workload.run(name, args, model, str(path), prompts))
             continue
         r = run_workload(name, args, model, torch_model)
         measurements.append(measure_machine(model.dtype))
@@ -324,6 +341,9 @@ def main():
     if batch_results:
         batch_workload.print_table(batch_results)
         args.json.with_name("batch.json").write_text(json.dumps(batch_results, indent=1))
+    if hub_results:
+        hub_workload.print_table(hub_results)
+        args.json.with_name("hub.json").write_text(json.dumps(hub_results, indent=1))
     print(f"\nJSON: {args.json}")
 
 

@@ -103,6 +103,8 @@ def test_workload_names_give_strategy_beams_and_batch():
     assert workload("greedy-6") == ("greedy", 1, 6)
     assert workload("sample-12") == ("sample", 1, 12)
     assert workload("batch-256") == ("batch", 1, 256)  # 256 requests (scripts/batch_workload.py)
-    for bad in ("beam-3", "greedy-0", "beam4", "topk-8", "beam04-2", "greedy-8 ", "batch-0"):
+    assert workload("contrastive-2") == ("contrastive", 1, 2)  # against transformers 4.53 (hub_workload.py)
+    assert workload("group6x3-4") == ("group", 6, 4)
+    for bad in ("beam-3", "greedy-0", "beam4", "topk-8", "beam04-2", "greedy-8 ", "batch-0", "group4-1", "contrastive"):
         with pytest.raises(argparse.ArgumentTypeError, match="expected greedy-B, sample-B, beamK-B"):
             workload(bad)

@@ -129,13 +129,17 @@ def generate(model: CausalLM, input_ids=None, attention_mask=None, **kwargs) -> 
         sequence_bias, suppress_tokens, begin_suppress_tokens, forced_bos_token_id,
         forced_eos_token_id, exponential_decay_length_penalty, renormalize_logits,
         remove_invalid_values, logits_processor (JAX callables ``fn(scores, ctx)``),
-        output_scores, output_logits; and jaxgen's prompt_bucket (default 32; None disables).
+        penalty_alpha (contrastive search), num_beam_groups and diversity_penalty (group beam
+        search), output_scores, output_logits, output_attentions, output_hidden_states; and
+        jaxgen's prompt_bucket (default 32; None disables).
         ``generation_config``: a transformers ``GenerationConfig`` (or a dict of its fields) whose
         set fields act as arguments, under those passed by name. An argument not passed takes the
         value of ``model.generation_config`` (the checkpoint's), as in transformers.
 
-    Dispatch: ``num_beams > 1`` -> beam search (beam sampling with ``do_sample``), otherwise
-    greedy search or sampling. Returns a `GenerateOutput`; ``.trim()`` gives transformers' shapes.
+    Dispatch: ``num_beams > 1`` -> beam search (beam sampling with ``do_sample``, group beam
+    search with ``num_beam_groups > 1``); otherwise contrastive search with ``penalty_alpha > 0``
+    and ``top_k > 1``, else greedy search or sampling. Returns a `GenerateOutput`; ``.trim()``
+    gives transformers' shapes.
     """
     return _run(model, input_ids, attention_mask, _call(kwargs))
 

@@ -216,3 +216,25 @@ def test_groups_without_beams_warn_and_run_greedy_search(gpt2):
     with pytest.warns(UserWarning, match="num_beams is set to 1. However, num_beam_groups is set to 2"):
         out = jaxgen.generate(model, ids, mask, num_beam_groups=2, diversity_penalty=0.5, **kw).trim()
     np.testing.assert_array_equal(out.sequences, jaxgen.generate(model, ids, mask, **kw).trim().sequences)
+
+
+def test_group_beam_search_attentions_and_hidden_states_equal_transformers_4_53(gpt2, hf453, tmp_path):
+    """Every step's attentions and hidden states of all beams, in 4.53's row order. One prompt
+    without padding: 4.53's rows of a finished group are another prompt's at batch > 1, and its
+    padding positions attend otherwise than 5.x's (tests/test_outputs.py checks those)."""
+    path, model = gpt2
+    ids, mask = (x[:1] for x in _prompts(3))
+    call = dict(max_new_tokens=6, eos_token_id=EOS, pad_token_id=PAD, num_beams=4, num_beam_groups=2,
+                diversity_penalty=0.5, output_attentions=True, output_hidden_states=True)
+    ref, = reference(hf453, path, [dict(call, ids=ids.tolist(), mask=mask.tolist())], tmp_path)
+    ours = jaxgen.generate(model, ids, mask, output_scores=True, **call).trim()
+    assert_group_beams_equal(ours, ref, 1, 4, 1.0)
+    for name in ("attentions", "hidden_states"):
+        steps = getattr(ours, name)
+        assert len(steps) == len(ours.scores)
+        for step, entries in enumerate(steps):
+            assert len(entries) == (2 if name == "attentions" else 3)
+            for i, x in enumerate(entries):
+                expected = ref[f"{name}_{step}_{i}"]
+                assert x.shape == expected.shape, (name, step, i, x.shape, expected.shape)
+                np.testing.assert_allclose(x, expected, atol=1e-4, rtol=0, err_msg=f"{name}[{step}][{i}]")

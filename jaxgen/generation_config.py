@@ -9,8 +9,8 @@ reads the model's part when a checkpoint is loaded (it becomes ``GPT2.generation
 
 Only settings that change what is generated are kept: metadata, values equal to transformers'
 global defaults and settings that cannot change jaxgen's output (cache and compile knobs,
-``bos_token_id``, ...) are dropped on load. A kept setting that jaxgen cannot honour (contrastive
-search's ``constraints``, say) raises when a call would use it, never silently.
+``bos_token_id``, ...) are dropped on load. A kept setting that jaxgen cannot honour (constrained
+beam search's ``constraints``, say) raises when a call would use it, never silently.
 """
 
 from __future__ import annotations

@@ -321,7 +321,7 @@ def main():
             continue
         if hub_workload.parse(name):
             path = args.model or default_checkpoint(args.cache, args.arch, args.layers)
-            hub_results.append(hub_workload.run(name, args, model, str(path), prompts))
+            hub_results.append(hub_workload.run(name, args, model, str(path), prompts, TORCH_DEVICE))
             continue
         r = run_workload(name, args, model, torch_model)
         measurements.append(measure_machine(model.dtype))

@@ -4,8 +4,8 @@ search, K beams in G groups, diversity_penalty 0.5), at batch B.
 
 The reference is transformers 4.53.3, which still has them in its core, in a virtual environment
 of its own (``--hf453``: its python; by default the one tests/test_hf453.py builds in
-``~/.cache/jaxgen-tests``), run in a subprocess on the same checkpoint and prompts with the same
-number of threads. Its sequences must equal jaxgen's before any time is reported. Timing: half of
+``~/.cache/jaxgen-tests``), run in a subprocess on the same checkpoint, prompts, dtype, device
+and number of threads. Its sequences must equal jaxgen's before any time is reported. Timing: half of
 jaxgen's repetitions, then transformers' (all in its process, after one warm-up call), then the
 other half of jaxgen's; medians. The reference half of this file runs in that environment,
 which has no jax: jax and jaxgen are imported where jaxgen runs.
@@ -38,16 +38,17 @@ def parse(name: str) -> tuple[str, dict, int] | None:
     return None
 
 
-def _reference(python: str, checkpoint: str, call: dict, reps: int, threads: int) -> dict:
+def _reference(python: str, checkpoint: str, call: dict, args, device: str) -> dict:
     """Runs in 4.53's environment: ``python hub_workload.py --reference`` with the call on stdin."""
-    proc = subprocess.run([python, __file__, "--reference", checkpoint, str(reps), str(threads)],
+    proc = subprocess.run([python, __file__, "--reference", checkpoint, str(args.reps), str(args.threads), args.dtype,
+                           device],
                           input=json.dumps(call), capture_output=True, text=True, check=False)
     if proc.returncode:
         raise RuntimeError(f"transformers 4.53 failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run(name: str, args, model, checkpoint: str, prompts) -> dict:
+def run(name: str, args, model, checkpoint: str, prompts, device: str) -> dict:
     import jax
 
     from jaxgen.decoding.api import compile_generate
@@ -57,7 +58,8 @@ def run(name: str, args, model, checkpoint: str, prompts) -> dict:
     ids, mask = prompts(batch, args.prompt_len, model.config.vocab_size)
     kw = dict(max_new_tokens=new, min_new_tokens=new, pad_token_id=0, eos_token_id=0, **extra)
     t0 = time.perf_counter()
-    run_jax = compile_generate(model, ids, mask, **kw)
+    with jax.default_matmul_precision("highest"):  # full float32 products on a GPU too, as torch's
+        run_jax = compile_generate(model, ids, mask, **kw)
     ours = jax.block_until_ready(run_jax())
     first = time.perf_counter() - t0
     times = []
@@ -69,10 +71,10 @@ def run(name: str, args, model, checkpoint: str, prompts) -> dict:
             times.append(time.perf_counter() - t0)
 
     time_jax(args.reps // 2)
-    ref = _reference(str(args.hf453 or HF453), checkpoint, dict(kw, ids=ids.tolist(), mask=mask.tolist()), args.reps,
-                     args.threads)
+    ref = _reference(str(args.hf453 or HF453), checkpoint, dict(kw, ids=ids.tolist(), mask=mask.tolist()), args,
+                     device)
     time_jax(args.reps - args.reps // 2)
-    rows = batch * extra.get("num_beams", 1)
+    rows = batch * extra.get("num_beams", extra.get("top_k", 1))  # rows each forward pass runs
     result = {"workload": name, "batch": batch, "rows": rows, "new_tokens": new,
               "outputs_equal": bool(np.array_equal(ours.trim().sequences, np.asarray(ref["sequences"])))}
     if not result["outputs_equal"]:
@@ -100,25 +102,33 @@ def print_table(results) -> None:
               f"{r['speedup']:.2f}x |")
 
 
-def _reference_main(checkpoint: str, reps: int, threads: int) -> None:
+def _reference_main(checkpoint: str, reps: int, threads: int, dtype: str, device: str) -> None:
     import torch
     import transformers
 
     torch.set_num_threads(threads)
     call = json.load(sys.stdin)
-    ids, mask = torch.tensor(call.pop("ids")), torch.tensor(call.pop("mask"))
-    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    ids, mask = (torch.tensor(call.pop(name), device=device) for name in ("ids", "mask"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, torch_dtype=getattr(torch, dtype))
+    model = model.to(device).eval()
+
+    def generate():
+        out = model.generate(ids, attention_mask=mask, trust_remote_code=True, **call)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
     times = []
     with torch.no_grad():
         t0 = time.perf_counter()
-        out = model.generate(ids, attention_mask=mask, trust_remote_code=True, **call)
+        out = generate()
         first = time.perf_counter() - t0
         for _ in range(reps):
             t0 = time.perf_counter()
-            model.generate(ids, attention_mask=mask, trust_remote_code=True, **call)
+            generate()
             times.append(time.perf_counter() - t0)
-    print(json.dumps({"sequences": out.tolist(), "times": times, "first": first}))
+    print(json.dumps({"sequences": out.cpu().tolist(), "times": times, "first": first}))
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--reference"]:
-    _reference_main(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    _reference_main(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6])

@@ -140,7 +140,6 @@ def test_draft_takes_the_earliest_match_of_the_longest_ngram():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(prompt_lookup_num_tokens=3, num_beams=2), "num_beams=2 is not allowed: not with prompt_lookup_num_tokens=3"),
     (dict(prompt_lookup_num_tokens=3, do_sample=True), "do_sample=True is not allowed"),
     (dict(prompt_lookup_num_tokens=0), "prompt_lookup_num_tokens=0 is not allowed"),
     (dict(prompt_lookup_num_tokens=2, max_matching_ngram_size=0), "max_matching_ngram_size=0 is not allowed"),
@@ -150,3 +149,15 @@ def test_bad_input(eos_model, kwargs, message):
     _, model = eos_model
     with pytest.raises(ValueError, match=message):
         jaxgen.generate(model, np.array([[3, 4, 5]]), key=None, pad_token_id=PAD, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, mode", [(dict(num_beams=2), "beam search"),
+                                          (dict(penalty_alpha=0.6, top_k=3), "contrastive search")])
+def test_lookup_beside_another_mode_warns_and_is_ignored(eos_model, kwargs, mode):
+    """transformers logs that assisted generation runs with greedy search and sampling only, and
+    runs the call's own mode."""
+    _, model = eos_model
+    ids, kw = np.array([[3, 4, 5]]), dict(max_new_tokens=4, pad_token_id=PAD, **kwargs)
+    with pytest.warns(UserWarning, match=f"prompt_lookup_num_tokens=3 .*decoding mode is {mode}, so it is ignored"):
+        out = jaxgen.generate(model, ids, prompt_lookup_num_tokens=3, **kw).trim()
+    np.testing.assert_array_equal(out.sequences, jaxgen.generate(model, ids, **kw).trim().sequences)

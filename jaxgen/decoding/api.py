@@ -145,8 +145,10 @@ def generate(model: CausalLM, input_ids=None, attention_mask=None, **kwargs) -> 
 
 
 def greedy_search(model: CausalLM, input_ids=None, attention_mask=None, **kwargs) -> GenerateOutput:
-    """Greedy decoding (``generate`` with ``num_beams=1, do_sample=False``)."""
-    return _run(model, input_ids, attention_mask, _call(kwargs, "greedy_search", num_beams=1, do_sample=False), False)
+    """Greedy decoding (``generate`` with ``num_beams=1, do_sample=False`` and no ``penalty_alpha``,
+    which would select contrastive search)."""
+    return _run(model, input_ids, attention_mask,
+                _call(kwargs, "greedy_search", num_beams=1, do_sample=False, penalty_alpha=None), False)
 
 
 def beam_search(model: CausalLM, input_ids=None, attention_mask=None, **kwargs) -> GenerateOutput:

@@ -351,13 +351,14 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
         if kwargs.get("use_cache") is False:
             _fail("use_cache", False, "contrastive search (penalty_alpha > 0, top_k > 1) needs the cache (as in "
                   "transformers)")
-        if lookup:
-            _fail("prompt_lookup_num_tokens", lookup, f"not with contrastive search (penalty_alpha={penalty_alpha}, "
-                  f"top_k={top_k}): assisted decoding extends greedy search and sampling only (as in transformers)")
+    if lookup and (beam_search or contrastive):  # transformers logs this and runs the base mode
+        mode = "contrastive search" if contrastive else "group beam search" if groups > 1 else "beam search"
+        warnings.warn(f"prompt_lookup_num_tokens={lookup} triggers assisted generation, which runs with greedy search "
+                      f"and sampling only; this call's decoding mode is {mode}, so it is ignored (as in transformers)",
+                      stacklevel=4)
+        lookup = None
     if lookup:
-        for name, bad, why in (("num_beams", beam_search, "prompt lookup decoding is greedy search; it takes no beams "
-                                "(as in transformers)"),
-                               ("do_sample", do_sample, "prompt lookup decoding runs greedy search in jaxgen; "
+        for name, bad, why in (("do_sample", do_sample, "prompt lookup decoding runs greedy search in jaxgen; "
                                 "sampling with it is not implemented yet"),
                                ("streamer", kw["streamer"] is not None, "prompt lookup decoding with a streamer is "
                                 "not implemented in jaxgen yet"),
@@ -492,6 +493,8 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
         renormalize_logits=kw["renormalize_logits"], diversity_penalty=diversity, neutral=neutral_processors,
         **sampling,
     )
+    # transformers' Phi-3 runs the whole sequence again where its longrope factors switch (`engine.recomputes`)
+    recompute = config.recompute_at is not None and 1 <= config.recompute_at - prompt_len < max_new_tokens
     if attentions or hidden_states is not None:
         asked = "output_attentions" if attentions else "output_hidden_states"
         if contrastive:
@@ -500,7 +503,7 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
         if lookup:
             _fail(asked, kw[asked], f"not with prompt_lookup_num_tokens={lookup}: returning them from a forward "
                   "over drafted tokens is not implemented in jaxgen yet")
-        if config.recompute_at is not None and 1 <= config.recompute_at - prompt_len < max_new_tokens:
+        if recompute:
             _fail(asked, kw[asked], f"this call crosses the sequence length {config.recompute_at} at which "
                   "transformers' Phi-3 recomputes the whole sequence (its longrope factors switch); returning "
                   "that step's outputs is not implemented in jaxgen yet: keep prompt + max_new_tokens on one side")
@@ -511,8 +514,8 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
         output_scores=kw["output_scores"], output_logits=kw["output_logits"], output_attentions=attentions,
         output_hidden_states=hidden_states, stream=streamer is not None,
         mesh=mesh, data_axis=data_axis, model_axis=model_axis,
-        recompute=config.recompute_at is not None and 1 <= config.recompute_at - prompt_len < max_new_tokens,
-        contrastive=contrastive, lookup=lookup or 0, lookup_ngram=(lookup_ngram or 2) if lookup else 0,
+        recompute=recompute, contrastive=contrastive, lookup=lookup or 0,
+        lookup_ngram=(lookup_ngram or 2) if lookup else 0,
     )
     ropes = [getattr(config, f.name) for f in dataclasses.fields(config) if isinstance(getattr(config, f.name), Rope)]
     if spec.contrastive and spec.recompute:

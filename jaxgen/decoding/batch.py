@@ -32,8 +32,9 @@ from jaxgen.models.cache import KVCache
 from jaxgen.models.model import CausalLM, forward, logits as logits_of
 
 # generate() arguments that make no sense per request here: outputs and placement are the batch's.
-_NOT_HERE = ("streamer", "mesh", "data_axis", "model_axis", "output_scores", "output_logits",
-             "return_dict_in_generate", "num_return_sequences", "prompt_bucket", "prompt_lookup_num_tokens")
+_NOT_HERE = ("streamer", "mesh", "data_axis", "model_axis", "output_scores", "output_logits", "output_attentions",
+             "output_hidden_states", "return_dict_in_generate", "num_return_sequences", "prompt_bucket",
+             "prompt_lookup_num_tokens")
 FINISH_REASONS = ("", "stop", "length")  # index 0: still running
 
 

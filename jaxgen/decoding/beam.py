@@ -87,6 +87,15 @@ def _top_candidates(acc: jax.Array, k: int, key, step, do_sample: bool, beams: i
     return jnp.take_along_axis(logp, order, -1), jnp.take_along_axis(idx, order, -1)
 
 
+def group_reads(kv_mask: jax.Array, ancestry: jax.Array) -> jax.Array:
+    """The ``kv_mask`` of a grouped cache (`attention.view`): row ``j`` of a group reads slot ``t``
+    from row ``ancestry[b, j, t]``, where the prompt mask ``kv_mask: bool[batch, S]`` allows it.
+    ancestry: int32[batch, rows, S] -> bool[batch * rows, S, rows]."""
+    batch, rows, total = ancestry.shape
+    reads = kv_mask[:, None, :, None] & (ancestry[..., None] == jnp.arange(rows))
+    return reads.reshape(batch * rows, total, rows)
+
+
 def feed(model: CausalLM, s, source: jax.Array, pre: engine.Prefilled, prompt_len, spec: DecodeSpec):
     """Feeds the running beams' tokens of step ``s.step - 1`` (``s``: a `BeamState` or a state
     with its ``running_sequences``, ``ancestry``, ``cache``, ``positions``, ``layers``): beam ``j``
@@ -102,10 +111,9 @@ def feed(model: CausalLM, s, source: jax.Array, pre: engine.Prefilled, prompt_le
         when = engine.recomputes(model, prompt_len, s.step, spec)
         ancestry = jnp.where(when, own_row[:, :, None], ancestry)
         redo = (when, s.running_sequences.reshape(batch * beams, -1), jnp.repeat(pre.kv_mask, beams, 0))
-    reads = pre.kv_mask[:, None, :, None] & (ancestry[..., None] == jnp.arange(beams))  # [batch, beams, S, beams]
+    reads = group_reads(pre.kv_mask, ancestry)
     tokens = jax.lax.dynamic_index_in_dim(s.running_sequences, column, axis=2, keepdims=False).reshape(-1)
-    logits, cache, outputs = engine.decode_step(model, tokens, s.positions, reads.reshape(batch * beams, -1, beams),
-                                                s.cache, column, spec, redo)
+    logits, cache, outputs = engine.decode_step(model, tokens, s.positions, reads, s.cache, column, spec, redo)
     return s.replace(logits=logits, cache=cache, ancestry=ancestry, positions=s.positions + 1,
                      layers=engine.record_layers(s.layers, s.step, outputs))
 

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxgen.decoding import engine, select
+from jaxgen.decoding import beam, engine, select
 from jaxgen.decoding.engine import DecodeSpec
 from jaxgen.models.cache import KVCache
 from jaxgen.models.model import CausalLM, forward
@@ -94,9 +94,8 @@ def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, p
         # Every candidate in one pass: row r of a group feeds candidate r at `column` and reads
         # the chosen tokens before it from the rows that hold them.
         holder = jnp.where(jnp.arange(total) == column, own[:, None], s.history[:, None, :])  # [B, K, S]
-        reads = pre.kv_mask[:, None, :, None] & (holder[..., None] == own)  # [B, K, S, K]
         hidden, cache = forward(model, top_ids.reshape(-1, 1), jnp.repeat(s.positions, k)[:, None],
-                                reads.reshape(batch * k, total, k), s.cache, column, spec.row_shards)
+                                beam.group_reads(pre.kv_mask, holder), s.cache, column, spec.row_shards)
         hidden = hidden.reshape(batch, k, -1)
         valid = pre.kv_mask & (jnp.arange(total) < column)
         ranking = (1.0 - penalty_alpha) * top_probs - penalty_alpha * degeneration_penalty(s.context, hidden, valid)
@@ -104,12 +103,7 @@ def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, p
         chosen_hidden = jnp.take_along_axis(hidden, chosen[:, None, None], axis=1)[:, 0]  # [B, d]
 
         tokens = jnp.take_along_axis(top_ids, chosen[:, None], axis=1)[:, 0]
-        if spec.eos_token_ids or spec.stop_sequences:
-            tokens = jnp.where(s.unfinished, tokens, spec.pad_token_id)
-        if spec.stream:
-            engine.stream(streamer_id, tokens)
-        sequences = jax.lax.dynamic_update_index_in_dim(s.sequences, tokens, column, 1)
-        unfinished = s.unfinished & ~engine.hits_stop(sequences, column, spec.bucket_len - prompt_len, spec)
+        sequences, unfinished = engine.emit(tokens, s.sequences, s.unfinished, s.step, prompt_len, streamer_id, spec)
         return s.replace(
             step=s.step + 1, sequences=sequences, logits=logits_of(model, chosen_hidden, spec.row_shards),
             cache=engine.pin_cache(cache, spec),

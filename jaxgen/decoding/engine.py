@@ -284,6 +284,19 @@ def record_layers(buffers: LayerRecord | None, step: jax.Array, outputs: LayerOu
     return None if buffers is None else buffers.record(step, outputs)
 
 
+def emit(tokens: jax.Array, sequences: jax.Array, unfinished: jax.Array, step, prompt_len, streamer_id,
+         spec: DecodeSpec) -> tuple[jax.Array, jax.Array]:
+    """Writes step ``step``'s ``tokens: int32[rows]`` (``pad_token_id`` in rows already finished)
+    into ``sequences: int32[rows, S]``, streams them, and returns (sequences, unfinished)."""
+    if spec.eos_token_ids or spec.stop_sequences:
+        tokens = jnp.where(unfinished, tokens, spec.pad_token_id)
+    column = spec.bucket_len + step
+    if spec.stream:
+        stream(streamer_id, tokens)
+    sequences = jax.lax.dynamic_update_index_in_dim(sequences, tokens, column, 1)
+    return sequences, unfinished & ~hits_stop(sequences, column, spec.bucket_len - prompt_len, spec)
+
+
 def hits_stop(sequences: jax.Array, column: jax.Array, first_column: jax.Array, spec: DecodeSpec) -> jax.Array:
     """bool[...]: the token just written at ``column`` ends the row: it is an EOS id, or the
     tokens ending there match one of ``spec.stop_sequences`` (transformers' EOS criterion and a

@@ -69,13 +69,7 @@ def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, k
     def choose(s: TokenState) -> TokenState:
         scores = engine.process(processors, s.logits, s.sequences, s.step, prompt_len, pre.pad_lengths, spec)
         tokens = select_token(scores, key, s.step, spec.do_sample)
-        if spec.eos_token_ids or spec.stop_sequences:
-            tokens = jnp.where(s.unfinished, tokens, spec.pad_token_id)
-        column = spec.bucket_len + s.step
-        if spec.stream:
-            engine.stream(streamer_id, tokens)
-        sequences = jax.lax.dynamic_update_index_in_dim(s.sequences, tokens, column, 1)
-        unfinished = s.unfinished & ~engine.hits_stop(sequences, column, spec.bucket_len - prompt_len, spec)
+        sequences, unfinished = engine.emit(tokens, s.sequences, s.unfinished, s.step, prompt_len, streamer_id, spec)
         done = ~jnp.any(unfinished) | (s.step + 1 >= spec.max_new_tokens)
         return s.replace(
             step=s.step + 1, sequences=sequences, unfinished=unfinished, done=done,

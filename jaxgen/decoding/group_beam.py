@@ -7,11 +7,13 @@ the diversity penalty (each token loses ``diversity_penalty`` times the count of
 that chose it at this step for the same prompt), plus its beams' scores give ``max(2, 1 + n_eos)
 * g`` candidates; EOS candidates among the first ``g`` become finished hypotheses of that group
 (``score / generated_len ** length_penalty``, at most ``g`` a group, the worst dropped),
-the first ``g`` others continue. A group is done once it holds ``num_beams`` hypotheses none of
-its running beams can beat (4.53's ``BeamHypotheses.is_done``, with ``early_stopping``); a done
+the first ``g`` others continue. A group is done once it holds ``g`` hypotheses none of its
+running beams can beat (4.53's ``BeamHypotheses.is_done``, with ``early_stopping``); a done
 group's beams continue as copies of its first beam emitting ``pad_token_id`` (their scores are
-still returned). At the end the running beams of groups not done join their hypotheses, and each
-prompt returns its ``num_return_sequences`` best over all groups.
+still returned; 4.53 copies the first prompt's beam instead, a defect at batch > 1). At the end
+the running beams of groups not done join their hypotheses, and each prompt returns its
+``num_return_sequences`` best over all groups. A hypothesis keeps the EOS id it ended on (4.53
+writes the first of several EOS ids).
 
 The cache is beam search's (`beam.feed`): beams never move, a table says which row holds each slot.
 """

@@ -78,7 +78,6 @@ UNSUPPORTED = {
     "guidance_scale": "classifier-free guidance is not implemented in jaxgen yet",
     "negative_prompt_ids": "classifier-free guidance is not implemented in jaxgen yet",
     "negative_prompt_attention_mask": "classifier-free guidance is not implemented in jaxgen yet",
-    "assistant_model": "assisted (speculative) decoding is not implemented in jaxgen yet",
     "assistant_early_exit": "assisted (speculative) decoding is not implemented in jaxgen yet",
     "dola_layers": "DoLa decoding is not implemented in jaxgen yet",
     "constraints": "constrained beam search is not implemented in jaxgen yet",

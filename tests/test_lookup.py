@@ -17,11 +17,14 @@ from jaxgen.decoding.lookup import draft
 from tests.conftest import EOS, PAD, hf_generate, left_padded_batch
 
 
+DRAFTING = ("prompt_lookup_num_tokens", "max_matching_ngram_size", "assistant_model", "num_assistant_tokens")
+
+
 def assert_greedy(model, ids, mask, **kw):
+    """Assisted decoding (``kw`` names its drafts) returns greedy search's tokens, scores and logits."""
     kw = dict(output_scores=True, output_logits=True, **kw)
     ours = jaxgen.generate(model, ids, mask, **kw).trim()
-    plain = jaxgen.generate(model, ids, mask, **{k: v for k, v in kw.items() if "lookup" not in k
-                                                 and k != "max_matching_ngram_size"}).trim()
+    plain = jaxgen.generate(model, ids, mask, **{k: v for k, v in kw.items() if k not in DRAFTING}).trim()
     np.testing.assert_array_equal(ours.sequences, plain.sequences)
     assert len(ours.scores) == len(plain.scores)
     for name in ("scores", "logits"):

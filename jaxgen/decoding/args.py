@@ -42,6 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "stop_sequences": None, "streamer": None, "prompt_bucket": 32, "key": None,
     "prompt_lookup_num_tokens": None, "max_matching_ngram_size": None, "penalty_alpha": None,
     "num_beam_groups": None, "diversity_penalty": None,
+    "assistant_model": None, "num_assistant_tokens": None, "num_assistant_tokens_schedule": None,
     "mesh": None, "data_axis": "data", "model_axis": "model",
 }
 HF_MAX_NEW_TOKENS = 20  # without a length: max_length = prompt + 20, at most max_position_embeddings
@@ -64,6 +65,7 @@ class Request:
     key: Any
     length_penalty: Any
     penalty_alpha: Any  # float32[], contrastive search's
+    assistant: Any = None  # the draft model of assisted decoding, or None
     streamer: Any = None  # host object with put(np.ndarray) and end()
     return_dict: bool = True  # False: the call returns the sequences alone, as transformers
     prompt: Any = None  # int[batch, L], the prompt as passed (bos_token_id where it was None)
@@ -344,6 +346,25 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
     contrastive = top_k if contrastive and top_k > 1 else 0
     lookup = _int(kw, "prompt_lookup_num_tokens", 1)
     lookup_ngram = _int(kw, "max_matching_ngram_size", 1)
+    assistant = kw["assistant_model"]
+    if assistant is not None:
+        if not isinstance(assistant, CausalLM):
+            _fail("assistant_model", f"<{type(assistant).__name__}>", "expected a jaxgen CausalLM (from "
+                  "jaxgen.from_pretrained) sharing the model's tokenizer")
+        if assistant.config.vocab_size != vocab:
+            _fail("assistant_model", f"<{assistant.config.model_type}, vocab_size {assistant.config.vocab_size}>",
+                  f"the draft model must share the model's vocabulary (vocab_size {vocab})")
+        if lookup:
+            _fail("prompt_lookup_num_tokens", lookup, "not with an assistant_model: the drafts come from one or the "
+                  "other")
+        if beam_search or contrastive:
+            _fail("num_beams" if beam_search else "penalty_alpha", num_beams if beam_search else penalty_alpha,
+                  "assisted decoding with an assistant_model runs greedy search; not with beams or contrastive search")
+        schedule = kw["num_assistant_tokens_schedule"]
+        if schedule not in (None, "constant"):
+            _fail("num_assistant_tokens_schedule", schedule, "jaxgen drafts num_assistant_tokens every iteration "
+                  "(\"constant\"); the heuristic schedules are not implemented yet")
+        lookup, lookup_ngram = _int(kw, "num_assistant_tokens", 1) or 20, 0  # transformers' default: 20
     if contrastive:
         if contrastive > vocab:
             _fail("top_k", top_k, f"contrastive search (penalty_alpha={penalty_alpha}) takes the top_k most probable "
@@ -358,16 +379,18 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
                       stacklevel=4)
         lookup = None
     if lookup:
-        for name, bad, why in (("do_sample", do_sample, "prompt lookup decoding runs greedy search in jaxgen; "
-                                "sampling with it is not implemented yet"),
-                               ("streamer", kw["streamer"] is not None, "prompt lookup decoding with a streamer is "
+        strategy = "assisted decoding" if assistant is not None else "prompt lookup decoding"
+        with_what = "an assistant_model" if assistant is not None else f"prompt_lookup_num_tokens={lookup}"
+        for name, bad, why in (("do_sample", do_sample, f"{strategy} runs greedy search in jaxgen; "
+                                "sampling with it (speculative sampling) is not implemented yet"),
+                               ("streamer", kw["streamer"] is not None, f"{strategy} with a streamer is "
                                 "not implemented in jaxgen yet"),
-                               ("mesh", kw["mesh"] is not None, "prompt lookup decoding on a mesh is not implemented "
+                               ("mesh", kw["mesh"] is not None, f"{strategy} on a mesh is not implemented "
                                 "in jaxgen yet"),
                                ("logits_processor", bool(kw["logits_processor"]), "your processors would run on each "
                                 "drafted position of each row apart; not implemented in jaxgen yet")):
             if bad:
-                _fail(name, kw[name], f"not with prompt_lookup_num_tokens={lookup}: {why}")
+                _fail(name, kw[name], f"not with {with_what}: {why}")
 
     sampling = {}
     if do_sample:
@@ -529,7 +552,7 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
     spec = dataclasses.replace(spec, phases=1 if spec.lookup else loop_phases(model, ids.shape[0], spec))
     padded_ids, padded_mask = _left_pad(ids, mask, bucket_len, pad if pad is not None else 0)
     return Request(spec, padded_ids, padded_mask, jnp.int32(prompt_len), processors, key, jnp.float32(length_penalty),
-                   jnp.float32(penalty_alpha or 0.0), streamer, return_dict, ids)
+                   jnp.float32(penalty_alpha or 0.0), assistant, streamer, return_dict, ids)
 
 
 def _hidden_state_indices(value, n_hidden: int) -> tuple[int, ...] | None:

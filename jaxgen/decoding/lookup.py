@@ -1,10 +1,12 @@
-"""Prompt lookup decoding (transformers' ``prompt_lookup_num_tokens``), greedy: several tokens a
-forward pass where the text repeats itself, with greedy search's output (its tokens; its scores
-up to float rounding: a forward over ``K + 1`` tokens sums in another order than over one).
+"""Assisted (speculative) greedy decoding: prompt lookup (transformers' ``prompt_lookup_num_tokens``)
+or a draft model (``assistant_model``): several tokens a forward pass where the drafts are right,
+with greedy search's output (its tokens; its scores up to float rounding: a forward over ``K + 1``
+tokens sums in another order than over one).
 
-Each iteration every row drafts up to ``K`` tokens by finding its last n-gram (the longest of
-``max_matching_ngram_size`` down to 1) earlier in its own text and copying what followed it; one
-forward pass of ``K + 1`` tokens (its last token, then the draft) gives the logits after each;
+Each iteration every row drafts up to ``K`` tokens: by finding its last n-gram (the longest of
+``max_matching_ngram_size`` down to 1) earlier in its own text and copying what followed it, or
+as the draft model's greedy tokens (`model_draft`, on a cache of its own); one forward pass of
+``K + 1`` tokens (its last token, then the draft) gives the logits after each;
 the row keeps the draft's longest prefix that greedy search would have chosen, plus greedy's own
 next token. So each row advances by 1 to ``K + 1`` tokens, at its own pace (per-row cache write
 slots and columns). A row that finished keeps emitting ``pad_token_id`` as greedy search does, a
@@ -32,14 +34,16 @@ from jaxgen.outputs import GenerateOutput
 class LookupState:
     """Loop carry. sequences: int32[rows, P + N + K + 1]; generated: int32[rows], tokens each row
     has (its next token goes to column ``P + generated``); ended: int32[rows], where each row's
-    real tokens end (``N`` until it finishes); unfinished: bool[rows]; cache; scores / raw_logits:
-    float32[N, rows, V] or None; done: bool[]."""
+    real tokens end (``N`` until it finishes); unfinished: bool[rows]; cache; draft_cache: the
+    draft model's (None for prompt lookup); scores / raw_logits: float32[N, rows, V] or None;
+    done: bool[]."""
 
     sequences: jax.Array
     generated: jax.Array
     ended: jax.Array
     unfinished: jax.Array
     cache: KVCache
+    draft_cache: KVCache | None
     scores: jax.Array | None
     raw_logits: jax.Array | None
     done: jax.Array
@@ -66,12 +70,41 @@ def draft(row: jax.Array, first: jax.Array, end: jax.Array, k: int, max_ngram: i
     return tokens, count
 
 
-def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, key, streamer_id,
-           spec: DecodeSpec) -> GenerateOutput:
-    """Greedy search of ``input_ids: int32[batch, P]`` with prompt lookup drafts of ``spec.lookup`` tokens."""
+def model_draft(assistant: CausalLM, cache: KVCache, sequences, last, position, kv_mask, k: int, spec: DecodeSpec):
+    """The draft model's ``k`` greedy tokens after each row's column ``last`` (int32[rows]; its
+    position id ``position``): it first feeds columns ``last - 1`` and ``last`` (the last
+    iteration left at most these two unseen: a draft it did not feed, and the target's own
+    token; a slot it saw is rewritten with the same token), then each of its tokens but the last.
+    Returns (int32[rows, k], its cache)."""
+    def step(fed, at, cache):
+        hidden, cache = forward(assistant, fed, position[:, None] + (at - last)[:, None] + jnp.arange(fed.shape[1]),
+                                kv_mask, cache, at, spec.row_shards)
+        return select.first_argmax(logits_of(assistant, hidden[:, -1], spec.row_shards)), cache
+
+    fed = jnp.take_along_axis(sequences, last[:, None] + jnp.arange(-1, 1)[None], axis=1)  # [rows, 2]
+    token, cache = step(fed, last - 1, cache)
+
+    def body(i, carry):
+        tokens, token, cache = carry
+        tokens = tokens.at[:, i].set(token)
+        token, cache = step(token[:, None], last + 1 + i, cache)
+        return tokens, token, cache
+
+    tokens, token, cache = jax.lax.fori_loop(0, k - 1, body, (jnp.zeros((last.shape[0], k), jnp.int32), token, cache))
+    return tokens.at[:, k - 1].set(token), cache
+
+
+def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, key, streamer_id, spec: DecodeSpec,
+           assistant: CausalLM | None = None) -> GenerateOutput:
+    """Greedy search of ``input_ids: int32[batch, P]`` with drafts of ``spec.lookup`` tokens: the
+    ``assistant`` model's, or without one prompt lookup's."""
     k, n_max, pad = spec.lookup, spec.max_new_tokens, spec.pad_token_id if spec.pad_token_id is not None else 0
     width = spec.total_len + k + 1
     pre = engine.prefill(model, input_ids, attention_mask, prompt_len, spec, 1, rings=False)
+    draft_cache = None
+    if assistant is not None:
+        draft_cache = engine.prefill(assistant, input_ids, attention_mask, prompt_len, spec, 1, rings=False).cache
+        draft_cache = draft_cache.grow(width)
     rows, vocab = pre.logits.shape
     offset = spec.bucket_len - prompt_len
     first_real = offset + pre.pad_lengths  # [rows]: the column of each row's first real token
@@ -92,7 +125,7 @@ def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, k
     state = LookupState(
         sequences=sequences, generated=jnp.ones((rows,), jnp.int32),
         ended=jnp.where(hit, 1, n_max).astype(jnp.int32), unfinished=~hit,
-        cache=pre.cache.grow(width),
+        cache=pre.cache.grow(width), draft_cache=draft_cache,
         scores=engine.record(engine.score_buffer(spec.output_scores, spec, rows, vocab), 0, scores0),
         raw_logits=engine.record(engine.score_buffer(spec.output_logits, spec, rows, vocab), 0, pre.logits),
         done=jnp.all(hit) | (n_max == 1))
@@ -100,8 +133,14 @@ def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, k
 
     def iteration(s: LookupState) -> LookupState:
         last = spec.bucket_len + s.generated - 1  # [rows]: the column of each row's last token
-        tokens, count = jax.vmap(lambda row, f, e: draft(row, f, e, k, spec.lookup_ngram))(
-            s.sequences, first_real, last + 1)
+        position = pre.positions + s.generated - 1  # [rows]: its position id
+        draft_cache = s.draft_cache
+        if assistant is None:
+            tokens, count = jax.vmap(lambda row, f, e: draft(row, f, e, k, spec.lookup_ngram))(
+                s.sequences, first_real, last + 1)
+        else:
+            tokens, draft_cache = model_draft(assistant, draft_cache, s.sequences, last, position, kv_mask, k, spec)
+            count = jnp.full((rows,), k, jnp.int32)
         room = n_max - s.generated - 1  # drafts beyond max_new_tokens could never be kept
         count = jnp.where(s.unfinished, jnp.clip(count, 0, jnp.maximum(room, 0)), 0)
         j = jnp.arange(k)
@@ -109,7 +148,7 @@ def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, k
         cols = last[:, None] + 1 + j[None]  # [rows, k]
         with_draft = _put(s.sequences, cols, drafted)
         fed = jnp.concatenate([jnp.take_along_axis(s.sequences, last[:, None], 1), drafted], axis=1)  # [rows, k+1]
-        positions = pre.positions[:, None] + (s.generated - 1)[:, None] + jnp.arange(k + 1)[None]
+        positions = position[:, None] + jnp.arange(k + 1)[None]
         hidden, cache = forward(model, fed, positions, kv_mask, s.cache, last, spec.row_shards)
         raw = logits_of(model, hidden, spec.row_shards)  # [rows, k+1, V]
         steps = s.generated[:, None] + jnp.arange(k + 1)[None]  # the step each position's token is
@@ -144,7 +183,7 @@ def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, k
         record = jnp.where(kept, steps, n_max)  # out of range: dropped
         return s.replace(
             sequences=sequences, generated=generated, ended=ended, unfinished=unfinished,
-            cache=cache, done=done,
+            cache=cache, draft_cache=draft_cache, done=done,
             scores=_record_rows(s.scores, record, scores), raw_logits=_record_rows(s.raw_logits, record, raw))
 
     final = jax.lax.while_loop(lambda s: ~s.done, iteration, state)

@@ -73,3 +73,29 @@ def test_another_vocabulary_is_refused(eos_model, tmp_path):
     draft = jaxgen.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"vocab_size 64.* share the model's vocabulary \(vocab_size 48"):
         jaxgen.generate(model, np.array([[3, 4, 5]]), max_new_tokens=4, pad_token_id=PAD, assistant_model=draft)
+
+
+def test_the_model_as_its_own_draft_drafts_greedy_search_s_tokens(eos_model):
+    """`lookup.model_draft` with the model itself as the draft: from any column of greedy search's
+    output (the cache holding a stale draft after it, as after a partly accepted iteration), its
+    k tokens are the next k of greedy search: every draft would be accepted. (No processor: the
+    draft takes its raw argmax.)"""
+    import jax.numpy as jnp
+
+    from jaxgen.decoding import args, engine, lookup
+    _, model = eos_model
+    ids, mask = left_padded_batch(np.random.default_rng(2), 2, 6, EOS_MODEL["vocab_size"], [0, 3])
+    kw = dict(max_new_tokens=18, eos_token_id=None, pad_token_id=PAD, prompt_bucket=None)  # no processor
+    greedy = jaxgen.generate(model, ids, mask, **kw).trim()
+    spec = args.parse(model, ids, mask, kw).spec
+    pre = engine.prefill(model, jnp.asarray(ids), jnp.asarray(mask), jnp.int32(6), spec, 1, rings=False)
+    cache, k = pre.cache.grow(6 + 18 + 5), 4
+    kv_mask = jnp.concatenate([pre.kv_mask, jnp.ones((2, 5), bool)], axis=1)
+    sequences = jnp.pad(jnp.asarray(greedy.sequences, jnp.int32), ((0, 0), (0, 5)))
+    # after each, the cache holds drafts up to column generated + k - 2: 8 -> 13 is a whole draft
+    # accepted with greedy's next token, leaving two columns unseen
+    for generated in (1, 3, 4, 8, 13):
+        last = jnp.full((2,), 6 + generated - 1, jnp.int32)
+        tokens, cache = lookup.model_draft(model, cache, sequences, last, pre.positions + generated - 1, kv_mask, k,
+                                           spec)
+        np.testing.assert_array_equal(np.asarray(tokens), greedy.sequences[:, 6 + generated:6 + generated + k])

@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="params dtype (default: the checkpoint's, as transformers)")
     g.add_argument("--prompt-lookup", type=int, metavar="K",
                    help="greedy with prompt lookup drafts of K tokens (the same output, faster where it copies)")
+    g.add_argument("--assistant-model", metavar="DIR",
+                   help="greedy with the drafts of this smaller model (same tokenizer): the same output, faster "
+                        "where the drafts agree")
+    g.add_argument("--num-assistant-tokens", type=int, default=20, metavar="K", help="tokens the assistant drafts")
     g.add_argument("--quantize", choices=["int8"], help="store the weights as int8 (jaxgen.quantize)")
     g.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to each prompt")
     g.add_argument("--show-scores", action="store_true", help="per-token log-probabilities")
@@ -177,6 +181,10 @@ def run_generate(args) -> int:
         kwargs.update(length_penalty=args.length_penalty, early_stopping=args.early_stopping)
     if args.prompt_lookup is not None:
         kwargs["prompt_lookup_num_tokens"] = args.prompt_lookup
+    if args.assistant_model:
+        kwargs.update(assistant_model=jaxgen.from_pretrained(args.assistant_model, dtype=args.dtype,
+                                                             quantize=args.quantize),
+                      num_assistant_tokens=args.num_assistant_tokens)
     if args.do_sample:
         kwargs["key"] = jax.random.key(args.seed or 0)
     if args.stream:
@@ -252,6 +260,7 @@ def _check_job(args):
     clash = [flag for flag, on in (("PROMPT", args.prompts), ("--output", not args.output), ("--stream", args.stream),
                                    ("--json", args.json), ("--show-scores", args.show_scores),
                                    ("--num-beams", args.num_beams != 1), ("--prompt-lookup", args.prompt_lookup),
+                                   ("--assistant-model", args.assistant_model),
                                    ("--num-return-sequences", args.num_return_sequences != 1)) if on]
     if clash:
         raise ValueError(f"--input runs a file of requests into --output (greedy or sampling): "

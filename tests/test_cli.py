@@ -132,7 +132,10 @@ def test_a_model_without_tokenizer_files_is_named(jaxgen_main, tmp_path):
 
 def test_prompt_lookup_prints_greedy_s_text(jaxgen_main):
     args = ("A friend is a friend who is a friend who is", "--max-new-tokens", "20")
-    assert jaxgen_main(*args, "--prompt-lookup", "4")[1] == jaxgen_main(*args)[1]
+    plain = jaxgen_main(*args)[1]
+    assert jaxgen_main(*args, "--prompt-lookup", "4")[1] == plain
+    # the demo model as its own draft model
+    assert jaxgen_main(*args, "--assistant-model", str(DEMO_MODEL), "--num-assistant-tokens", "3")[1] == plain
 
 
 def test_help_shows_defaults(jaxgen_main, capsys):

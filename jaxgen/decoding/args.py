@@ -347,6 +347,7 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
     lookup = _int(kw, "prompt_lookup_num_tokens", 1)
     lookup_ngram = _int(kw, "max_matching_ngram_size", 1)
     assistant = kw["assistant_model"]
+    with_what = "an assistant_model" if assistant is not None else f"prompt_lookup_num_tokens={lookup}"
     if assistant is not None:
         if not isinstance(assistant, CausalLM):
             _fail("assistant_model", f"<{type(assistant).__name__}>", "expected a jaxgen CausalLM (from "
@@ -380,7 +381,6 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
         lookup = None
     if lookup:
         strategy = "assisted decoding" if assistant is not None else "prompt lookup decoding"
-        with_what = "an assistant_model" if assistant is not None else f"prompt_lookup_num_tokens={lookup}"
         for name, bad, why in (("do_sample", do_sample, f"{strategy} runs greedy search in jaxgen; "
                                 "sampling with it (speculative sampling) is not implemented yet"),
                                ("streamer", kw["streamer"] is not None, f"{strategy} with a streamer is "
@@ -524,8 +524,8 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
             _fail(asked, kw[asked], "contrastive search returning attentions or hidden states is not implemented "
                   "in jaxgen yet")
         if lookup:
-            _fail(asked, kw[asked], f"not with prompt_lookup_num_tokens={lookup}: returning them from a forward "
-                  "over drafted tokens is not implemented in jaxgen yet")
+            _fail(asked, kw[asked], f"not with {with_what}: returning them from a forward over drafted tokens is "
+                  "not implemented in jaxgen yet")
         if recompute:
             _fail(asked, kw[asked], f"this call crosses the sequence length {config.recompute_at} at which "
                   "transformers' Phi-3 recomputes the whole sequence (its longrope factors switch); returning "
@@ -546,9 +546,10 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
               "transformers' Phi-3 recomputes the whole sequence; contrastive search across it is not implemented "
               "in jaxgen yet: keep prompt + max_new_tokens on one side")
     if spec.lookup and any(r.dynamic is not None or r.long_inv_freq is not None for r in ropes):
-        _fail("prompt_lookup_num_tokens", lookup, "this model's rotary embedding depends on the sequence length "
-              "(dynamic or longrope scaling), which a forward over drafted tokens would change; prompt lookup "
-              "decoding with it is not implemented in jaxgen yet")
+        name = "assistant_model" if assistant is not None else "prompt_lookup_num_tokens"
+        _fail(name, "<model>" if assistant is not None else lookup, "this model's rotary embedding depends on the "
+              "sequence length (dynamic or longrope scaling), which a forward over drafted tokens would change; "
+              "assisted decoding with it is not implemented in jaxgen yet")
     spec = dataclasses.replace(spec, phases=1 if spec.lookup else loop_phases(model, ids.shape[0], spec))
     padded_ids, padded_mask = _left_pad(ids, mask, bucket_len, pad if pad is not None else 0)
     return Request(spec, padded_ids, padded_mask, jnp.int32(prompt_len), processors, key, jnp.float32(length_penalty),

@@ -32,29 +32,25 @@ BIG = -1.0e9
 
 
 @struct.dataclass
-class BeamState:
-    """Loop carry. ``S = P + N`` buffer columns.
+class Beams:
+    """The running beams every beam decoder carries (beam search here, group beam search in
+    `jaxgen.decoding.group_beam`) and `feed` steps. ``S = P + N`` buffer columns.
 
     running_sequences: int32[batch, beams, S]; running_scores: float32[batch, beams] summed
-    log-probs; running_beam_indices: int32[batch, beams, N]; sequences / beam_scores /
-    beam_indices: the finished hypotheses, same shapes; is_sent_finished: bool[batch, beams];
-    improvable: bool[batch, 1] (transformers' ``is_early_stop_heuristic_unsatisfied``);
-    logits: float32[batch * beams, V]; positions: int32[batch * beams]; cache: ``batch`` groups
-    of ``beams`` rows; ancestry: int32[batch, beams, S], for each running beam and slot the row
-    of its group whose cache holds that slot of the beam's history (0 for the prompt's shared slots).
-    Reordering beams gathers this small table instead of copying the whole cache every step
-    (``[batch * beams, S, d]`` per layer, the largest cost of a beam step at batch 8).
+    log-probs; running_beam_indices: int32[batch, beams, N]; logits: float32[batch * beams, V];
+    positions: int32[batch * beams]; cache: ``batch`` groups of ``beams`` rows; ancestry:
+    int32[batch, beams, S], for each running beam and slot the row of its group whose cache
+    holds that slot of the beam's history (0 for the prompt's shared slots). Reordering beams
+    gathers this small table instead of copying the whole cache every step (``[batch * beams,
+    S, d]`` per layer, the largest cost of a beam step at batch 8). scores / raw_logits:
+    float32[N, batch * beams, V] or None; layers: attentions and hidden states of the running
+    beams in their order of each step (`LayerRecord`), or None.
     """
 
     step: jax.Array
     running_sequences: jax.Array
     running_scores: jax.Array
     running_beam_indices: jax.Array
-    sequences: jax.Array
-    beam_scores: jax.Array
-    beam_indices: jax.Array
-    is_sent_finished: jax.Array
-    improvable: jax.Array
     done: jax.Array
     logits: jax.Array
     cache: KVCache
@@ -63,6 +59,37 @@ class BeamState:
     scores: jax.Array | None
     raw_logits: jax.Array | None
     layers: LayerRecord | None
+
+    @staticmethod
+    def start(model: CausalLM, input_ids: jax.Array, pre: engine.Prefilled, spec: DecodeSpec, fill: int,
+              running_scores: jax.Array) -> dict:
+        """The fields of a decode's first state: the prompts of ``input_ids: int32[batch, P]``
+        followed by ``fill``, every beam of a prompt alike, with ``running_scores``."""
+        batch, beams = running_scores.shape
+        seqs = engine.initial_sequences(jnp.repeat(input_ids, beams, 0), spec, fill).reshape(batch, beams, -1)
+        rows, vocab = pre.logits.shape
+        return dict(
+            step=jnp.zeros((), jnp.int32), running_sequences=seqs, running_scores=running_scores,
+            running_beam_indices=jnp.full((batch, beams, spec.max_new_tokens), -1, jnp.int32),
+            done=jnp.zeros((), bool), logits=pre.logits, cache=pre.cache,
+            ancestry=jnp.zeros((batch, beams, spec.total_len), jnp.int32), positions=pre.positions,
+            scores=engine.score_buffer(spec.output_scores, spec, rows, vocab),
+            raw_logits=engine.score_buffer(spec.output_logits, spec, rows, vocab),
+            layers=engine.layer_record(model, pre, spec),
+        )
+
+
+@struct.dataclass
+class BeamState(Beams):
+    """Beam search's loop carry: the running `Beams`, and the finished hypotheses: sequences /
+    beam_scores / beam_indices, the running ones' shapes; is_sent_finished: bool[batch, beams];
+    improvable: bool[batch, 1] (transformers' ``is_early_stop_heuristic_unsatisfied``)."""
+
+    sequences: jax.Array
+    beam_scores: jax.Array
+    beam_indices: jax.Array
+    is_sent_finished: jax.Array
+    improvable: jax.Array
 
 
 def _gather(x: jax.Array, idx: jax.Array) -> jax.Array:
@@ -96,11 +123,10 @@ def group_reads(kv_mask: jax.Array, ancestry: jax.Array) -> jax.Array:
     return reads.reshape(batch * rows, total, rows)
 
 
-def feed(model: CausalLM, s, source: jax.Array, pre: engine.Prefilled, prompt_len, spec: DecodeSpec):
-    """Feeds the running beams' tokens of step ``s.step - 1`` (``s``: a `BeamState` or a state
-    with its ``running_sequences``, ``ancestry``, ``cache``, ``positions``, ``layers``): beam ``j``
-    extends beam ``source[b, j]`` of its group (int32[batch, beams]) and reads its history from
-    the rows its ancestors computed it in (a gather of ``ancestry`` within each batch row: no
+def feed(model: CausalLM, s: Beams, source: jax.Array, pre: engine.Prefilled, prompt_len, spec: DecodeSpec):
+    """Feeds the running beams' tokens of step ``s.step - 1``: beam ``j`` extends beam
+    ``source[b, j]`` of its group (int32[batch, beams]) and reads its history from the rows its
+    ancestors computed it in (a gather of ``ancestry`` within each batch row: no
     communication when the batch is sharded), writing the new slot into its own row."""
     batch, beams = source.shape
     column = spec.bucket_len + s.step - 1
@@ -127,26 +153,14 @@ def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, k
     vocab = pre.logits.shape[-1]
     # transformers' output_fill_value, quirk included: a pad id of 0 is falsy there, so EOS fills
     fill = (spec.pad_token_id or spec.eos_token_ids[0]) if spec.eos_token_ids else -1
-    seqs = engine.initial_sequences(jnp.repeat(input_ids, beams, 0), spec, fill).reshape(batch, beams, -1)
-    no_indices = jnp.full((batch, beams, n), -1, jnp.int32)
+    running = Beams.start(model, input_ids, pre, spec, fill, jnp.zeros((batch, beams), jnp.float32).at[:, 1:].set(BIG))
     state = BeamState(
-        step=jnp.zeros((), jnp.int32),
-        running_sequences=seqs,
-        running_scores=jnp.zeros((batch, beams), jnp.float32).at[:, 1:].set(BIG),
-        running_beam_indices=no_indices,
-        sequences=seqs,
+        **running,
+        sequences=running["running_sequences"],
         beam_scores=jnp.full((batch, beams), BIG, jnp.float32),
-        beam_indices=no_indices,
+        beam_indices=running["running_beam_indices"],
         is_sent_finished=jnp.zeros((batch, beams), bool),
         improvable=jnp.ones((batch, 1), bool),
-        done=jnp.zeros((), bool),
-        logits=pre.logits,
-        cache=pre.cache,
-        ancestry=jnp.zeros((batch, beams, spec.total_len), jnp.int32),
-        positions=pre.positions,
-        scores=engine.score_buffer(spec.output_scores, spec, batch * beams, vocab),
-        raw_logits=engine.score_buffer(spec.output_logits, spec, batch * beams, vocab),
-        layers=engine.layer_record(model, pre, spec),
     )
     top_num_beam_mask = jnp.arange(keep) < beams
     batch_offset = jnp.arange(batch, dtype=jnp.int32)[:, None] * beams

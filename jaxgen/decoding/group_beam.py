@@ -26,43 +26,26 @@ from flax import struct
 
 from jaxgen.decoding import beam, engine, select
 from jaxgen.decoding.engine import DecodeSpec
-from jaxgen.models.cache import KVCache
 from jaxgen.models.model import CausalLM
-from jaxgen.outputs import GenerateOutput, LayerRecord
+from jaxgen.outputs import GenerateOutput
 
 NONE = -jnp.inf  # the score of an empty hypothesis slot
 
 
 @struct.dataclass
-class GroupBeamState:
-    """Loop carry; ``B`` prompts, ``N`` beams in ``G`` groups (beam ``j`` of group ``i`` at
-    ``i * g + j``), ``S = P + T`` columns, ``T`` = max_new_tokens.
-
-    running_sequences: int32[B, N, S]; running_scores: float32[B, N]; running_beam_indices:
-    int32[B, N, T] (the ``batch * num_beams`` row each token extended); hyp_sequences /
+class GroupBeamState(beam.Beams):
+    """Loop carry: the running `beam.Beams` (``B`` prompts, ``N`` beams in ``G`` groups, beam
+    ``j`` of group ``i`` at ``i * g + j``, ``T`` = max_new_tokens), and hyp_sequences /
     hyp_beam_indices: int32[B, G, g, S] / [B, G, g, T], the finished hypotheses of each group,
     hyp_scores: float32[B, G, g] (`NONE` where empty); group_done: bool[B, G]; source:
-    int32[B, N], the beam each beam extended at the last step; logits, cache, ancestry,
-    positions, layers as `beam.BeamState`'s.
+    int32[B, N], the beam each beam extended at the last step.
     """
 
-    step: jax.Array
-    running_sequences: jax.Array
-    running_scores: jax.Array
-    running_beam_indices: jax.Array
     hyp_sequences: jax.Array
     hyp_scores: jax.Array
     hyp_beam_indices: jax.Array
     group_done: jax.Array
-    done: jax.Array
     source: jax.Array
-    logits: jax.Array
-    cache: KVCache
-    ancestry: jax.Array
-    positions: jax.Array
-    scores: jax.Array | None
-    raw_logits: jax.Array | None
-    layers: LayerRecord | None
 
 
 def keep_best(scores, sequences, indices, new_scores, new_sequences, new_indices):
@@ -85,25 +68,15 @@ def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, l
     pre = engine.prefill(model, input_ids, attention_mask, prompt_len, spec, beams, share_prompt=True)
     vocab = pre.logits.shape[-1]
     fill = spec.pad_token_id if spec.pad_token_id is not None else 0
-    seqs = engine.initial_sequences(jnp.repeat(input_ids, beams, 0), spec, fill).reshape(batch, beams, -1)
+    first_of_each_group = jnp.full((batch, groups, g), -1e9, jnp.float32).at[:, :, 0].set(0.0).reshape(batch, beams)
+    running = beam.Beams.start(model, input_ids, pre, spec, fill, first_of_each_group)
     state = GroupBeamState(
-        step=jnp.zeros((), jnp.int32),
-        running_sequences=seqs,
-        running_scores=jnp.full((batch, groups, g), -1e9, jnp.float32).at[:, :, 0].set(0.0).reshape(batch, beams),
-        running_beam_indices=jnp.full((batch, beams, t_max), -1, jnp.int32),
-        hyp_sequences=seqs.reshape(batch, groups, g, -1),
+        **running,
+        hyp_sequences=running["running_sequences"].reshape(batch, groups, g, -1),
         hyp_scores=jnp.full((batch, groups, g), NONE, jnp.float32),
         hyp_beam_indices=jnp.full((batch, groups, g, t_max), -1, jnp.int32),
         group_done=jnp.zeros((batch, groups), bool),
-        done=jnp.zeros((), bool),
         source=jnp.zeros((batch, beams), jnp.int32),
-        logits=pre.logits,
-        cache=pre.cache,
-        ancestry=jnp.zeros((batch, beams, spec.total_len), jnp.int32),
-        positions=pre.positions,
-        scores=engine.score_buffer(spec.output_scores, spec, batch * beams, vocab),
-        raw_logits=engine.score_buffer(spec.output_logits, spec, batch * beams, vocab),
-        layers=engine.layer_record(model, pre, spec),
     )
     rows = jnp.arange(batch, dtype=jnp.int32)[:, None] * beams  # each prompt's first row
     eos = jnp.asarray(spec.eos_token_ids or (-1,), jnp.int32)

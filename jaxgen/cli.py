@@ -62,11 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="params dtype (default: the checkpoint's, as transformers)")
     g.add_argument("--prompt-lookup", type=int, metavar="K",
-                   help="greedy with prompt lookup drafts of K tokens (the same output, faster where it copies)")
+                   help="draft K tokens by prompt lookup (the same output, or with --do-sample the same "
+                        "distribution; faster where the text copies itself)")
     g.add_argument("--assistant-model", metavar="DIR",
-                   help="greedy with the drafts of this smaller model (same tokenizer): the same output, faster "
-                        "where the drafts agree")
-    g.add_argument("--num-assistant-tokens", type=int, default=20, metavar="K", help="tokens the assistant drafts")
+                   help="draft with this smaller model (same tokenizer): the same output, or with --do-sample the "
+                        "same distribution (speculative sampling); faster where the drafts agree")
+    g.add_argument("--assistant-early-exit", type=int, metavar="N",
+                   help="draft with the model's own first N layers and its head, as --assistant-model")
+    g.add_argument("--num-assistant-tokens", type=int, metavar="K",
+                   help="the most tokens a draft model drafts at once (default: its generation config's, else 20)")
     g.add_argument("--quantize", choices=["int8"], help="store the weights as int8 (jaxgen.quantize)")
     g.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to each prompt")
     g.add_argument("--show-scores", action="store_true", help="per-token log-probabilities")
@@ -182,9 +186,12 @@ def run_generate(args) -> int:
     if args.prompt_lookup is not None:
         kwargs["prompt_lookup_num_tokens"] = args.prompt_lookup
     if args.assistant_model:
-        kwargs.update(assistant_model=jaxgen.from_pretrained(args.assistant_model, dtype=args.dtype,
-                                                             quantize=args.quantize),
-                      num_assistant_tokens=args.num_assistant_tokens)
+        kwargs["assistant_model"] = jaxgen.from_pretrained(args.assistant_model, dtype=args.dtype,
+                                                           quantize=args.quantize)
+    if args.assistant_early_exit is not None:
+        kwargs["assistant_early_exit"] = args.assistant_early_exit
+    if args.num_assistant_tokens is not None:
+        kwargs["num_assistant_tokens"] = args.num_assistant_tokens
     if args.do_sample:
         kwargs["key"] = jax.random.key(args.seed or 0)
     if args.stream:
@@ -261,6 +268,7 @@ def _check_job(args):
                                    ("--json", args.json), ("--show-scores", args.show_scores),
                                    ("--num-beams", args.num_beams != 1), ("--prompt-lookup", args.prompt_lookup),
                                    ("--assistant-model", args.assistant_model),
+                                   ("--assistant-early-exit", args.assistant_early_exit is not None),
                                    ("--num-return-sequences", args.num_return_sequences != 1)) if on]
     if clash:
         raise ValueError(f"--input runs a file of requests into --output (greedy or sampling): "

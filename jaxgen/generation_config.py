@@ -43,13 +43,13 @@ HF_FIELDS = frozenset({
 
 # Fields that cannot change what jaxgen generates, whatever their value: the prompt is always
 # given (bos_token_id), GPT-2 has no decoder start, jaxgen always keeps a KV cache and returns
-# its output object, and the assistant-model knobs act only with an assistant model.
+# its output object, and the look-behinds act only in assisted decoding across tokenizers (which
+# jaxgen refuses: the draft must share the vocabulary).
 INERT = frozenset({
     "bos_token_id", "decoder_start_token_id", "use_cache", "cache_implementation", "cache_config",
     "max_cache_len", "compile_config", "disable_compile", "prefill_chunk_size",
-    "continuous_batching_config", "return_dict_in_generate", "is_assistant", "num_assistant_tokens",
-    "num_assistant_tokens_schedule", "assistant_confidence_threshold", "assistant_lookbehind",
-    "target_lookbehind", "assistant_ensemble_weight",
+    "continuous_batching_config", "return_dict_in_generate", "is_assistant", "assistant_lookbehind",
+    "target_lookbehind",
 })
 
 # transformers' global defaults (GenerationConfig._get_default_generation_params), and the "off"
@@ -63,6 +63,7 @@ NEUTRAL = {
     "diversity_penalty": 0.0, "output_attentions": False, "output_hidden_states": False,
     "output_logits": False, "renormalize_logits": False, "low_memory": False, "token_healing": False,
     "use_mtp": False, "penalty_alpha": 0.0, "guidance_scale": 1.0,
+    "num_assistant_tokens": 20, "num_assistant_tokens_schedule": "constant", "assistant_confidence_threshold": 0.4,
 }
 
 # Arguments transformers' generate() takes that jaxgen cannot honour (when set to anything but
@@ -78,7 +79,8 @@ UNSUPPORTED = {
     "guidance_scale": "classifier-free guidance is not implemented in jaxgen yet",
     "negative_prompt_ids": "classifier-free guidance is not implemented in jaxgen yet",
     "negative_prompt_attention_mask": "classifier-free guidance is not implemented in jaxgen yet",
-    "assistant_early_exit": "assisted (speculative) decoding is not implemented in jaxgen yet",
+    "assistant_ensemble_weight": "speculative sampling with an ensemble of the draft's and the model's "
+                                 "probabilities is not implemented in jaxgen yet",
     "dola_layers": "DoLa decoding is not implemented in jaxgen yet",
     "constraints": "constrained beam search is not implemented in jaxgen yet",
     "force_words_ids": "constrained beam search is not implemented in jaxgen yet",

@@ -114,6 +114,8 @@ class GenerateOutput:
     beam_indices: int32[rows, N], the ``batch * num_beams`` row each token came from, -1 after
       the beam ended (beam search only).
     layers: the attentions and hidden states of every step (`LayerRecord`), None unless asked.
+    num_drafted / num_accepted: int32[rows], assisted decoding's draft tokens proposed and kept
+      per row (jaxgen's own: transformers returns no such count); None for the other decoders.
     """
 
     sequences: jax.Array
@@ -123,6 +125,8 @@ class GenerateOutput:
     sequences_scores: jax.Array | None = None
     beam_indices: jax.Array | None = None
     layers: LayerRecord | None = None
+    num_drafted: jax.Array | None = None
+    num_accepted: jax.Array | None = None
     prompt_len: jax.Array | int = 0  # int32[], the prompt length as passed
     bucket_len: int = struct.field(pytree_node=False, default=0)
     output_scores: bool = struct.field(pytree_node=False, default=False)

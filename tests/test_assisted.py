@@ -5,6 +5,7 @@ a draft; transformers' own assisted generate at batch 1; bad input."""
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -34,10 +35,63 @@ def test_equals_greedy(eos_model, drafts, name, k, batch):
     ids, mask = left_padded_batch(np.random.default_rng(batch), 4, 6, EOS_MODEL["vocab_size"], [0, 2, 5, 1])
     ids, mask = ids[:batch], mask[:batch]
     kw = dict(eos_token_id=EOS, pad_token_id=PAD, assistant_model=drafts[name][1], num_assistant_tokens=k)
-    out = assert_greedy(model, ids, mask, max_new_tokens=12, **kw)
+    out = assert_greedy(model, ids, mask, max_new_tokens=12, **kw).trim()
     if batch > 1:  # a row ends on EOS while others continue
         assert np.isin(out.sequences[:, ids.shape[1]:-1], EOS).any()
     assert_greedy(model, ids, mask, max_new_tokens=10, min_new_tokens=10, **kw)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_early_exit_equals_greedy_and_transformers(drafts, batch):
+    """``assistant_early_exit``: the Llama's first layer and its head draft."""
+    torch_model, model = drafts["llama"]
+    ids, mask = left_padded_batch(np.random.default_rng(3), 4, 6, EOS_MODEL["vocab_size"], [0, 2, 5, 1])
+    ids, mask = ids[:batch], mask[:batch]
+    kw = dict(max_new_tokens=10, eos_token_id=EOS, pad_token_id=PAD)
+    out = assert_greedy(model, ids, mask, assistant_early_exit=1, num_assistant_tokens=3, **kw)
+    assert int(np.asarray(out.num_drafted).sum()) > 0
+    if batch == 1:
+        with torch.no_grad():
+            ref = torch_model.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), assistant_early_exit=1,
+                                       do_sample=False, **kw)
+        np.testing.assert_array_equal(out.trim().sequences, ref.numpy())
+
+
+def test_schedules_and_confidence_change_the_drafting_not_the_output(eos_model, drafts):
+    """With a draft that rarely agrees, the heuristic schedule drafts fewer tokens than the
+    constant one; a confidence threshold of 1 stops every draft after one token, which is drafting
+    one token a time; greedy search's output throughout (`assert_greedy`)."""
+    _, model = eos_model
+    ids, mask = left_padded_batch(np.random.default_rng(5), 4, 6, EOS_MODEL["vocab_size"], [0, 2, 5, 1])
+    kw = dict(max_new_tokens=16, eos_token_id=None, pad_token_id=PAD, assistant_model=drafts["gpt2"][1])
+
+    def run(**extra):
+        out = assert_greedy(model, ids, mask, **kw, **extra)
+        return np.asarray(out.num_drafted), np.asarray(out.num_accepted)
+
+    constant = run(num_assistant_tokens=6, assistant_confidence_threshold=0)
+    heuristic = run(num_assistant_tokens=6, assistant_confidence_threshold=0,
+                    num_assistant_tokens_schedule="heuristic_transient")
+    assert (constant[1] < constant[0] / 2).all(), "the draft was meant to disagree"
+    assert (heuristic[0] < constant[0]).all()
+    ones = run(num_assistant_tokens=1, assistant_confidence_threshold=0)
+    np.testing.assert_array_equal(run(num_assistant_tokens=6, assistant_confidence_threshold=1.0), ones)
+    assert (run(num_assistant_tokens=6, assistant_confidence_threshold=0.4)[0] < constant[0]).all()
+
+
+def test_streamer_receives_greedy_search_s_steps(eos_model, drafts):
+    """The steps every row has finished, one put each, as greedy search streams them."""
+    from tests.test_decoding import Collector
+    _, model = eos_model
+    ids, mask = left_padded_batch(np.random.default_rng(6), 3, 5, EOS_MODEL["vocab_size"], [0, 2, 1])
+    kw = dict(max_new_tokens=14, eos_token_id=EOS, pad_token_id=PAD)
+    plain, assisted = Collector(), Collector()
+    jaxgen.generate(model, ids, mask, streamer=plain, **kw)
+    out = jaxgen.generate(model, ids, mask, streamer=assisted, assistant_model=drafts["gpt2"][1],
+                          num_assistant_tokens=3, **kw).trim()
+    assert assisted.ended and len(assisted.puts) == out.sequences.shape[1] - 5 + 1
+    for a, b in zip(assisted.puts, plain.puts, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_equals_transformers_assisted_generate_at_batch_1(eos_model, drafts):
@@ -53,18 +107,48 @@ def test_equals_transformers_assisted_generate_at_batch_1(eos_model, drafts):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(num_beams=2), "num_beams=2 is not allowed: assisted decoding"),
     (dict(num_assistant_tokens=0), "num_assistant_tokens=0 is not allowed"),
-    (dict(num_assistant_tokens_schedule="heuristic"), "num_assistant_tokens_schedule='heuristic'"),
-    (dict(do_sample=True), "do_sample=True is not allowed: not with an assistant_model"),
-    (dict(prompt_lookup_num_tokens=3), "prompt_lookup_num_tokens=3 is not allowed: not with an assistant_model"),
+    (dict(do_sample=True, num_return_sequences=2, key=jax.random.key(0)),
+     "num_return_sequences=2 is not allowed: not with an assistant_model: it has to be 1"),
+    (dict(use_cache=False), "use_cache=False is not allowed: not with an assistant_model"),
     (dict(assistant_model="gpt2"), "assistant_model='<str>' is not allowed: expected a jaxgen CausalLM"),
+    (dict(assistant_model=None, assistant_early_exit=0), "assistant_early_exit=0 is not allowed"),
+    (dict(do_sample=True, key=jax.random.key(0), assistant_ensemble_weight=0.5),
+     "assistant_ensemble_weight=0.5, which jaxgen does not support"),
 ])
 def test_bad_input(eos_model, drafts, kwargs, message):
     _, model = eos_model
     kwargs = {"assistant_model": drafts["gpt2"][1], **kwargs}
     with pytest.raises(ValueError, match=message):
         jaxgen.generate(model, np.array([[3, 4, 5]]), max_new_tokens=4, pad_token_id=PAD, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, mode", [(dict(num_beams=2), "beam search"),
+                                          (dict(penalty_alpha=0.6, top_k=3), "contrastive search")])
+def test_beside_another_mode_warns_and_is_ignored(eos_model, drafts, kwargs, mode):
+    """transformers logs that assisted generation runs with greedy search and sampling only, and
+    runs the call's own mode."""
+    _, model = eos_model
+    ids, kw = np.array([[3, 4, 5]]), dict(max_new_tokens=4, pad_token_id=PAD, **kwargs)
+    with pytest.warns(UserWarning, match=f"an assistant_model triggers .*decoding mode is {mode}, so it is ignored"):
+        out = jaxgen.generate(model, ids, assistant_model=drafts["gpt2"][1], **kw).trim()
+    np.testing.assert_array_equal(out.sequences, jaxgen.generate(model, ids, **kw).trim().sequences)
+
+
+def test_drafters_take_transformers_order(eos_model, drafts):
+    """The model's own layers, then prompt lookup, then the assistant model: the others warn."""
+    _, model = eos_model
+    ids = np.array([[3, 4, 5, 3, 4]])
+    kw = dict(max_new_tokens=8, pad_token_id=PAD, eos_token_id=None)
+    with pytest.warns(UserWarning, match=r"prompt_lookup_num_tokens=3 drafts .*assistant_model=<model> is not used"):
+        out = jaxgen.generate(model, ids, assistant_model=drafts["gpt2"][1], prompt_lookup_num_tokens=3, **kw)
+    lookup = jaxgen.generate(model, ids, prompt_lookup_num_tokens=3, **kw)
+    np.testing.assert_array_equal(out.num_drafted, lookup.num_drafted)
+    with pytest.warns(UserWarning, match=r"assistant_early_exit=1 drafts .*prompt_lookup_num_tokens=3 is not used"):
+        out = jaxgen.generate(model, ids, assistant_early_exit=1, prompt_lookup_num_tokens=3, **kw)
+    own = jaxgen.generate(model, ids, assistant_early_exit=1, **kw)
+    np.testing.assert_array_equal(out.num_drafted, own.num_drafted)
+    np.testing.assert_array_equal(out.sequences, jaxgen.generate(model, ids, **kw).sequences)
 
 
 def test_another_vocabulary_is_refused(eos_model, tmp_path):
@@ -82,20 +166,26 @@ def test_the_model_as_its_own_draft_drafts_greedy_search_s_tokens(eos_model):
     draft takes its raw argmax.)"""
     import jax.numpy as jnp
 
-    from jaxgen.decoding import args, engine, lookup
+    from jaxgen.decoding import args, engine, lookup, select
     _, model = eos_model
+
+    def choose(logits, sequences, i):
+        return select.first_argmax(logits), logits
+
     ids, mask = left_padded_batch(np.random.default_rng(2), 2, 6, EOS_MODEL["vocab_size"], [0, 3])
     kw = dict(max_new_tokens=18, eos_token_id=None, pad_token_id=PAD, prompt_bucket=None)  # no processor
     greedy = jaxgen.generate(model, ids, mask, **kw).trim()
-    spec = args.parse(model, ids, mask, kw).spec
+    spec = args.parse(model, ids, mask, dict(kw, assistant_model=model, num_assistant_tokens=4,
+                                                 assistant_confidence_threshold=0)).spec
     pre = engine.prefill(model, jnp.asarray(ids), jnp.asarray(mask), jnp.int32(6), spec, 1, rings=False)
-    cache, k = pre.cache.grow(6 + 18 + 5), 4
+    cache, k, assistant = pre.cache.grow(6 + 18 + 5), 4, lookup.Assistant(model, jnp.float32(0.4))
     kv_mask = jnp.concatenate([pre.kv_mask, jnp.ones((2, 5), bool)], axis=1)
     sequences = jnp.pad(jnp.asarray(greedy.sequences, jnp.int32), ((0, 0), (0, 5)))
     # after each, the cache holds drafts up to column generated + k - 2: 8 -> 13 is a whole draft
     # accepted with greedy's next token, leaving two columns unseen
     for generated in (1, 3, 4, 8, 13):
         last = jnp.full((2,), 6 + generated - 1, jnp.int32)
-        tokens, cache = lookup.model_draft(model, cache, sequences, last, pre.positions + generated - 1, kv_mask, k,
-                                           spec)
+        tokens, count, _, cache = lookup.model_draft(
+            assistant, cache, sequences, last, pre.positions + generated - 1, kv_mask, jnp.full((2,), k), choose, spec)
         np.testing.assert_array_equal(np.asarray(tokens), greedy.sequences[:, 6 + generated:6 + generated + k])
+        np.testing.assert_array_equal(count, [k, k])

@@ -114,6 +114,7 @@ def test_requests_join_while_others_decode(eos_model):
     ({"temperature": -1.0}, "request 'bad': temperature=-1.0 is not allowed"),
     ({"top_k": 5}, "request 'bad': its arguments change what every request of the batch shares"),
     ({"num_beams": 2}, "request 'bad': num_beams=2 is not allowed"),
+    ({"assistant_early_exit": 1}, "request 'bad': assistant_early_exit= is not allowed: assisted decoding"),
     ({"max_new_tokens": 0}, "request 'bad': max_new_tokens=0 is not allowed"),
     ({"input_ids": []}, "request 'bad': a prompt must be a non-empty list of token ids"),
     ({"prompt": "text"}, "request 'bad': give exactly one of input_ids, prompt or messages"),

@@ -17,13 +17,16 @@ from jaxgen.decoding.lookup import draft
 from tests.conftest import EOS, PAD, hf_generate, left_padded_batch
 
 
-DRAFTING = ("prompt_lookup_num_tokens", "max_matching_ngram_size", "assistant_model", "num_assistant_tokens")
+DRAFTING = ("prompt_lookup_num_tokens", "max_matching_ngram_size", "assistant_model", "num_assistant_tokens",
+            "num_assistant_tokens_schedule", "assistant_confidence_threshold", "assistant_early_exit")
 
 
 def assert_greedy(model, ids, mask, **kw):
-    """Assisted decoding (``kw`` names its drafts) returns greedy search's tokens, scores and logits."""
+    """Assisted decoding (``kw`` names its drafts) returns greedy search's tokens, scores and
+    logits. Returns its untrimmed output."""
     kw = dict(output_scores=True, output_logits=True, **kw)
-    ours = jaxgen.generate(model, ids, mask, **kw).trim()
+    raw = jaxgen.generate(model, ids, mask, **kw)
+    ours = raw.trim()
     plain = jaxgen.generate(model, ids, mask, **{k: v for k, v in kw.items() if k not in DRAFTING}).trim()
     np.testing.assert_array_equal(ours.sequences, plain.sequences)
     assert len(ours.scores) == len(plain.scores)
@@ -32,7 +35,7 @@ def assert_greedy(model, ids, mask, **kw):
             a, b = np.asarray(a), np.asarray(b)
             assert (np.isneginf(a) == np.isneginf(b)).all()
             np.testing.assert_allclose(a[np.isfinite(b)], b[np.isfinite(b)], atol=1e-4)
-    return ours
+    return raw
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +55,7 @@ def test_repetitive_text_where_drafts_agree_equals_greedy(demo, batch, k):
     texts = ["A friend is a friend who is a friend who is", "Love is love and love is", "The best way to be"][:batch]
     enc = tokenizer(texts, return_tensors="np", padding=True)
     out = assert_greedy(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=40, prompt_lookup_num_tokens=k,
-                        pad_token_id=tokenizer.pad_token_id)
+                        pad_token_id=tokenizer.pad_token_id).trim()
     row, first = jnp.asarray(out.sequences[0]), jnp.int32(np.argmax(enc["attention_mask"][0]))
     drafts = [draft(row, first, jnp.int32(t), k, 2) for t in range(enc["input_ids"].shape[1], row.shape[0])]
     right = sum(int(count) > 0 and int(tokens[0]) == int(row[t])
@@ -143,7 +146,6 @@ def test_draft_takes_the_earliest_match_of_the_longest_ngram():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(prompt_lookup_num_tokens=3, do_sample=True), "do_sample=True is not allowed"),
     (dict(prompt_lookup_num_tokens=0), "prompt_lookup_num_tokens=0 is not allowed"),
     (dict(prompt_lookup_num_tokens=2, max_matching_ngram_size=0), "max_matching_ngram_size=0 is not allowed"),
     (dict(prompt_lookup_num_tokens=2, logits_processor=[lambda s, c: s]), "logits_processor=.* is not allowed"),

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgen import generation_config, sharding
+from jaxgen.decoding import lookup as lookup_decoder
 from jaxgen.decoding.engine import DecodeSpec, loop_phases
 from jaxgen.models.model import CausalLM
 from jaxgen.models.rope import Rope
@@ -43,6 +44,7 @@ DEFAULTS: dict[str, Any] = {
     "prompt_lookup_num_tokens": None, "max_matching_ngram_size": None, "penalty_alpha": None,
     "num_beam_groups": None, "diversity_penalty": None,
     "assistant_model": None, "num_assistant_tokens": None, "num_assistant_tokens_schedule": None,
+    "assistant_confidence_threshold": None, "assistant_early_exit": None,
     "mesh": None, "data_axis": "data", "model_axis": "model",
 }
 HF_MAX_NEW_TOKENS = 20  # without a length: max_length = prompt + 20, at most max_position_embeddings
@@ -65,7 +67,7 @@ class Request:
     key: Any
     length_penalty: Any
     penalty_alpha: Any  # float32[], contrastive search's
-    assistant: Any = None  # the draft model of assisted decoding, or None
+    assistant: Any = None  # the draft model of assisted decoding (`lookup.Assistant`), or None
     streamer: Any = None  # host object with put(np.ndarray) and end()
     return_dict: bool = True  # False: the call returns the sequences alone, as transformers
     prompt: Any = None  # int[batch, L], the prompt as passed (bos_token_id where it was None)
@@ -347,7 +349,7 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
     lookup = _int(kw, "prompt_lookup_num_tokens", 1)
     lookup_ngram = _int(kw, "max_matching_ngram_size", 1)
     assistant = kw["assistant_model"]
-    with_what = "an assistant_model" if assistant is not None else f"prompt_lookup_num_tokens={lookup}"
+    early_exit = _int(kw, "assistant_early_exit", 1)
     if assistant is not None:
         if not isinstance(assistant, CausalLM):
             _fail("assistant_model", f"<{type(assistant).__name__}>", "expected a jaxgen CausalLM (from "
@@ -355,17 +357,17 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
         if assistant.config.vocab_size != vocab:
             _fail("assistant_model", f"<{assistant.config.model_type}, vocab_size {assistant.config.vocab_size}>",
                   f"the draft model must share the model's vocabulary (vocab_size {vocab})")
-        if lookup:
-            _fail("prompt_lookup_num_tokens", lookup, "not with an assistant_model: the drafts come from one or the "
-                  "other")
-        if beam_search or contrastive:
-            _fail("num_beams" if beam_search else "penalty_alpha", num_beams if beam_search else penalty_alpha,
-                  "assisted decoding with an assistant_model runs greedy search; not with beams or contrastive search")
-        schedule = kw["num_assistant_tokens_schedule"]
-        if schedule not in (None, "constant"):
-            _fail("num_assistant_tokens_schedule", schedule, "jaxgen drafts num_assistant_tokens every iteration "
-                  "(\"constant\"); the heuristic schedules are not implemented yet")
-        lookup, lookup_ngram = _int(kw, "num_assistant_tokens", 1) or 20, 0  # transformers' default: 20
+    # transformers' order (`_get_candidate_generator`): the model's own first layers, then prompt
+    # lookup, then the assistant model draft; the others are not used
+    drafters = [(name, value) for name, value in (("assistant_early_exit", early_exit),
+                ("prompt_lookup_num_tokens", lookup), ("assistant_model", assistant)) if value is not None]
+    for name, value in drafters[1:]:
+        shown = "<model>" if name == "assistant_model" else value
+        warnings.warn(f"{drafters[0][0]}={drafters[0][1]} drafts the tokens of assisted generation; {name}={shown} "
+                      "is not used (as in transformers)", stacklevel=4)
+    drafter = drafters[0][0] if drafters else None
+    with_what = {"assistant_model": "an assistant_model", "assistant_early_exit": f"assistant_early_exit={early_exit}",
+                 "prompt_lookup_num_tokens": f"prompt_lookup_num_tokens={lookup}"}.get(drafter)
     if contrastive:
         if contrastive > vocab:
             _fail("top_k", top_k, f"contrastive search (penalty_alpha={penalty_alpha}) takes the top_k most probable "
@@ -373,24 +375,42 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
         if kwargs.get("use_cache") is False:
             _fail("use_cache", False, "contrastive search (penalty_alpha > 0, top_k > 1) needs the cache (as in "
                   "transformers)")
-    if lookup and (beam_search or contrastive):  # transformers logs this and runs the base mode
+    if drafter and (beam_search or contrastive):  # transformers logs this and runs the base mode
         mode = "contrastive search" if contrastive else "group beam search" if groups > 1 else "beam search"
-        warnings.warn(f"prompt_lookup_num_tokens={lookup} triggers assisted generation, which runs with greedy search "
-                      f"and sampling only; this call's decoding mode is {mode}, so it is ignored (as in transformers)",
-                      stacklevel=4)
-        lookup = None
-    if lookup:
-        strategy = "assisted decoding" if assistant is not None else "prompt lookup decoding"
-        for name, bad, why in (("do_sample", do_sample, f"{strategy} runs greedy search in jaxgen; "
-                                "sampling with it (speculative sampling) is not implemented yet"),
-                               ("streamer", kw["streamer"] is not None, f"{strategy} with a streamer is "
-                                "not implemented in jaxgen yet"),
-                               ("mesh", kw["mesh"] is not None, f"{strategy} on a mesh is not implemented "
-                                "in jaxgen yet"),
+        warnings.warn(f"{with_what} triggers assisted generation, which runs with greedy search and sampling only; "
+                      f"this call's decoding mode is {mode}, so it is ignored (as in transformers)", stacklevel=4)
+        drafter = None
+    draft_model, schedule, confidence = None, None, 0.0
+    if drafter:
+        if nrs > 1:
+            _fail("num_return_sequences", nrs, f"not with {with_what}: it has to be 1 when doing assisted generate "
+                  "(as in transformers)")
+        if kwargs.get("use_cache") is False:
+            _fail("use_cache", False, f"not with {with_what}: assisted decoding verifies drafts on the KV cache (as "
+                  "in transformers, which raises too)")
+        for name, bad, why in (("mesh", kw["mesh"] is not None, "assisted decoding on a mesh is not implemented in "
+                                "jaxgen yet"),
                                ("logits_processor", bool(kw["logits_processor"]), "your processors would run on each "
                                 "drafted position of each row apart; not implemented in jaxgen yet")):
             if bad:
                 _fail(name, kw[name], f"not with {with_what}: {why}")
+    if drafter in ("assistant_model", "assistant_early_exit"):
+        # The draft settings: the call's (or the model's generation config), else the draft's
+        # generation config, where transformers reads them, else transformers' defaults.
+        draft_model = assistant if drafter == "assistant_model" else model.early_exit(early_exit)
+        draft_kw = {name: kw[name] if kw[name] is not None else draft_model.generation_config.get(name, default)
+                    for name, default in (("num_assistant_tokens", 20), ("num_assistant_tokens_schedule", "constant"),
+                                          ("assistant_confidence_threshold", 0.4))}
+        lookup, lookup_ngram = _int(draft_kw, "num_assistant_tokens", 1), 0
+        schedule = draft_kw["num_assistant_tokens_schedule"]
+        if schedule not in ("constant", "heuristic", "heuristic_transient"):
+            warnings.warn(f"num_assistant_tokens_schedule={schedule!r} is none of 'constant', 'heuristic' and "
+                          "'heuristic_transient': the draft length stays constant (as in transformers)", stacklevel=4)
+        confidence = _float(draft_kw, "assistant_confidence_threshold") or 0.0
+    elif drafter == "prompt_lookup_num_tokens":
+        lookup_ngram = lookup_ngram or 2
+    else:
+        lookup = None
 
     sampling = {}
     if do_sample:
@@ -537,8 +557,8 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
         output_scores=kw["output_scores"], output_logits=kw["output_logits"], output_attentions=attentions,
         output_hidden_states=hidden_states, stream=streamer is not None,
         mesh=mesh, data_axis=data_axis, model_axis=model_axis,
-        recompute=recompute, contrastive=contrastive, lookup=lookup or 0,
-        lookup_ngram=(lookup_ngram or 2) if lookup else 0,
+        recompute=recompute, contrastive=contrastive, lookup=lookup or 0, lookup_ngram=lookup_ngram or 0,
+        lookup_schedule=schedule in ("heuristic", "heuristic_transient"), lookup_confidence=confidence > 0,
     )
     ropes = [getattr(config, f.name) for f in dataclasses.fields(config) if isinstance(getattr(config, f.name), Rope)]
     if spec.contrastive and spec.recompute:
@@ -546,14 +566,16 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
               "transformers' Phi-3 recomputes the whole sequence; contrastive search across it is not implemented "
               "in jaxgen yet: keep prompt + max_new_tokens on one side")
     if spec.lookup and any(r.dynamic is not None or r.long_inv_freq is not None for r in ropes):
-        name = "assistant_model" if assistant is not None else "prompt_lookup_num_tokens"
-        _fail(name, "<model>" if assistant is not None else lookup, "this model's rotary embedding depends on the "
+        _fail(drafter, "<model>" if drafter == "assistant_model" else dict(drafters)[drafter],
+              "this model's rotary embedding depends on the "
               "sequence length (dynamic or longrope scaling), which a forward over drafted tokens would change; "
               "assisted decoding with it is not implemented in jaxgen yet")
     spec = dataclasses.replace(spec, phases=1 if spec.lookup else loop_phases(model, ids.shape[0], spec))
     padded_ids, padded_mask = _left_pad(ids, mask, bucket_len, pad if pad is not None else 0)
     return Request(spec, padded_ids, padded_mask, jnp.int32(prompt_len), processors, key, jnp.float32(length_penalty),
-                   jnp.float32(penalty_alpha or 0.0), assistant, streamer, return_dict, ids)
+                   jnp.float32(penalty_alpha or 0.0),
+                   None if draft_model is None else lookup_decoder.Assistant(draft_model, jnp.float32(confidence)),
+                   streamer, return_dict, ids)
 
 
 def _hidden_state_indices(value, n_hidden: int) -> tuple[int, ...] | None:

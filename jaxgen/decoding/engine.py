@@ -63,8 +63,10 @@ class DecodeSpec:
     phases: int = 1  # of the decode loop, see `loop_phases`
     recompute: bool = False  # the sequence reaches config.recompute_at during this call (`recomputes`)
     contrastive: int = 0  # contrastive search: candidates per step (top_k; `jaxgen.decoding.contrastive`)
-    lookup: int = 0  # prompt lookup decoding: tokens drafted per forward (`jaxgen.decoding.lookup`)
-    lookup_ngram: int = 0  # the longest n-gram it matches
+    lookup: int = 0  # assisted decoding: the most tokens drafted per forward (`jaxgen.decoding.lookup`)
+    lookup_ngram: int = 0  # prompt lookup: the longest n-gram it matches (0: a draft model drafts)
+    lookup_schedule: bool = False  # the draft length follows transformers' heuristic schedule
+    lookup_confidence: bool = False  # a draft stops after a token below its confidence threshold
 
     @property
     def total_len(self) -> int:
@@ -345,3 +347,14 @@ def _put(streamer_id, tokens):
 def stream(streamer_id: jax.Array, tokens: jax.Array) -> None:
     """Hands ``tokens: int32[rows]`` to the registered streamer, in step order."""
     io_callback(_put, None, streamer_id, tokens, ordered=True)
+
+
+def _put_steps(streamer_id, generated, start, stop):
+    for step in range(int(start), int(stop)):
+        _put(streamer_id, generated[:, step])
+
+
+def stream_steps(streamer_id: jax.Array, generated: jax.Array, start: jax.Array, stop: jax.Array) -> None:
+    """Hands steps ``[start, stop)`` of ``generated: int32[rows, N]`` to the registered streamer,
+    one ``int32[rows]`` a step, as `stream` does (decoders that finish several steps at once)."""
+    io_callback(_put_steps, None, streamer_id, generated, start, stop, ordered=True)

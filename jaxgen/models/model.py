@@ -68,6 +68,14 @@ class CausalLM:
             position_ids = positions_from_mask(attention_mask)
         return _jitted_logits(self, input_ids, attention_mask, jnp.asarray(position_ids))
 
+    def early_exit(self, n_layers: int) -> "CausalLM":
+        """The model's first ``n_layers`` layers (all where it has fewer), then its final norm and
+        head: transformers' ``assistant_early_exit`` draft, on the same weights (not copied)."""
+        c = self.config
+        n = min(n_layers, c.n_layers)
+        config = dataclasses.replace(c, n_layers=n, layer_windows=c.layer_windows[:n])
+        return self.replace(params={**self.params, "layers": self.params["layers"][:n]}, config=config)
+
     def init_cache(self, batch_size: int, max_len: int, group: int = 1, shared: int = 0,
                    ring_below: int | None = None) -> KVCache:
         """An empty cache of ``max_len`` slots for ``batch_size`` groups of ``group`` rows that

@@ -4,12 +4,15 @@
     python scripts/benchmark.py --model path/to/gpt2 --new-tokens 32 --workloads greedy-1 beam4-8
     python scripts/benchmark.py --workloads beam5-1 greedy-6 sample-12   # any strategy-batch
     python scripts/benchmark.py --workloads contrastive-1 group4x2-1     # against transformers 4.53
+    python scripts/grow_model.py --out ~/.cache/jaxgen-bench/demo-grown-88m   # a target for the demo draft
+    python scripts/benchmark.py --model ~/.cache/jaxgen-bench/demo-grown-88m --workloads assisted-1 lookup-1
 
 A workload is ``greedy-B``, ``sample-B`` (top-k 50, top-p 0.9, temperature 0.8) or ``beamK-B``
 (K beams) at batch B; the default five are the ones the README and docs/performance.md report.
 ``batch-N`` (continuous batching) is `batch_workload`'s; ``contrastive-B`` and ``groupKxG-B``
 (strategies transformers 5.x runs from the hub only) are `hub_workload`'s, timed against
-transformers 4.53 in a subprocess.
+transformers 4.53 in a subprocess; ``assisted-B`` and ``lookup-B`` (assisted decoding against
+jaxgen's own greedy search) are `assisted_workload`'s.
 
 For each workload both libraries decode the same left-padded prompts (``--prompt-len`` tokens,
 ``--new-tokens`` new tokens, every step run: ``min_new_tokens`` keeps EOS away), alternating
@@ -56,8 +59,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its workload modules, when it is imported
+import assisted_workload  # noqa: E402
 import hub_workload  # noqa: E402
 import jaxgen  # noqa: E402
+from jaxgen.cli import DEMO_MODEL  # noqa: E402
 from jaxgen.decoding.api import compile_generate  # noqa: E402
 
 TORCH_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -69,12 +74,15 @@ def workload(name: str) -> tuple[str, int, int]:
     ``batch-N`` (N requests through continuous batching, `batch_workload`), and `hub_workload`'s
     ``contrastive-B`` and ``groupKxG-B``."""
     m = re.fullmatch(r"(greedy|sample|batch|beam([1-9]\d*))-([1-9]\d*)", name)
-    hub = hub_workload.parse(name)
+    hub, assisted = hub_workload.parse(name), assisted_workload.parse(name)
     if hub:
         return hub[0], hub[1].get("num_beams", 1), hub[2]
+    if assisted:
+        return assisted[0], 1, assisted[1]
     if m is None:
         raise argparse.ArgumentTypeError(f"{name!r}: expected greedy-B, sample-B, beamK-B (K beams, batch B), "
-                                         "batch-N (N requests), contrastive-B or groupKxG-B (K beams in G groups)")
+                                         "batch-N (N requests), contrastive-B, groupKxG-B (K beams in G groups), "
+                                         "assisted-B or lookup-B")
     return ("beam" if m.group(2) else m.group(1)), int(m.group(2) or 1), int(m.group(3))
 
 
@@ -297,6 +305,10 @@ def main():
     ap.add_argument("--rows", type=int, default=8, help="decode rows of the batch-N workloads")
     ap.add_argument("--hf453", type=Path, help="python of a venv with transformers 4.53.3, for contrastive-B and "
                     f"groupKxG-B (default: {hub_workload.HF453}, which tests/test_hf453.py builds)")
+    ap.add_argument("--assistant-model", type=Path, default=DEMO_MODEL,
+                    help="the draft model of assisted-B (default: the shipped demo model)")
+    ap.add_argument("--num-assistant-tokens", type=int, default=5, help="K of assisted-B")
+    ap.add_argument("--prompt-lookup", type=int, default=10, help="K of lookup-B")
     ap.add_argument("--json", type=Path, default=Path("bench-results/benchmark.json"))
     ap.add_argument("--memory-probe", nargs=2, metavar=("LIBRARY", "WORKLOAD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -312,12 +324,21 @@ def main():
           f"{_limits(measurements[0])}", flush=True)
 
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    results, batch_results, hub_results = [], [], []
+    results, batch_results, hub_results, assisted_results = [], [], [], []
+    if any(assisted_workload.parse(name) for name in args.workloads):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.model or DEMO_MODEL, padding_side="left")
+        tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+        draft = jaxgen.from_pretrained(args.assistant_model, dtype=args.dtype)
     if any(name.startswith("batch-") for name in args.workloads):
         import batch_workload  # beside this script (its directory is on sys.path when run as one)
     for name in args.workloads:
         if name.startswith("batch-"):
             batch_results.append(batch_workload.run(name, args, model, torch_model))
+            continue
+        if assisted_workload.parse(name):
+            assisted_results.append(assisted_workload.run(name, args, model, tokenizer, draft, _seconds_per_call))
             continue
         if hub_workload.parse(name):
             path = args.model or default_checkpoint(args.cache, args.arch, args.layers)
@@ -344,6 +365,9 @@ def main():
     if hub_results:
         hub_workload.print_table(hub_results)
         args.json.with_name("hub.json").write_text(json.dumps(hub_results, indent=1))
+    if assisted_results:
+        assisted_workload.print_table(assisted_results)
+        args.json.with_name("assisted.json").write_text(json.dumps(assisted_results, indent=1))
     print(f"\nJSON: {args.json}")
 
 

@@ -79,6 +79,21 @@ def test_schedules_and_confidence_change_the_drafting_not_the_output(eos_model, 
     assert (run(num_assistant_tokens=6, assistant_confidence_threshold=0.4)[0] < constant[0]).all()
 
 
+def test_one_compile_per_batch_bucket_and_draft_length(eos_model, drafts):
+    """Another prompt of the bucket, another key, another confidence threshold: the same program;
+    another draft length: one more."""
+    from jaxgen.decoding import api
+    _, model = eos_model
+    kw = dict(max_new_tokens=6, pad_token_id=PAD, do_sample=True, assistant_model=drafts["gpt2"][1],
+              num_assistant_tokens=3)
+    jaxgen.generate(model, np.array([[3, 4, 5]]), key=jax.random.key(0), **kw)
+    before = api._decode._cache_size()
+    jaxgen.generate(model, np.array([[7, 8, 9, 10]]), key=jax.random.key(1), assistant_confidence_threshold=0.9, **kw)
+    assert api._decode._cache_size() == before
+    jaxgen.generate(model, np.array([[7, 8, 9, 10]]), key=jax.random.key(1), **dict(kw, num_assistant_tokens=4))
+    assert api._decode._cache_size() == before + 1
+
+
 def test_streamer_receives_greedy_search_s_steps(eos_model, drafts):
     """The steps every row has finished, one put each, as greedy search streams them."""
     from tests.test_decoding import Collector

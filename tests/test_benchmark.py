@@ -105,6 +105,33 @@ def test_workload_names_give_strategy_beams_and_batch():
     assert workload("batch-256") == ("batch", 1, 256)  # 256 requests (scripts/batch_workload.py)
     assert workload("contrastive-2") == ("contrastive", 1, 2)  # against transformers 4.53 (hub_workload.py)
     assert workload("group6x3-4") == ("group", 6, 4)
-    for bad in ("beam-3", "greedy-0", "beam4", "topk-8", "beam04-2", "greedy-8 ", "batch-0", "group4-1", "contrastive"):
+    assert workload("assisted-8") == ("assisted", 1, 8)  # against jaxgen's greedy search (assisted_workload.py)
+    assert workload("lookup-1") == ("lookup", 1, 1)
+    for bad in ("beam-3", "greedy-0", "beam4", "topk-8", "beam04-2", "greedy-8 ", "batch-0", "group4-1", "contrastive",
+                "assisted-0"):
         with pytest.raises(argparse.ArgumentTypeError, match="expected greedy-B, sample-B, beamK-B"):
             workload(bad)
+
+
+@pytest.mark.parametrize("name", ["assisted-2", "lookup-1"])
+def test_assisted_workloads_check_outputs_and_predict(name):
+    """The demo model as its own draft: outputs equal greedy search's, every draft kept, and the
+    prediction made of the measured parts."""
+    import transformers
+
+    from jaxgen.cli import DEMO_MODEL
+    script = load_script()
+    model = jaxgen.from_pretrained(DEMO_MODEL)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(DEMO_MODEL, padding_side="left")
+    tokenizer.pad_token = tokenizer.eos_token
+    args = argparse.Namespace(new_tokens=12, reps=1, num_assistant_tokens=3, prompt_lookup=4)
+    r = script.assisted_workload.run(name, args, model, tokenizer, model, script._seconds_per_call)
+    assert r["outputs_equal"] is True
+    assert r["speedup"] == pytest.approx(r["assisted_tokens_per_s"] / r["plain_tokens_per_s"])
+    if name.startswith("assisted"):
+        assert r["acceptance"] == 1.0 and r["expected_tokens_per_iteration"] == 4
+        predicted = 4 * r["plain_ms_per_token"] / (3 * r["draft_ms"] + r["verify_ms"])
+        assert r["predicted_speedup"] == pytest.approx(predicted)
+        assert r["of_predicted"] == pytest.approx(r["speedup"] / predicted)
+    else:
+        assert 0 < r["acceptance"] <= 1

@@ -266,15 +266,19 @@ def _check_job(args):
 
     clash = [flag for flag, on in (("PROMPT", args.prompts), ("--output", not args.output), ("--stream", args.stream),
                                    ("--json", args.json), ("--show-scores", args.show_scores),
-                                   ("--num-beams", args.num_beams != 1), ("--prompt-lookup", args.prompt_lookup),
+                                   ("--do-sample with --num-beams", args.do_sample and args.num_beams != 1),
+                                   ("--prompt-lookup", args.prompt_lookup),
                                    ("--assistant-model", args.assistant_model),
                                    ("--assistant-early-exit", args.assistant_early_exit is not None),
                                    ("--num-return-sequences", args.num_return_sequences != 1)) if on]
     if clash:
-        raise ValueError(f"--input runs a file of requests into --output (greedy or sampling): "
+        raise ValueError(f"--input runs a file of requests into --output (greedy, sampling or beam search): "
                          f"{'leave out' if clash[0] != '--output' else 'give'} {clash[0]}")
     if args.max_rows < 1:
         raise ValueError(f"--max-rows={args.max_rows} is not allowed: expected an int >= 1")
+    if args.max_rows < args.num_beams:
+        raise ValueError(f"--max-rows={args.max_rows} is not allowed: a beam search request takes "
+                         f"--num-beams={args.num_beams} rows")
     if Path(args.output).resolve() == Path(args.input).resolve():
         raise ValueError("--output must be another file than --input (results are appended to it)")
     return jsonl.read_requests(args.input)
@@ -293,6 +297,8 @@ def _run_job(args, requests, model, tokenizer, eos, pad, status) -> int:
     todo = [i for i, obj in enumerate(objs) if obj["id"] not in results.done]
     status(f"{len(objs)} requests in {args.input}, {len(objs) - len(todo)} already in {args.output}")
     shared = _shared_options(args, eos, pad)
+    if args.num_beams > 1:
+        shared.update(num_beams=args.num_beams, length_penalty=args.length_penalty, early_stopping=args.early_stopping)
     key = jax.random.key(args.seed or 0)
     try:  # the command's own options, named as typed, before any line is blamed for them
         decode_args.parse(model, [[0]], [[1]], dict(shared, key=key) if args.do_sample else shared)

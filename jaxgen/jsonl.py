@@ -4,7 +4,8 @@ each finishes, so that a rerun with the same output resumes where a killed run s
 An input line is one JSON object: ``"id"`` (a string or an int, unique), one of ``"prompt"``
 (text), ``"messages"`` (chat messages) or ``"input_ids"``, and optional settings of its own
 (`SETTINGS`, with their types). An output line: the id, the generated ``text`` and ``tokens``, their
-``logprobs``, ``finish_reason``, the prompt's token count and timings. A line is written whole
+``logprobs``, ``finish_reason``, the prompt's token count, timings and, with beams, the
+``sequence_score``. A line is written whole
 and flushed at once; a partial last line (a kill mid-write) is cut off on resume.
 """
 
@@ -15,7 +16,7 @@ import os
 from pathlib import Path
 
 SETTINGS = {"max_new_tokens": int, "temperature": float, "top_p": float, "min_p": float, "repetition_penalty": float,
-            "seed": int}
+            "length_penalty": float, "seed": int}
 SOURCES = ("prompt", "messages", "input_ids")
 
 
@@ -95,6 +96,8 @@ class Results:
                   "logprobs": [round(x, 6) for x in completion.logprobs], "finish_reason": completion.finish_reason,
                   "prompt_tokens": len(completion.prompt), "queued_s": round(completion.queued_s, 3),
                   "decode_s": round(completion.decode_s, 3)}
+        if completion.sequence_score is not None:  # beam search's
+            record["sequence_score"] = round(completion.sequence_score, 6)
         self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
         self.file.flush()
 

@@ -74,6 +74,32 @@ def test_sampling_batch_equals_each_request_alone_with_its_own_settings(eos_mode
     assert_equal_alone(model, requests, results, **shared)
 
 
+def test_beam_batch_equals_each_request_alone(eos_model):
+    """Beam search requests as groups of 3 rows (2 groups and a spare row), each with its own
+    length_penalty: each request's best beam, its tokens' log-probabilities and its score as
+    generate's beam search gives them alone."""
+    _, model = eos_model
+    rng = np.random.default_rng(3)
+    requests = mixed_requests(rng, 24, 48)
+    for r in requests:
+        r["length_penalty"] = float(rng.choice([0.5, 1.0, 2.0]))
+    shared = dict(num_beams=3, eos_token_id=EOS, pad_token_id=PAD)
+    results = jaxgen.generate_batch(model, requests, max_rows=7, steps_per_sync=4, progress=False, **shared)
+    assert [r.id for r in results] == [q["id"] for q in requests]
+    assert {r.finish_reason for r in results} == {"stop", "length"}
+    for request, result in zip(requests, results):
+        ids = np.asarray([request["input_ids"]])
+        own = {k: v for k, v in request.items() if k not in ("id", "input_ids")}
+        out = jaxgen.generate(model, ids, np.ones_like(ids), output_scores=True, **shared, **own).trim()
+        tokens = out.sequences[0, ids.shape[1]:].tolist()
+        tokens = tokens[:tokens.index(EOS) + 1] if EOS in tokens else tokens
+        assert result.tokens == tokens, request["id"]
+        transition = jaxgen.compute_transition_scores(out.sequences, out.scores, out.beam_indices)
+        np.testing.assert_allclose(result.logprobs, np.asarray(transition)[0, :len(tokens)], atol=1e-4)
+        assert result.sequence_score == pytest.approx(float(out.sequences_scores[0]), abs=1e-4)
+        assert result.finish_reason == ("stop" if tokens[-1] == EOS else "length")
+
+
 def test_sliding_window_family_batch_equals_each_request_alone(tmp_path):
     """Mistral with a window of 4 (shorter than most sequences): each row masks its own window."""
     torch.manual_seed(0)
@@ -113,7 +139,7 @@ def test_requests_join_while_others_decode(eos_model):
 @pytest.mark.parametrize("bad, message", [
     ({"temperature": -1.0}, "request 'bad': temperature=-1.0 is not allowed"),
     ({"top_k": 5}, "request 'bad': its arguments change what every request of the batch shares"),
-    ({"num_beams": 2}, "request 'bad': num_beams=2 is not allowed"),
+    ({"num_beams": 2}, "request 'bad': num_beams=2 is not allowed with do_sample=True: beam sampling in"),
     ({"assistant_early_exit": 1}, "request 'bad': assistant_early_exit= is not allowed: assisted decoding"),
     ({"max_new_tokens": 0}, "request 'bad': max_new_tokens=0 is not allowed"),
     ({"input_ids": []}, "request 'bad': a prompt must be a non-empty list of token ids"),
@@ -131,7 +157,11 @@ def test_batch_wide_arguments_it_cannot_honour_are_refused(eos_model):
     _, model = eos_model
     for kwargs, message in ((dict(output_scores=True), "output_scores= is not allowed"),
                             (dict(prompt_lookup_num_tokens=3), "prompt_lookup_num_tokens= is not allowed"),
-                            (dict(max_rows=0), "max_rows=0 is not allowed")):
+                            (dict(max_rows=0), "max_rows=0 is not allowed"),
+                            (dict(num_beams=3, max_rows=2), "max_rows=2 is not allowed: a beam search request takes "
+                             "num_beams=3 rows"),
+                            (dict(num_beams=2, num_beam_groups=2, diversity_penalty=0.5),
+                             "num_beams=2 is not allowed with num_beam_groups=2: group beam search in generate_batch")):
         with pytest.raises(ValueError, match=message):
             jaxgen.generate_batch(model, [[3, 4]], progress=False, **kwargs)
 
@@ -199,6 +229,28 @@ def test_sampled_job_resumed_draws_what_an_uninterrupted_run_draws(tmp_path):
     resumed.write_text("\n".join(lines[1::2]) + "\n")  # as if every other request had finished
     assert main([*args, "--output", str(resumed)]) == 0
     assert results_of(resumed)[0] == results_of(whole)[0]
+
+
+def test_beam_job_writes_each_request_s_best_beam_and_score(tmp_path, capsys):
+    from jaxgen.cli import DEMO_MODEL, main
+
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    job_input(source, n=5)
+    args = ["generate", "--input", str(source), "--output", str(out), "--max-new-tokens", "10", "--num-beams", "2"]
+    assert main([*args, "--max-rows", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-rows=1 is not allowed: a beam search request takes --num-beams=2 rows" in err and "loaded" not in err
+    assert main([*args, "--max-rows", "4"]) == 0
+    model, tokenizer = jaxgen.from_pretrained(DEMO_MODEL), transformers.AutoTokenizer.from_pretrained(DEMO_MODEL)
+    for line, request in zip(out.read_text().splitlines(), map(json.loads, source.read_text().splitlines())):
+        result = json.loads(line)
+        ids = np.asarray([tokenizer(request["prompt"])["input_ids"]])
+        ref = jaxgen.generate(model, ids, max_new_tokens=request.get("max_new_tokens", 10), num_beams=2,
+                              output_scores=True, pad_token_id=tokenizer.eos_token_id).trim()
+        tokens = ref.sequences[0, ids.shape[1]:].tolist()
+        eos = tokenizer.eos_token_id
+        assert result["tokens"] == (tokens[:tokens.index(eos) + 1] if eos in tokens else tokens)
+        assert result["sequence_score"] == pytest.approx(float(ref.sequences_scores[0]), abs=1e-4)
 
 
 def test_a_malformed_line_fails_before_compiling_with_its_line_number(tmp_path):

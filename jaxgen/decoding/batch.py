@@ -1,5 +1,6 @@
 """Continuous batching: many requests through a fixed set of decode rows (transformers'
-``generate_batch``, greedy and sampling).
+``generate_batch``, greedy and sampling; beam search requests as groups of ``num_beams`` rows,
+`jaxgen.decoding.batch_beam`).
 
 ``rows`` decode rows share one KV cache of ``slots`` slots a row, without padding: a request's
 prompt fills its row's slots ``[0, L)``, its ``i``-th token slot ``L + i``, so its positions are
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxgen.decoding import args, engine, select
+from jaxgen.decoding import args, batch_beam, engine, select
 from jaxgen.models.cache import KVCache
 from jaxgen.models.model import CausalLM, forward, logits as logits_of
 
@@ -48,7 +49,9 @@ class Completion:
     processed scores it was chosen from (``compute_transition_scores(..., normalize_logits=True)``);
     finish_reason: ``"stop"`` (EOS or a stop sequence) or ``"length"`` (its ``max_new_tokens``);
     text: the decoded tokens when a tokenizer was given; queued_s / decode_s: seconds from the
-    call's start to its first step, and from there to its end; index: its place in ``prompts``.
+    call's start to its first step, and from there to its end; index: its place in ``prompts``;
+    sequence_score: beam search's length-penalised score of the returned beam (``generate``'s
+    ``sequences_scores``), None without beams.
     """
 
     id: Any
@@ -60,6 +63,7 @@ class Completion:
     queued_s: float
     decode_s: float
     text: str | None = None
+    sequence_score: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +78,8 @@ class BatchSpec:
     pad_token_id: int
     do_sample: bool
     steps_per_sync: int
+    num_beams: int = 1  # K: a request takes a group of K rows (beam search)
+    early_stopping: bool | str = False
 
 
 @struct.dataclass
@@ -83,7 +89,9 @@ class Rows:
     budget: int32[R], tokens generated and the request's ``max_new_tokens``; logits: float32[R, V]
     raw logits for the next token; active: bool[R], the row holds an unfinished request;
     finished: bool[R], it finished in the last `_decode`; reason: int32[R] (`FINISH_REASONS`);
-    logprobs: float32[R, N]; processors: the batch's processors, every leaf [R, ...]; keys: [R]."""
+    logprobs: float32[R, N]; processors: the batch's processors, every leaf [R, ...]; keys: [R];
+    beams: beam search's `batch_beam.BeamGroups` (None without beams). A beam request's rows are
+    its running beams."""
 
     tokens: jax.Array
     length: jax.Array
@@ -97,32 +105,58 @@ class Rows:
     logprobs: jax.Array
     processors: Any
     keys: jax.Array
+    beams: batch_beam.BeamGroups | None = None
 
 
 @functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("rows",))
-def _insert(model: CausalLM, rows: Rows, row, ids, length, budget, processors, key, *, spec: BatchSpec) -> Rows:
-    """Row ``row`` takes a request: ``ids: int32[P]`` (its prompt, then padding), ``length`` its
-    prompt's length; the prompt's forward fills the row's first ``P`` slots."""
+def _insert(model: CausalLM, rows: Rows, unit, ids, length, budget, processors, key, length_penalty, *,
+            spec: BatchSpec) -> Rows:
+    """Unit ``unit`` (a row, or with beams the group of rows ``[unit * K, (unit + 1) * K)``)
+    takes a request: ``ids: int32[P]`` (its prompt, then padding), ``length`` its prompt's
+    length; the prompt's forward fills the first ``P`` slots of each of its rows."""
     mask = jnp.arange(ids.shape[0]) < length
     hidden, prompt = forward(model, ids[None], jnp.arange(ids.shape[0])[None], mask[None])
     last = jax.lax.dynamic_index_in_dim(hidden[0], length - 1, keepdims=False)
     tokens = jnp.full((spec.slots,), spec.pad_token_id, jnp.int32).at[:ids.shape[0]].set(jnp.where(mask, ids, 0))
-    at = functools.partial(jax.lax.dynamic_update_index_in_dim, index=row, axis=0)
-    return rows.replace(
-        tokens=at(rows.tokens, tokens), length=at(rows.length, length), generated=at(rows.generated, 0),
-        budget=at(rows.budget, budget), logits=at(rows.logits, logits_of(model, last[None])[0]),
-        cache=rows.cache.fill_row(row, prompt), active=at(rows.active, True), finished=at(rows.finished, False),
-        reason=at(rows.reason, 0), logprobs=at(rows.logprobs, jnp.zeros((spec.max_new_tokens,), jnp.float32)),
-        processors=jax.tree.map(lambda all_, one: at(all_, one), rows.processors, processors),
-        keys=at(rows.keys, key))
+    logits = logits_of(model, last[None])[0]
+    cache, beams = rows.cache, rows.beams
+    for r in range(spec.num_beams):
+        row = unit * spec.num_beams + r
+        at = functools.partial(jax.lax.dynamic_update_index_in_dim, index=row, axis=0)
+        rows = rows.replace(
+            tokens=at(rows.tokens, tokens), length=at(rows.length, length), generated=at(rows.generated, 0),
+            budget=at(rows.budget, budget), logits=at(rows.logits, logits), active=at(rows.active, True),
+            finished=at(rows.finished, False), reason=at(rows.reason, 0),
+            logprobs=at(rows.logprobs, jnp.zeros((spec.max_new_tokens,), jnp.float32)),
+            processors=jax.tree.map(lambda all_, one: at(all_, one), rows.processors, processors),
+            keys=at(rows.keys, key))
+        cache = cache.fill_row(row, prompt)
+    if beams is not None:
+        beams = beams.start(unit, length_penalty)
+    return rows.replace(cache=cache, beams=beams)
 
 
 @functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("rows",))
 def _decode(model: CausalLM, rows: Rows, *, spec: BatchSpec) -> Rows:
-    """Up to ``spec.steps_per_sync`` steps of every active row; stops after a step in which a row
-    finished (`Rows.finished`)."""
+    """Up to ``spec.steps_per_sync`` steps of every active row (with beams, a beam search step of
+    every active group); stops after a step in which a request finished (`Rows.finished`)."""
     r, s = spec.rows, spec.slots
     every_slot = jnp.ones((r, s), bool)  # the causal limit of each row's own slot does the rest
+
+    def beam_step(carry):
+        i, x = carry
+        log_probs = engine.process_rows(x.processors, jax.nn.log_softmax(x.logits), x.tokens, x.length,
+                                        jnp.zeros((r,), jnp.int32), jnp.int32(0), stacked=True)
+        tokens, logprobs, fed, origin, beams, ended = batch_beam.step(x, log_probs, spec)
+        ended, stopped = (jnp.repeat(a, spec.num_beams) for a in (ended, beams.best()[4]))
+        column = jnp.minimum(x.length, s - 1)
+        cache = x.cache.map_arrays(lambda a: jnp.take(a, origin, axis=0))  # the beams' rows in their new order
+        hidden, cache = forward(model, fed[:, None], column[:, None], every_slot, cache, column)
+        x = x.replace(
+            tokens=tokens, logprobs=logprobs, length=x.length + x.active, generated=x.generated + x.active,
+            logits=logits_of(model, hidden[:, 0]), cache=cache, active=x.active & ~ended,
+            finished=x.finished | ended, reason=jnp.where(ended, jnp.where(stopped, 1, 2), x.reason), beams=beams)
+        return i + 1, x
 
     def step(carry):
         i, x = carry
@@ -155,7 +189,8 @@ def _decode(model: CausalLM, rows: Rows, *, spec: BatchSpec) -> Rows:
         i, x = carry
         return (i < spec.steps_per_sync) & ~x.finished.any() & x.active.any()
 
-    return jax.lax.while_loop(more, step, (jnp.int32(0), rows.replace(finished=jnp.zeros((r,), bool))))[1]
+    body = beam_step if spec.num_beams > 1 else step
+    return jax.lax.while_loop(more, body, (jnp.int32(0), rows.replace(finished=jnp.zeros((r,), bool))))[1]
 
 
 @dataclasses.dataclass
@@ -180,8 +215,11 @@ def generate_batch(model: CausalLM, prompts: Iterable, *, max_rows: int = 8, max
     folded with its index in ``prompts``).
     ``kwargs``: generate() arguments every request shares. A request's own arguments may change
     only the processors' values, not which processors run or their sizes (``top_k``,
-    ``no_repeat_ngram_size``, EOS ids, ...): those belong in ``kwargs``. Greedy search and
-    sampling; each request's tokens equal `jaxgen.generate`'s for it alone (sampling: for its key).
+    ``no_repeat_ngram_size``, EOS ids, ``num_beams``, ...): those belong in ``kwargs``. Greedy
+    search, sampling, and beam search (``num_beams=K`` in ``kwargs``: a request takes K of the
+    ``max_rows`` rows and returns its best beam, with ``Completion.sequence_score``; its own
+    ``length_penalty`` allowed); each request's tokens equal `jaxgen.generate`'s for it alone
+    (sampling: for its key).
 
     ``prompts`` may be any iterable, read as rows free up (a generator can add requests while
     others decode); then ``max_length`` (prompt plus new tokens, the most any request needs)
@@ -262,14 +300,15 @@ def _request(model, prompt, index: int, tokenizer, shared: dict, labels=None) ->
             call["key"] = jax.random.key(seed)
         elif "key" not in own and call.get("key") is not None:
             call["key"] = jax.random.fold_in(args._prng_key(call["key"]), index)
-        parsed = args.parse(model, ids[None], np.ones((1, ids.size), np.int32), call, beam_search=False,
-                            neutral_processors=True)
+        parsed = args.parse(model, ids[None], np.ones((1, ids.size), np.int32), call, neutral_processors=True)
     except ValueError as e:
         raise ValueError(f"{name}: {e}") from None
     spec = parsed.spec
-    if spec.num_beams > 1:
-        raise ValueError(f"{name}: num_beams={spec.num_beams} is not allowed: generate_batch runs greedy "
-                         "search and sampling (use generate for beams)")
+    if spec.beam_search and (spec.do_sample or spec.num_beam_groups > 1):
+        what = "beam sampling" if spec.do_sample else "group beam search"
+        raise ValueError(f"{name}: num_beams={spec.num_beams} is not allowed with "
+                         f"{'do_sample=True' if spec.do_sample else f'num_beam_groups={spec.num_beam_groups}'}: "
+                         f"{what} in generate_batch is not implemented yet (beam search is; or use generate)")
     if spec.contrastive:
         raise ValueError(f"{name}: penalty_alpha={call.get('penalty_alpha')} with top_k={spec.contrastive} is "
                          "contrastive search, which generate_batch does not run (use generate)")
@@ -288,7 +327,8 @@ def _request(model, prompt, index: int, tokenizer, shared: dict, labels=None) ->
 def _shared(request: _Request) -> tuple:
     """What every request of a batch must share (static in the programs)."""
     spec = request.parsed.spec
-    return (spec.eos_token_ids, spec.stop_sequences, spec.pad_token_id, spec.do_sample,
+    return (spec.eos_token_ids, spec.stop_sequences, spec.pad_token_id, spec.do_sample, spec.num_beams,
+            spec.early_stopping if spec.beam_search else False,
             jax.tree.structure(request.parsed.processors))
 
 
@@ -299,10 +339,14 @@ def _serve(model, source: Iterator[_Request], max_rows: int, max_length: int, st
     if first is None:
         return
     shared = _shared(first)
-    eos, stops, pad, do_sample, _ = shared
-    rows_n = max(2, max_rows)  # a one-row cache drops its batch dim; a spare row costs one row of compute
+    eos, stops, pad, do_sample, beams, early_stopping, _ = shared
+    if max_rows < beams:
+        raise ValueError(f"max_rows={max_rows} is not allowed: a beam search request takes num_beams={beams} rows")
+    units = max_rows // beams  # requests decoding at once: rows, or groups of `beams` rows
+    rows_n = max(2, units * beams)  # a one-row cache drops its batch dim; a spare row costs one row of compute
     slots = max_length
-    spec = BatchSpec(rows_n, slots, max_length, eos, stops, 0 if pad is None else pad, do_sample, steps_per_sync)
+    spec = BatchSpec(rows_n, slots, max_length, eos, stops, 0 if pad is None else pad, do_sample, steps_per_sync,
+                     beams, early_stopping)
     vocab = model.config.vocab_size
     key = first.parsed.key if first.parsed.key is not None else jax.random.key(0)
     rows = Rows(
@@ -312,11 +356,12 @@ def _serve(model, source: Iterator[_Request], max_rows: int, max_length: int, st
         active=jnp.zeros((rows_n,), bool), finished=jnp.zeros((rows_n,), bool), reason=jnp.zeros((rows_n,), jnp.int32),
         logprobs=jnp.zeros((rows_n, max_length), jnp.float32),
         processors=jax.tree.map(lambda x: jnp.stack([x] * rows_n), first.parsed.processors),
-        keys=jnp.stack([key] * rows_n))
+        keys=jnp.stack([key] * rows_n),
+        beams=batch_beam.BeamGroups.empty(units, beams, slots, max_length) if beams > 1 else None)
     bar = _progress_bar(progress, total)
     pending: Iterator[_Request] = itertools.chain([first], source)
     running: dict[int, tuple[_Request, float]] = {}
-    free = list(range(max_rows))
+    free = list(range(units))
     exhausted = False
     tokens_done = 0
     while True:
@@ -326,24 +371,28 @@ def _serve(model, source: Iterator[_Request], max_rows: int, max_length: int, st
                 exhausted = True
                 break
             _check_shared(request, shared, slots, labels)
-            row = free.pop(0)
+            unit = free.pop(0)
             length = len(request.prompt)
             bucket = min(-(-length // 32) * 32, slots)
             ids = np.zeros((bucket,), np.int32)
             ids[:length] = request.prompt
-            rows = _insert(model, rows, np.int32(row), ids, np.int32(length), np.int32(request.budget),
-                           request.parsed.processors,
-                           request.parsed.key if request.parsed.key is not None else key, spec=spec)
-            running[row] = (request, time.perf_counter())
+            rows = _insert(model, rows, np.int32(unit), ids, np.int32(length), np.int32(request.budget),
+                           request.parsed.processors, request.parsed.key if request.parsed.key is not None else key,
+                           request.parsed.length_penalty, spec=spec)
+            running[unit] = (request, time.perf_counter())
         if not running:
             break
         rows = _decode(model, rows, spec=spec)
-        finished = np.flatnonzero(np.asarray(rows.finished))
-        if finished.size:  # one copy to the host per sync
-            host = jax.device_get((rows.tokens, rows.logprobs, rows.generated, rows.reason))
-        for row in finished:
-            request, began = running.pop(int(row))
-            all_tokens, logprobs, generated, reason = (x[row] for x in host)
+        finished = np.unique(np.flatnonzero(np.asarray(rows.finished)) // beams)
+        if finished.size:  # one copy to the host per sync: each unit's tokens, log-probs, length, reason, score
+            if beams > 1:
+                best_tokens, best_logprobs, best_scores, best_generated, _ = rows.beams.best()
+                host = jax.device_get((best_tokens, best_logprobs, best_generated, rows.reason[::beams], best_scores))
+            else:
+                host = jax.device_get((rows.tokens, rows.logprobs, rows.generated, rows.reason))
+        for unit in finished:
+            request, began = running.pop(int(unit))
+            all_tokens, logprobs, generated, reason, *score = (x[unit] for x in host)
             n, length = int(generated), len(request.prompt)
             tokens = all_tokens[length:length + n].tolist()
             done = Completion(
@@ -351,8 +400,9 @@ def _serve(model, source: Iterator[_Request], max_rows: int, max_length: int, st
                 logprobs=logprobs[:n].tolist(),
                 finish_reason=FINISH_REASONS[int(reason)], queued_s=began - start,
                 decode_s=time.perf_counter() - began,
-                text=None if tokenizer is None else tokenizer.decode(tokens, skip_special_tokens=True))
-            free.append(int(row))
+                text=None if tokenizer is None else tokenizer.decode(tokens, skip_special_tokens=True),
+                sequence_score=float(score[0]) if score else None)
+            free.append(int(unit))
             tokens_done += n
             if bar is not None:
                 bar.update(1)

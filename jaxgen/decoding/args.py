@@ -388,12 +388,9 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
         if kwargs.get("use_cache") is False:
             _fail("use_cache", False, f"not with {with_what}: assisted decoding verifies drafts on the KV cache (as "
                   "in transformers, which raises too)")
-        for name, bad, why in (("mesh", kw["mesh"] is not None, "assisted decoding on a mesh is not implemented in "
-                                "jaxgen yet"),
-                               ("logits_processor", bool(kw["logits_processor"]), "your processors would run on each "
-                                "drafted position of each row apart; not implemented in jaxgen yet")):
-            if bad:
-                _fail(name, kw[name], f"not with {with_what}: {why}")
+        if kw["mesh"] is not None:
+            _fail("mesh", kw["mesh"], f"not with {with_what}: assisted decoding on a mesh is not implemented in "
+                  "jaxgen yet")
     if drafter in ("assistant_model", "assistant_early_exit"):
         # The draft settings: the call's (or the model's generation config), else the draft's
         # generation config, where transformers reads them, else transformers' defaults.

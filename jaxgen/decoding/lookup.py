@@ -109,23 +109,23 @@ def model_draft(assistant: Assistant, cache: KVCache, sequences, last, position,
     def pick(i, logits, carry):
         """Draft token ``i`` of the rows still drafting; a row stops at its limit, or after a token
         its draft is not confident of."""
-        sequences, tokens, kept, count, drafting = carry
+        sequences, tokens, chosen_from, count, drafting = carry
         token, scores = choose(logits, sequences, i)
         sequences = _put(sequences, (last + 1 + i)[:, None], token[:, None])
         tokens = tokens.at[:, i].set(token)
-        kept = None if kept is None else kept.at[:, i].set(scores)
+        chosen_from = None if chosen_from is None else chosen_from.at[:, i].set(scores)
         count = jnp.where(drafting, i + 1, count)
         drafting &= i + 1 < limit
         if spec.lookup_confidence:
             prob = jnp.take_along_axis(jax.nn.softmax(scores, -1), token[:, None], 1)[:, 0]
             drafting &= prob >= assistant.confidence
-        return sequences, tokens, kept, count, drafting
+        return sequences, tokens, chosen_from, count, drafting
 
     rows, vocab = sequences.shape[0], assistant.model.config.vocab_size
     fed = jnp.take_along_axis(sequences, last[:, None] + jnp.arange(-1, 1)[None], axis=1)  # [rows, 2]
     logits, cache = step(fed, last - 1, cache)
-    kept = jnp.zeros((rows, k, vocab), jnp.float32) if spec.do_sample else None
-    carry = pick(0, logits, (sequences, jnp.zeros((rows, k), jnp.int32), kept, jnp.zeros((rows,), jnp.int32),
+    chosen_from = jnp.zeros((rows, k, vocab), jnp.float32) if spec.do_sample else None
+    carry = pick(0, logits, (sequences, jnp.zeros((rows, k), jnp.int32), chosen_from, jnp.zeros((rows,), jnp.int32),
                              limit > 0))
 
     def body(loop):
@@ -133,9 +133,9 @@ def model_draft(assistant: Assistant, cache: KVCache, sequences, last, position,
         logits, cache = step(carry[1][:, i - 1, None], last + i, cache)
         return i + 1, pick(i, logits, carry), cache
 
-    _, (_, tokens, kept, count, _), cache = jax.lax.while_loop(
+    _, (_, tokens, chosen_from, count, _), cache = jax.lax.while_loop(
         lambda loop: (loop[0] < k) & loop[1][-1].any(), body, (1, carry, cache))
-    return tokens, count, kept, cache
+    return tokens, count, chosen_from, cache
 
 
 def accept(scores, drafted, count, draft_scores, key, do_sample: bool):
@@ -162,8 +162,8 @@ def accept(scores, drafted, count, draft_scores, key, do_sample: bool):
     p, q = jax.nn.softmax(scores, -1), jax.nn.softmax(draft_scores, -1)
     p_i = jnp.take_along_axis(p[:, :k], drafted[..., None], 2)[..., 0]
     q_i = jnp.take_along_axis(q, drafted[..., None], 2)[..., 0]
-    kept = jax.random.uniform(key_accept, p_i.shape) < p_i / q_i
-    agree = jnp.cumprod(kept & real, axis=1).sum(1)
+    stays = jax.random.uniform(key_accept, p_i.shape) < p_i / q_i
+    agree = jnp.cumprod(stays & real, axis=1).sum(1)
     at = lambda x, i: jnp.take_along_axis(x, i[:, None, None], 1)[:, 0]  # noqa: E731  x[r, i[r]]
     p_next = at(p, agree)
     residual = jnp.where((agree < count)[:, None], jnp.maximum(p_next - at(q, jnp.minimum(agree, k - 1)), 0), p_next)

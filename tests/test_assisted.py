@@ -197,9 +197,10 @@ def test_the_model_as_its_own_draft_drafts_greedy_search_s_tokens(eos_model):
     sequences = jnp.pad(jnp.asarray(greedy.sequences, jnp.int32), ((0, 0), (0, 5)))
     # after each, the cache holds drafts up to column generated + k - 2: 8 -> 13 is a whole draft
     # accepted with greedy's next token, leaving two columns unseen
+    draft = jax.jit(lambda cache, last, position: lookup.model_draft(
+        assistant, cache, sequences, last, position, kv_mask, jnp.full((2,), k), choose, spec))
     for generated in (1, 3, 4, 8, 13):
         last = jnp.full((2,), 6 + generated - 1, jnp.int32)
-        tokens, count, _, cache = lookup.model_draft(
-            assistant, cache, sequences, last, pre.positions + generated - 1, kv_mask, jnp.full((2,), k), choose, spec)
+        tokens, count, _, cache = draft(cache, last, pre.positions + generated - 1)
         np.testing.assert_array_equal(np.asarray(tokens), greedy.sequences[:, 6 + generated:6 + generated + k])
         np.testing.assert_array_equal(count, [k, k])

@@ -63,7 +63,7 @@ def test_sampling_batch_equals_each_request_alone_with_its_own_settings(eos_mode
     and min_new_tokens: each request draws the tokens generate draws for its key."""
     _, model = eos_model
     rng = np.random.default_rng(1)
-    requests = mixed_requests(rng, 14, 48)
+    requests = mixed_requests(rng, 9, 48)
     for i, r in enumerate(requests):
         r.update(temperature=float(rng.choice([0.6, 1.0, 1.4])), top_p=float(rng.choice([0.8, 1.0])),
                  repetition_penalty=float(rng.choice([1.0, 1.3])), seed=100 + i)
@@ -75,12 +75,12 @@ def test_sampling_batch_equals_each_request_alone_with_its_own_settings(eos_mode
 
 
 def test_beam_batch_equals_each_request_alone(eos_model):
-    """Beam search requests as groups of 3 rows (2 groups and a spare row), each with its own
+    """14 beam search requests as groups of 3 rows (2 groups and a spare row), each with its own
     length_penalty: each request's best beam, its tokens' log-probabilities and its score as
     generate's beam search gives them alone."""
     _, model = eos_model
     rng = np.random.default_rng(3)
-    requests = mixed_requests(rng, 24, 48)
+    requests = mixed_requests(rng, 14, 48, new=(5, 12))
     for r in requests:
         r["length_penalty"] = float(rng.choice([0.5, 1.0, 2.0]))
     shared = dict(num_beams=3, eos_token_id=EOS, pad_token_id=PAD)
@@ -235,7 +235,7 @@ def test_beam_job_writes_each_request_s_best_beam_and_score(tmp_path, capsys):
     from jaxgen.cli import DEMO_MODEL, main
 
     source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    job_input(source, n=5)
+    job_input(source, n=3)
     args = ["generate", "--input", str(source), "--output", str(out), "--max-new-tokens", "10", "--num-beams", "2"]
     assert main([*args, "--max-rows", "1"]) == 2
     err = capsys.readouterr().err

@@ -17,10 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxgen.decoding import engine, select
-from jaxgen.decoding.beam import BIG
-
-_gather = jax.vmap(lambda x, idx: x[idx])  # [G, K, ...], int[G, k] -> [G, k, ...]
+from jaxgen.decoding import beam, engine
+from jaxgen.decoding.beam import BIG, _gather
 
 
 @struct.dataclass
@@ -30,7 +28,7 @@ class BeamGroups:
     finished hypotheses: tokens int32[G, K, S], logprobs float32[G, K, N] (each token's processed
     log-prob), scores float32[G, K] (length-penalised), generated int32[G, K] (their new tokens),
     stopped bool[G, K] (ended on EOS or a stop sequence), finished bool[G, K] (transformers'
-    ``is_sent_finished``); improvable: bool[G] (its early-stop heuristic); length_penalty:
+    ``is_sent_finished``); improvable: bool[G, 1] (its early-stop heuristic); length_penalty:
     float32[G], the request's."""
 
     running_scores: jax.Array
@@ -50,7 +48,7 @@ class BeamGroups:
                    logprobs=jnp.zeros((groups, beams, n), jnp.float32),
                    scores=jnp.full((groups, beams), BIG, jnp.float32),
                    generated=jnp.zeros((groups, beams), jnp.int32), stopped=jnp.zeros((groups, beams), bool),
-                   finished=jnp.zeros((groups, beams), bool), improvable=jnp.ones((groups,), bool),
+                   finished=jnp.zeros((groups, beams), bool), improvable=jnp.ones((groups, 1), bool),
                    length_penalty=jnp.ones((groups,), jnp.float32))
 
     def start(self, group, length_penalty) -> "BeamGroups":
@@ -85,7 +83,7 @@ def step(x, log_probs: jax.Array, spec) -> tuple[jax.Array, jax.Array, jax.Array
     flat = log_probs.reshape(g, k * vocab)
     acc = (log_probs.reshape(g, k, vocab) + b.running_scores[:, :, None]).reshape(g, -1)
 
-    topk_log_probs, topk_idx = select.top_k(acc, keep, groups=k)
+    topk_log_probs, topk_idx = beam._top_candidates(acc, keep, None, None, False, k)
     src, tokens = (topk_idx // vocab).astype(jnp.int32), (topk_idx % vocab).astype(jnp.int32)
     column = jnp.minimum(length, slots - 1)
     put = jax.vmap(lambda a, at, v: jax.lax.dynamic_update_index_in_dim(a, v, at, axis=1))  # a[:, at] = v
@@ -101,30 +99,21 @@ def step(x, log_probs: jax.Array, spec) -> tuple[jax.Array, jax.Array, jax.Array
     running_lps = _gather(topk_lps, next_idx)
 
     # Beams that finish now, merged with those finished before.
-    did_finish = hits & (jnp.arange(keep) < k)[None]
-    lp = b.length_penalty[:, None]
-    finished_scores = topk_log_probs / ((generated + 1).astype(jnp.float32)[:, None] ** lp)
-    full = jnp.all(b.finished, axis=-1, keepdims=True) & (spec.early_stopping is True)
-    finished_scores += full.astype(jnp.float32) * BIG
-    finished_scores += (~b.improvable[:, None]).astype(jnp.float32) * BIG
-    finished_scores += (~did_finish).astype(jnp.float32) * BIG
+    steps, lp = (generated + 1)[:, None], b.length_penalty[:, None]  # [G, 1]
+    finished_scores, did_finish = beam.finishing(topk_log_probs, hits, b.finished, b.improvable, steps, lp,
+                                                 spec.early_stopping, k)
     merged = jnp.concatenate([b.scores, finished_scores], axis=1)
     best = jax.lax.top_k(merged, k)[1]
     pick = lambda old, new: _gather(jnp.concatenate([old, new], 1), best)  # noqa: E731
-    new_generated = jnp.broadcast_to((generated + 1)[:, None], (g, keep))
+    new_generated = jnp.broadcast_to(steps, (g, keep))
     hyps = b.replace(tokens=pick(b.tokens, topk_seqs), logprobs=pick(b.logprobs, topk_lps),
                      scores=_gather(merged, best), generated=pick(b.generated, new_generated),
                      stopped=pick(b.stopped, stops), finished=pick(b.finished, did_finish))
 
-    # Early-stop heuristic (transformers' _check_early_stop_heuristic), with cur_len + 1.
-    steps = (generated + 1).astype(jnp.float32)
-    if spec.early_stopping == "never":
-        steps = jnp.where(b.length_penalty > 0.0, budget.astype(jnp.float32), steps)
-    best_running = running_scores[:, 0] / (steps ** b.length_penalty)
-    worst_finished = jnp.where(hyps.finished, jnp.min(hyps.scores, axis=1, keepdims=True), BIG)
-    improvable = b.improvable & jnp.any(best_running[:, None] > worst_finished, axis=-1)
+    improvable = beam.still_improvable(running_scores, hyps.scores, hyps.finished, b.improvable, steps, lp,
+                                       spec.early_stopping, budget[:, None])
     open_beam = ~(jnp.all(hyps.finished, axis=1) & (spec.early_stopping is True))
-    ended = active & ~(improvable & open_beam & ~jnp.all(hits, axis=1))
+    ended = active & ~(improvable[:, 0] & open_beam & ~jnp.all(hits, axis=1))
 
     # Inactive groups keep everything.
     keep_old = lambda new, old: jnp.where(active.reshape((g,) + (1,) * (new.ndim - 1)), new, old)  # noqa: E731

@@ -114,6 +114,35 @@ def _top_candidates(acc: jax.Array, k: int, key, step, do_sample: bool, beams: i
     return jnp.take_along_axis(logp, order, -1), jnp.take_along_axis(idx, order, -1)
 
 
+def finishing(topk_log_probs, hits, finished, improvable, generated, length_penalty, early_stopping, beams: int):
+    """The candidates that finish now and their scores, to merge with the finished hypotheses:
+    the first ``beams`` of ``topk_log_probs: float32[batch, keep]`` that hit EOS or the length
+    (``hits``), scored ``log-prob / generated ** length_penalty``; BIG where a row cannot take
+    them (full with ``early_stopping=True``, or not ``improvable: bool[batch, 1]``). ``finished``:
+    bool[batch, beams], the hypotheses that ended before; ``generated`` and ``length_penalty``:
+    scalars or [batch, 1]. Returns (float32[batch, keep] scores, bool[batch, keep] did_finish)."""
+    did_finish = hits & (jnp.arange(topk_log_probs.shape[1]) < beams)[None]
+    scores = topk_log_probs / (jnp.asarray(generated, jnp.float32) ** length_penalty)
+    full = jnp.all(finished, axis=-1, keepdims=True) & (early_stopping is True)
+    scores += full.astype(jnp.float32) * BIG
+    scores += (~improvable).astype(jnp.float32) * BIG
+    scores += (~did_finish).astype(jnp.float32) * BIG
+    return scores, did_finish
+
+
+def still_improvable(running_scores, beam_scores, finished, improvable, generated, length_penalty, early_stopping,
+                     max_new_tokens):
+    """transformers' ``_check_early_stop_heuristic`` (with cur_len + 1): bool[batch, 1], whether
+    a row's best running beam can still beat its worst finished hypothesis. ``generated``,
+    ``length_penalty`` and ``max_new_tokens``: scalars or [batch, 1]."""
+    generated = jnp.asarray(generated, jnp.float32)
+    if early_stopping == "never":
+        generated = jnp.where(length_penalty > 0.0, jnp.asarray(max_new_tokens, jnp.float32), generated)
+    best_running = running_scores[:, :1] / (generated**length_penalty)
+    worst_finished = jnp.where(finished, jnp.min(beam_scores, axis=1, keepdims=True), BIG)
+    return improvable & jnp.any(best_running > worst_finished, axis=-1, keepdims=True)
+
+
 def group_reads(kv_mask: jax.Array, ancestry: jax.Array) -> jax.Array:
     """The ``kv_mask`` of a grouped cache (`attention.view`): row ``j`` of a group reads slot ``t``
     from row ``ancestry[b, j, t]``, where the prompt mask ``kv_mask: bool[batch, S]`` allows it.
@@ -162,7 +191,6 @@ def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, k
         is_sent_finished=jnp.zeros((batch, beams), bool),
         improvable=jnp.ones((batch, 1), bool),
     )
-    top_num_beam_mask = jnp.arange(keep) < beams
     batch_offset = jnp.arange(batch, dtype=jnp.int32)[:, None] * beams
 
     def choose(s: BeamState) -> BeamState:
@@ -188,12 +216,8 @@ def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, k
         running_beam_indices = _gather(topk_beam_indices, next_idx)
 
         # Beams that finish now, merged with those finished before.
-        did_finish = hits & top_num_beam_mask[None, :]
-        finished_scores = topk_log_probs / ((s.step + 1).astype(jnp.float32) ** length_penalty)
-        full = jnp.all(s.is_sent_finished, axis=-1, keepdims=True) & (spec.early_stopping is True)
-        finished_scores += full.astype(jnp.float32) * BIG
-        finished_scores += (~s.improvable).astype(jnp.float32) * BIG
-        finished_scores += (~did_finish).astype(jnp.float32) * BIG
+        finished_scores, did_finish = finishing(topk_log_probs, hits, s.is_sent_finished, s.improvable, s.step + 1,
+                                                length_penalty, spec.early_stopping, beams)
         merged_scores = jnp.concatenate([s.beam_scores, finished_scores], axis=1)
         best = jax.lax.top_k(merged_scores, beams)[1]
         sequences = _gather(jnp.concatenate([s.sequences, topk_sequences], 1), best)
@@ -201,13 +225,8 @@ def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, k
         beam_indices = _gather(jnp.concatenate([s.beam_indices, topk_beam_indices], 1), best)
         is_sent_finished = _gather(jnp.concatenate([s.is_sent_finished, did_finish], 1), best)
 
-        # Early-stop heuristic (transformers' _check_early_stop_heuristic), with cur_len + 1.
-        generated = (s.step + 1).astype(jnp.float32)
-        if spec.early_stopping == "never":
-            generated = jnp.where(length_penalty > 0.0, jnp.float32(n), generated)
-        best_running = running_scores[:, :1] / (generated**length_penalty)
-        worst_finished = jnp.where(is_sent_finished, jnp.min(beam_scores, axis=1, keepdims=True), BIG)
-        improvable = s.improvable & jnp.any(best_running > worst_finished, axis=-1, keepdims=True)
+        improvable = still_improvable(running_scores, beam_scores, is_sent_finished, s.improvable, s.step + 1,
+                                      length_penalty, spec.early_stopping, n)
         exists_open_beam = ~(jnp.all(is_sent_finished) & (spec.early_stopping is True))
         done = ~(jnp.any(improvable) & exists_open_beam & ~jnp.all(hits))
 

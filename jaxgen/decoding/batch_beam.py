@@ -75,7 +75,7 @@ def step(x, log_probs: jax.Array, spec) -> tuple[jax.Array, jax.Array, jax.Array
     bool[G]."""
     k, n_rows, slots = spec.num_beams, spec.rows, spec.slots
     g, vocab, n = n_rows // k, log_probs.shape[-1], spec.max_new_tokens
-    keep = max(2, 1 + len(spec.eos_token_ids)) * k
+    keep = beam.candidates_kept(spec.eos_token_ids, k)
     b = x.beams
     per_group = lambda a: a.reshape(g, k)[:, 0]  # noqa: E731  (every row of a group alike)
     length, generated, budget, active = map(per_group, (x.length, x.generated, x.budget, x.active))

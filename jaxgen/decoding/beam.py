@@ -102,6 +102,12 @@ def _set_column(x: jax.Array, column: jax.Array, values: jax.Array) -> jax.Array
     return jax.lax.dynamic_update_index_in_dim(x, values, column, axis=2)
 
 
+def candidates_kept(eos_token_ids: tuple[int, ...], beams: int) -> int:
+    """transformers' ``beams_to_keep``: candidates enough that ``beams`` of them end in no EOS
+    (each EOS id can take one candidate of every beam, and two are kept at least)."""
+    return max(2, 1 + len(eos_token_ids)) * beams
+
+
 def _top_candidates(acc: jax.Array, k: int, key, step, do_sample: bool, beams: int) -> tuple[jax.Array, jax.Array]:
     """acc: float32[batch, beams * V] -> (log-probs, flat indices) of k candidates, best first."""
     if not do_sample:
@@ -177,7 +183,7 @@ def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, k
            spec: DecodeSpec) -> GenerateOutput:
     """Beam search over ``input_ids: int32[batch, P]`` (left-padded to the bucket)."""
     batch, beams, n = input_ids.shape[0], spec.num_beams, spec.max_new_tokens
-    keep = max(2, 1 + len(spec.eos_token_ids)) * beams
+    keep = candidates_kept(spec.eos_token_ids, beams)
     pre = engine.prefill(model, input_ids, attention_mask, prompt_len, spec, beams, share_prompt=True)
     vocab = pre.logits.shape[-1]
     # transformers' output_fill_value, quirk included: a pad id of 0 is falsy there, so EOS fills

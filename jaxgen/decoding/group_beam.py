@@ -64,7 +64,7 @@ def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, l
     """Group beam search over ``input_ids: int32[batch, P]`` (left-padded to the bucket)."""
     batch, beams, groups, t_max = input_ids.shape[0], spec.num_beams, spec.num_beam_groups, spec.max_new_tokens
     g = beams // groups
-    keep = max(2, 1 + len(spec.eos_token_ids)) * g
+    keep = beam.candidates_kept(spec.eos_token_ids, g)
     pre = engine.prefill(model, input_ids, attention_mask, prompt_len, spec, beams, share_prompt=True)
     vocab = pre.logits.shape[-1]
     fill = spec.pad_token_id if spec.pad_token_id is not None else 0

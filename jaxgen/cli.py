@@ -79,7 +79,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--input", help="requests, one JSON object a line (id, prompt or messages, own settings)")
     g.add_argument("--output", help="with --input: results appended as each finishes; a rerun skips ids already there")
     g.add_argument("--max-rows", type=int, default=8, help="with --input: decode rows, a finished one taking the next")
+    g.add_argument("--compile-cache", metavar="DIR",
+                   help="keep the compiled programs in DIR, so that a later run of the same command skips XLA's "
+                        "compile (jax's persistent compilation cache; also on where JAX_COMPILATION_CACHE_DIR is set)")
     return parser
+
+
+_CACHE_HITS = {"count": 0, "listening": False}
+
+
+def _use_compile_cache(directory: str | None) -> None:
+    """With ``directory``: jax's persistent compilation cache there, for every program that takes
+    0.1 s or more to compile (not the tiny ones of eager operations). Either way the programs read
+    from a cache are counted (`_CACHE_HITS`), for the status line."""
+    import jax
+    import jax.monitoring
+
+    if directory is not None:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+    if not _CACHE_HITS["listening"]:
+        def count(event, **_):
+            if event == "/jax/compilation_cache/cache_hits":
+                _CACHE_HITS["count"] += 1
+
+        jax.monitoring.register_event_listener(count)
+        _CACHE_HITS["listening"] = True
 
 
 class _Status:
@@ -147,6 +172,7 @@ def run_generate(args) -> int:
     if args.stream and args.json:
         raise ValueError("--stream and --json cannot be combined")
 
+    _use_compile_cache(args.compile_cache)
     t0 = time.perf_counter()
     model = jaxgen.from_pretrained(args.model, dtype=args.dtype, quantize=args.quantize)
     try:
@@ -197,12 +223,13 @@ def run_generate(args) -> int:
     if args.stream:
         kwargs["streamer"] = _PrintStreamer(tokenizer, eos)
 
-    t0 = time.perf_counter()
+    t0, hits = time.perf_counter(), _CACHE_HITS["count"]
     try:
         run = compile_generate(model, batch.input_ids, batch.attention_mask, **kwargs)
     except ValueError as e:
         raise _as_typed(e, args) from None
-    status(f"compiled in {time.perf_counter() - t0:.1f}s")
+    cached = " (read from the compile cache)" if _CACHE_HITS["count"] > hits else ""
+    status(f"compiled in {time.perf_counter() - t0:.1f}s{cached}")
     t0 = time.perf_counter()
     out = jax.block_until_ready(run()).trim()
     seconds = time.perf_counter() - t0

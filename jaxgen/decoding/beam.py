@@ -103,8 +103,8 @@ def _set_column(x: jax.Array, column: jax.Array, values: jax.Array) -> jax.Array
 
 
 def candidates_kept(eos_token_ids: tuple[int, ...], beams: int) -> int:
-    """transformers' ``beams_to_keep``: candidates enough that ``beams`` of them end in no EOS
-    (each EOS id can take one candidate of every beam, and two are kept at least)."""
+    """transformers' ``beams_to_keep``: so many candidates that ``beams`` of them do not end in
+    EOS (each EOS id is at most one candidate of each beam); two a beam at least."""
     return max(2, 1 + len(eos_token_ids)) * beams
 
 

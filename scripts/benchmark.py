@@ -19,16 +19,16 @@ For each workload both libraries decode the same left-padded prompts (``--prompt
 repetition by repetition after a warm-up, with the same number of threads. Before any speed is
 reported the outputs are compared: in float32 greedy and beam sequences must be equal; in
 bfloat16 the two libraries round differently and part ways after some steps, so the table says
-for how many steps they agree (both still decode every step). Reported: the first
-call (trace + compile + run), steady-state ms per generated step (median; prefill included),
-tokens/s, peak memory of one call (measured in a fresh process per library and workload: peak
-growth of anonymous RSS over the loaded model on CPU; device memory on a GPU), the jaxgen /
-transformers speed ratio (of the medians; in brackets its range over the back-to-back pairs,
-which shows how noisy the machine was), and a roofline bound per workload from this machine's
-measured memory bandwidth and matmul throughput (weights + KV cache bytes per step over
-bandwidth, or FLOPs over throughput, whichever is larger; each measured before and after every
-workload, the better of the two kept for it: on a shared machine either rate can halve or
-double for minutes at a time).
+for how many steps they agree (both still decode every step). Reported: the first call (trace +
+compile + run; jaxgen's compile alone in brackets), steady-state ms per generated step (median;
+prefill included), tokens/s, peak memory of one call (measured in a fresh process per library
+and workload: peak growth of anonymous RSS over the loaded model on CPU; device memory on a
+GPU), the jaxgen / transformers speed ratio (of the medians; in brackets its range over the
+back-to-back pairs, which shows how noisy the machine was), and a roofline bound per workload
+from this machine's measured memory bandwidth and matmul throughput (weights + KV cache bytes
+per step over bandwidth, or FLOPs over throughput, whichever is larger; each measured before and
+after every workload, the better of the two kept for it: on a shared machine either rate can
+halve or double for minutes at a time).
 Optional: transformers with its static cache and ``torch.compile`` (``--torch-compile``).
 Writes a markdown table to stdout and JSON to ``--json`` (rewritten after every workload).
 """
@@ -380,6 +380,7 @@ def run_workload(name, args, model, torch_model) -> dict:
     new = args.new_tokens
     t0 = time.perf_counter()
     run_jax, run_torch = workload_calls(name, args, model, torch_model)
+    jax_compile = time.perf_counter() - t0  # trace, lower and compile
     first_out = jax.block_until_ready(run_jax())
     jax_first = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -408,7 +409,7 @@ def run_workload(name, args, model, torch_model) -> dict:
     jax_t, torch_t = statistics.median(jax_times), statistics.median(torch_times)
     pair_ratios = [t / j for t, j in zip(torch_times, jax_times)]  # each pair ran back to back
     result.update(
-        jax_first_s=jax_first, torch_first_s=torch_first,
+        jax_first_s=jax_first, jax_compile_s=jax_compile, torch_first_s=torch_first,
         jax_ms_per_step=1e3 * jax_t / new, torch_ms_per_step=1e3 * torch_t / new,
         jax_tokens_per_s=batch * new / jax_t, torch_tokens_per_s=batch * new / torch_t,
         speedup=torch_t / jax_t, speedup_min=min(pair_ratios), speedup_max=max(pair_ratios),
@@ -516,7 +517,7 @@ def _precision(args) -> str:
 def print_table(results, args):
     print(f"\nprompt {args.prompt_len} tokens, {args.new_tokens} new tokens, {_precision(args)}, median of "
           f"{args.reps}\n")
-    cols = ["workload", "first call jaxgen / hf (s)", "ms/step jaxgen", "ms/step hf", "tokens/s jaxgen",
+    cols = ["workload", "first call jaxgen (its compile) / hf (s)", "ms/step jaxgen", "ms/step hf", "tokens/s jaxgen",
             "tokens/s hf", "speedup (pair range)", "bound ms/step", "jaxgen % of bound", "peak MB jaxgen / hf"]
     if args.torch_compile:
         cols.append("ms/step hf static+compile")
@@ -528,8 +529,9 @@ def print_table(results, args):
         if "speedup" not in r:
             print(f"| {r['workload']} | outputs differ | " + " | ".join([""] * (len(cols) - 2)) + " |")
             continue
-        cells = [r["workload"], f"{r['jax_first_s']:.1f} / {r['torch_first_s']:.1f}", _ms(r["jax_ms_per_step"]),
-                 _ms(r["torch_ms_per_step"]), f"{r['jax_tokens_per_s']:.0f}", f"{r['torch_tokens_per_s']:.0f}",
+        cells = [r["workload"], f"{r['jax_first_s']:.1f} ({r['jax_compile_s']:.1f}) / {r['torch_first_s']:.1f}",
+                 _ms(r["jax_ms_per_step"]), _ms(r["torch_ms_per_step"]), f"{r['jax_tokens_per_s']:.0f}",
+                 f"{r['torch_tokens_per_s']:.0f}",
                  f"{r['speedup']:.2f}x ({r['speedup_min']:.2f}-{r['speedup_max']:.2f})",
                  _ms(r["bound_ms_per_step"]), f"{100 * r['jax_of_bound']:.0f}%",
                  f"{r['jax_peak_MB']:.0f} / {r['torch_peak_MB']:.0f}"]

@@ -65,8 +65,10 @@ def test_numbers_are_consistent(report):
             assert value == max(measurements[i][key], measurements[i + 1][key]) > 0, key
         batch = r["batch"]
         assert r["rows"] == WORKLOADS[r["workload"]]
-        for key in ("jax_first_s", "torch_first_s", "jax_ms_per_step", "torch_ms_per_step", "bound_ms_per_step"):
+        for key in ("jax_first_s", "jax_compile_s", "torch_first_s", "jax_ms_per_step", "torch_ms_per_step",
+                    "bound_ms_per_step"):
             assert math.isfinite(r[key]) and r[key] > 0, key
+        assert r["jax_compile_s"] < r["jax_first_s"]
         assert r["new_tokens"] == NEW
         assert r["speedup"] == pytest.approx(r["torch_ms_per_step"] / r["jax_ms_per_step"])
         assert r["speedup_min"] <= r["speedup_max"]

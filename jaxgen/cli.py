@@ -96,7 +96,14 @@ def _use_compile_cache(directory: str | None) -> None:
     import jax.monitoring
 
     if directory is not None:
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
+        path = os.path.expanduser(directory)
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--compile-cache {directory}: cannot be a folder here ({e.strerror})") from None
+        if not os.access(path, os.W_OK):
+            raise ValueError(f"--compile-cache {directory}: the folder is not writable")
+        jax.config.update("jax_compilation_cache_dir", path)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
     if not _CACHE_HITS["listening"]:
         def count(event, **_):

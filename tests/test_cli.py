@@ -124,6 +124,7 @@ def test_stream_equals_non_streamed(extra):
     (("x", "--early-stopping", "maybe"), "true, false or never"),
     (("x", "--temperature", "0.5"), "need --do-sample"),
     (("x", "--model", "gpt2"), "not in the local Hugging Face cache"),
+    (("x", "--compile-cache", __file__), "cannot be a folder here"),
 ])
 def test_bad_input_one_line_no_traceback(jaxgen_main, args, message):
     code, _, err = jaxgen_main(*args)

@@ -98,7 +98,8 @@ def model_draft(assistant: Assistant, cache: KVCache, sequences, last, position,
     (the last iteration left at most these two unseen: a draft it did not feed, and the target's
     own token; a slot it saw is rewritten with the same token), then each token but a row's last,
     while any row drafts. Returns (int32[rows, K] tokens, int32[rows] how many a row drafted,
-    float32[rows, K, V] their scores (sampling) or None, the draft cache)."""
+    float32[rows, K, V] the probabilities they were drawn from (sampling) or None, the draft
+    cache)."""
     k = spec.lookup
 
     def step(fed, at, cache):
@@ -109,23 +110,23 @@ def model_draft(assistant: Assistant, cache: KVCache, sequences, last, position,
     def pick(i, logits, carry):
         """Draft token ``i`` of the rows still drafting; a row stops at its limit, or after a token
         its draft is not confident of."""
-        sequences, tokens, chosen_from, count, drafting = carry
+        sequences, tokens, drawn_from, count, drafting = carry
         token, scores = choose(logits, sequences, i)
         sequences = _put(sequences, (last + 1 + i)[:, None], token[:, None])
         tokens = tokens.at[:, i].set(token)
-        chosen_from = None if chosen_from is None else chosen_from.at[:, i].set(scores)
+        probs = jax.nn.softmax(scores, -1) if drawn_from is not None or spec.lookup_confidence else None
+        drawn_from = None if drawn_from is None else drawn_from.at[:, i].set(probs)
         count = jnp.where(drafting, i + 1, count)
         drafting &= i + 1 < limit
         if spec.lookup_confidence:
-            prob = jnp.take_along_axis(jax.nn.softmax(scores, -1), token[:, None], 1)[:, 0]
-            drafting &= prob >= assistant.confidence
-        return sequences, tokens, chosen_from, count, drafting
+            drafting &= jnp.take_along_axis(probs, token[:, None], 1)[:, 0] >= assistant.confidence
+        return sequences, tokens, drawn_from, count, drafting
 
     rows, vocab = sequences.shape[0], assistant.model.config.vocab_size
     fed = jnp.take_along_axis(sequences, last[:, None] + jnp.arange(-1, 1)[None], axis=1)  # [rows, 2]
     logits, cache = step(fed, last - 1, cache)
-    chosen_from = jnp.zeros((rows, k, vocab), jnp.float32) if spec.do_sample else None
-    carry = pick(0, logits, (sequences, jnp.zeros((rows, k), jnp.int32), chosen_from, jnp.zeros((rows,), jnp.int32),
+    drawn_from = jnp.zeros((rows, k, vocab), jnp.float32) if spec.do_sample else None
+    carry = pick(0, logits, (sequences, jnp.zeros((rows, k), jnp.int32), drawn_from, jnp.zeros((rows,), jnp.int32),
                              limit > 0))
 
     def body(loop):
@@ -133,19 +134,19 @@ def model_draft(assistant: Assistant, cache: KVCache, sequences, last, position,
         logits, cache = step(carry[1][:, i - 1, None], last + i, cache)
         return i + 1, pick(i, logits, carry), cache
 
-    _, (_, tokens, chosen_from, count, _), cache = jax.lax.while_loop(
+    _, (_, tokens, drawn_from, count, _), cache = jax.lax.while_loop(
         lambda loop: (loop[0] < k) & loop[1][-1].any(), body, (1, carry, cache))
-    return tokens, count, chosen_from, cache
+    return tokens, count, drawn_from, cache
 
 
-def accept(scores, drafted, count, draft_scores, key, do_sample: bool):
+def accept(scores, drafted, count, draft_probs, key, do_sample: bool):
     """Which drafted tokens a row keeps, and the target's token after them.
 
     scores: float32[rows, K + 1, V], the target's processed scores after the row's last token and
     after each drafted token; drafted: int32[rows, K], ``count`` (int32[rows]) of them real;
-    draft_scores: float32[rows, K, V] the processed scores the draft model drew them from, or None.
+    draft_probs: float32[rows, K, V] the probabilities the draft model drew them from, or None.
     Greedy: the drafts equal to the target's argmax, then its argmax. Sampling without
-    draft_scores (prompt lookup): a draw at every position, the drafts equal to the draws, then
+    draft_probs (prompt lookup): a draw at every position, the drafts equal to the draws, then
     the next draw. With them, speculative sampling: draft ``i`` stays with probability
     ``min(1, p_i / q_i)`` (its target and draft probabilities) while all before it stayed, then a
     draw from ``max(p - q, 0)`` normalised at the first rejected position, or from ``p`` after a
@@ -155,11 +156,11 @@ def accept(scores, drafted, count, draft_scores, key, do_sample: bool):
     k = drafted.shape[1]
     real = jnp.arange(k)[None] < count[:, None]
     key_draw, key_accept = jax.random.split(key) if do_sample else (None, None)
-    if draft_scores is None:
+    if draft_probs is None:
         chosen = select.categorical(key_draw, scores) if do_sample else select.first_argmax(scores)
         agree = jnp.cumprod((drafted == chosen[:, :k]) & real, axis=1).sum(1)
         return chosen, agree
-    p, q = jax.nn.softmax(scores, -1), jax.nn.softmax(draft_scores, -1)
+    p, q = jax.nn.softmax(scores, -1), draft_probs
     p_i = jnp.take_along_axis(p[:, :k], drafted[..., None], 2)[..., 0]
     q_i = jnp.take_along_axis(q, drafted[..., None], 2)[..., 0]
     stays = jax.random.uniform(key_accept, p_i.shape) < p_i / q_i
@@ -232,7 +233,7 @@ def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, k
         position = pre.positions + s.generated - 1  # [rows]: its position id
         room = n_max - s.generated - 1  # drafts beyond max_new_tokens could never be kept
         limit = jnp.where(s.unfinished, jnp.clip(jnp.minimum(s.draft_len, room), 0, k), 0)
-        draft_cache, draft_scores = s.draft_cache, None
+        draft_cache, draft_probs = s.draft_cache, None
         if assistant is None:
             tokens, count = jax.vmap(lambda row, f, e: draft(row, f, e, k, spec.lookup_ngram))(
                 s.sequences, first_real, last + 1)
@@ -242,7 +243,7 @@ def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, k
                 scores = processed(sequences, logits, s.generated + i)
                 return pick(scores, keyed(s.iteration, i)), scores
 
-            tokens, count, draft_scores, draft_cache = model_draft(assistant, draft_cache, s.sequences, last, position,
+            tokens, count, draft_probs, draft_cache = model_draft(assistant, draft_cache, s.sequences, last, position,
                                                                    kv_mask, limit, choose, spec)
         j = jnp.arange(k)
         drafted = jnp.where(j[None] < count[:, None], tokens, pad)
@@ -254,7 +255,7 @@ def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, k
         raw = logits_of(model, hidden, spec.row_shards)  # [rows, k+1, V]
         steps = s.generated[:, None] + jnp.arange(k + 1)[None]  # the step each position's token is
         scores = jax.vmap(processed, in_axes=(None, 1, 1), out_axes=1)(with_draft, raw, steps)
-        chosen, agree = accept(scores, drafted, count, draft_scores, keyed(s.iteration, k), spec.do_sample)
+        chosen, agree = accept(scores, drafted, count, draft_probs, keyed(s.iteration, k), spec.do_sample)
         # Keep the accepted drafts, then the target's next token; a finished row keeps its pads
         # (K + 1 of them).
         new = jnp.where(s.unfinished[:, None], chosen, pad)

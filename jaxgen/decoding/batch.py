@@ -118,22 +118,18 @@ def _insert(model: CausalLM, rows: Rows, unit, ids, length, budget, processors, 
     hidden, prompt = forward(model, ids[None], jnp.arange(ids.shape[0])[None], mask[None])
     last = jax.lax.dynamic_index_in_dim(hidden[0], length - 1, keepdims=False)
     tokens = jnp.full((spec.slots,), spec.pad_token_id, jnp.int32).at[:ids.shape[0]].set(jnp.where(mask, ids, 0))
-    logits = logits_of(model, last[None])[0]
-    cache, beams = rows.cache, rows.beams
-    for r in range(spec.num_beams):
-        row = unit * spec.num_beams + r
-        at = functools.partial(jax.lax.dynamic_update_index_in_dim, index=row, axis=0)
-        rows = rows.replace(
-            tokens=at(rows.tokens, tokens), length=at(rows.length, length), generated=at(rows.generated, 0),
-            budget=at(rows.budget, budget), logits=at(rows.logits, logits), active=at(rows.active, True),
-            finished=at(rows.finished, False), reason=at(rows.reason, 0),
-            logprobs=at(rows.logprobs, jnp.zeros((spec.max_new_tokens,), jnp.float32)),
-            processors=jax.tree.map(lambda all_, one: at(all_, one), rows.processors, processors),
-            keys=at(rows.keys, key))
-        cache = cache.fill_row(row, prompt)
-    if beams is not None:
-        beams = beams.start(unit, length_penalty)
-    return rows.replace(cache=cache, beams=beams)
+    k, first = spec.num_beams, unit * spec.num_beams
+
+    def at(all_, one):  # rows [first, first + k) of ``all_`` set to ``one``
+        return jax.lax.dynamic_update_slice_in_dim(all_, jnp.broadcast_to(one, (k, *all_.shape[1:])), first, 0)
+
+    return rows.replace(
+        tokens=at(rows.tokens, tokens), length=at(rows.length, length), generated=at(rows.generated, 0),
+        budget=at(rows.budget, budget), logits=at(rows.logits, logits_of(model, last[None])[0]),
+        cache=rows.cache.fill_row(first, prompt, copies=k), active=at(rows.active, True),
+        finished=at(rows.finished, False), reason=at(rows.reason, 0), logprobs=at(rows.logprobs, 0.0),
+        processors=jax.tree.map(at, rows.processors, processors), keys=at(rows.keys, key),
+        beams=None if rows.beams is None else rows.beams.start(unit, length_penalty))
 
 
 @functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("rows",))

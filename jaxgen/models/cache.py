@@ -125,16 +125,17 @@ class KVCache:
         return self.replace(keys=tuple(fill(i, True) for i in range(len(self.keys))),
                             values=tuple(fill(i, False) for i in range(len(self.values))))
 
-    def fill_row(self, row, prompt: "KVCache") -> "KVCache":
+    def fill_row(self, row, prompt: "KVCache", copies: int = 1) -> "KVCache":
         """Writes ``prompt`` (one row's keys and values, what a forward pass of a single prompt
-        returns without a cache) into slots ``[0, prompt.max_len)`` of row ``row`` (int32[], may
-        be traced) of this ``group == 1`` cache of several rows without rings (continuous
-        batching: a new request takes a finished one's row)."""
+        returns without a cache) into slots ``[0, prompt.max_len)`` of rows ``[row, row +
+        copies)`` (``row``: int32[], may be traced) of this ``group == 1`` cache of several rows
+        without rings (continuous batching: a new request takes a finished one's rows)."""
         if self.group != 1 or self.batch < 2 or any(self.rings) or prompt.batch != 1:
             raise ValueError("fill_row() writes one row's prompt into a group == 1 cache of 2+ rows without rings")
 
         def fill(target, source):
-            return jax.lax.dynamic_update_slice(target, source[None], (row, 0, 0, 0))
+            return jax.lax.dynamic_update_slice(target, jnp.broadcast_to(source, (copies, *source.shape)),
+                                                (row, 0, 0, 0))
 
         return self.replace(keys=tuple(map(fill, self.keys, prompt.keys)),
                             values=tuple(map(fill, self.values, prompt.values)))

@@ -57,11 +57,11 @@ class LayerRecord:
         """Stores the `LayerOutputs` of the one-token forward pass that gives token ``step``'s
         logits (``step >= 1``; its attentions over the cache's slots so far)."""
         attentions, hidden = self.attentions, self.hidden
-        if attentions is not None:
+        if attentions is not None and attentions.shape[0]:  # none with max_new_tokens=1
             a = jnp.stack([w[:, :, 0] for w in outputs.attentions])  # [layers, rows, heads, slots]
             a = jnp.pad(a, [(0, 0)] * 3 + [(0, attentions.shape[-1] - a.shape[-1])])
             attentions = jax.lax.dynamic_update_index_in_dim(attentions, a, step - 1, 0)
-        if hidden is not None:
+        if hidden is not None and hidden.shape[0]:
             h = jnp.stack([x[:, 0] for x in outputs.hidden_states])
             hidden = jax.lax.dynamic_update_index_in_dim(hidden, h, step - 1, 0)
         return self.replace(attentions=attentions, hidden=hidden)
@@ -143,7 +143,7 @@ class GenerateOutput:
         else:
             generated = steps
         start = self.bucket_len - int(self.prompt_len)
-        sequences = np.asarray(self.sequences)[:, start:self.bucket_len + generated]
+        sequences = np.asarray(self.sequences)[:, start:self.bucket_len + generated].astype(np.int64)
         per_step = lambda buf: None if buf is None else tuple(np.asarray(buf[:steps]))  # noqa: E731
         has_seq_scores = self.sequences_scores is not None and self.output_scores
         attentions, hidden_states = (None, None) if self.layers is None else self.layers.trim(
@@ -163,16 +163,49 @@ class GenerateOutput:
 class HFOutput:
     """Host-side output with the shapes transformers returns.
 
-    sequences: int64-compatible int32[rows, prompt_len + generated]; scores / logits: tuple of
-    float32[beam_rows, V], one per step; sequences_scores: float32[rows] (beam search with
-    ``output_scores``, as transformers); beam_indices: int32[rows, generated] (beam search);
-    attentions / hidden_states: per step, per layer (see `LayerRecord.trim`).
+    sequences: int64[rows, prompt_len + generated]; sequences_scores: float32[rows] (beam search
+    with ``output_scores``, as transformers); scores / logits: tuple of float32[beam_rows, V], one
+    per step; beam_indices: int32[rows, generated] (beam search); attentions / hidden_states:
+    per step, per layer (see `LayerRecord.trim`).
+
+    Read as transformers' ``ModelOutput`` too: a mapping of the fields that are not None
+    (``out["scores"]``, ``out.keys()``, ``"scores" in out``), indexed in field order by position
+    (``out[0]`` is ``sequences``), ``out.to_tuple()``.
     """
 
     sequences: np.ndarray
+    sequences_scores: np.ndarray | None = None
     scores: tuple[np.ndarray, ...] | None = None
     logits: tuple[np.ndarray, ...] | None = None
-    sequences_scores: np.ndarray | None = None
     beam_indices: np.ndarray | None = None
     attentions: tuple[tuple[np.ndarray, ...], ...] | None = None
     hidden_states: tuple[tuple[np.ndarray | None, ...], ...] | None = None
+
+    def to_tuple(self) -> tuple:
+        """The fields that are not None, in order (transformers' ``ModelOutput.to_tuple``)."""
+        return tuple(self.values())
+
+    def keys(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+
+    def values(self) -> list:
+        return [getattr(self, k) for k in self.keys()]
+
+    def items(self) -> list[tuple[str, object]]:
+        return list(zip(self.keys(), self.values()))
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            if key not in self.keys():
+                raise KeyError(key)
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __contains__(self, key) -> bool:
+        return key in self.keys()
+
+    def __len__(self) -> int:
+        return len(self.keys())

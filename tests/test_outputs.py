@@ -172,3 +172,24 @@ def test_bad_arguments(eos_model, batch, kwargs, message):
     ids, mask = batch
     with pytest.raises(ValueError, match=message):
         jaxgen.generate(model, ids, mask, max_new_tokens=4, eos_token_id=EOS, pad_token_id=PAD, **kwargs)
+
+
+
+def test_one_new_token_with_layer_outputs_and_the_model_output_interface(eos_model, batch):
+    """max_new_tokens=1 returns the prefill's attentions and hidden states alone (no later step to
+    record); the trimmed output reads as transformers' ModelOutput (a mapping of its set fields)."""
+    torch_model, model = eos_model
+    ids, mask = batch
+    torch_eager = eager(torch_model)
+    for strategy in (dict(), dict(num_beams=2)):
+        kw = dict(KW, max_new_tokens=1, **strategy)
+        ref = hf_generate(torch_eager, ids, mask, do_sample=False, **kw)
+        ours = jaxgen.generate(model, ids, mask, output_scores=True, **kw).trim()
+        assert_same_generation(ours, ref, beams=bool(strategy))
+        assert_same_layers(ours, ref)
+    assert ours.sequences.dtype == np.int64 and ref.sequences.dtype == torch.int64
+    assert ours.keys() == [k for k in ref.keys() if k != "cache"]
+    assert ours["sequences_scores"] is ours.sequences_scores and ours[0] is ours.sequences and "logits" not in ours
+    assert ours.to_tuple()[2] is ours.scores and len(ours) == len(ours.keys()) == len(list(ours))
+    with pytest.raises(KeyError):
+        ours["logits"]

@@ -15,6 +15,7 @@ beam search's ``constraints``, say) raises when a call would use it, never silen
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -53,9 +54,10 @@ INERT = frozenset({
 })
 
 # transformers' global defaults (GenerationConfig._get_default_generation_params), and the "off"
-# value of flags: a checkpoint field with this value changes nothing.
+# value of flags: a checkpoint field with this value changes nothing. Not max_length=20: set by a
+# checkpoint it is the whole length, prompt included; by default 20 tokens follow the prompt.
 NEUTRAL = {
-    "max_length": 20, "min_length": 0, "do_sample": False, "early_stopping": False, "num_beams": 1,
+    "min_length": 0, "do_sample": False, "early_stopping": False, "num_beams": 1,
     "temperature": 1.0, "top_k": 50, "top_p": 1.0, "typical_p": 1.0, "repetition_penalty": 1.0,
     "length_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
     "num_return_sequences": 1, "output_scores": False, "remove_invalid_values": False,
@@ -93,11 +95,15 @@ UNSUPPORTED = {
     "position_ids": "jaxgen derives position ids from attention_mask, as transformers' generate does",
     "token_type_ids": "token_type_ids are not implemented in jaxgen",
     "inputs_embeds": "jaxgen starts from input_ids, not embeddings",
+    "assistant_tokenizer": "assisted decoding across tokenizers (universal assisted decoding) is not implemented "
+                           "in jaxgen; the assistant_model must share the model's vocabulary",
 }
 # Arguments that cannot change what jaxgen generates, whatever their value (beside `INERT`):
 # trust_remote_code lets transformers 5.x load the strategies it moved to the hub (contrastive
-# search), which jaxgen runs from its own code.
-IGNORED_ARGUMENTS = frozenset({"use_cache", "synced_gpus", "low_memory", "use_model_defaults", "trust_remote_code"})
+# search), which jaxgen runs from its own code; the tokenizer serves only stop_strings there (which
+# jaxgen refuses); logits_to_keep trims the forward's logits, of which generate reads the last.
+IGNORED_ARGUMENTS = frozenset({"use_cache", "synced_gpus", "low_memory", "use_model_defaults", "trust_remote_code",
+                               "tokenizer", "logits_to_keep"})
 
 LENGTHS = (("max_new_tokens", "max_length"), ("min_new_tokens", "min_length"))
 SAMPLING_ONLY = ("temperature", "top_h", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
@@ -136,18 +142,14 @@ def from_checkpoint(generation_json: dict[str, Any] | None, config_json: dict[st
     of ``config.json``, as ``GenerationConfig.from_model_config``) that can change the output.
 
     A ``generation_config.json`` without ``eos_token_id`` gives ``eos_token_id=()``: no EOS, as
-    transformers, which then does not fall back to ``config.json``'s. Of a length pair set both
-    ways (``max_new_tokens`` and ``max_length``, or the ``min_`` pair) the ``*_new_tokens`` one
-    is kept: transformers lets it take precedence.
+    transformers, which then does not fall back to ``config.json``'s. Both lengths of a pair stay
+    (``max_new_tokens`` and ``max_length``): a call warns and the ``*_new_tokens`` one wins, as there.
     """
     raw = generation_json if generation_json is not None else config_json
     settings = {
         name: _freeze(value) for name, value in sorted(raw.items())
         if name in HF_FIELDS and value is not None and not _changes_nothing(name, value)
     }
-    for new_tokens, length in LENGTHS:
-        if new_tokens in settings:
-            settings.pop(length, None)
     if generation_json is not None:
         settings.setdefault("eos_token_id", ())
     return FrozenDict(settings)
@@ -157,7 +159,8 @@ def with_argument(kwargs: dict[str, Any], supported) -> dict[str, Any]:
     """A call's ``kwargs`` with its ``generation_config=`` (a transformers ``GenerationConfig``,
     or a mapping of its fields) expanded under the others. transformers 5.x ranks the fields it
     sets (not None) with the call's own arguments, above the model's; so does jaxgen, under the
-    arguments passed by name (a length among them replaces the config's pair, as the model's).
+    arguments passed by name (a config's ``max_new_tokens`` and a call's ``max_length`` are both
+    set: the first wins, with a warning, as there). Passing both warns, as transformers (deprecated).
 
     Dropped: metadata (``transformers_version``, ``_...``), and settings jaxgen has no argument
     for that cannot change its output: `INERT` ones, and the off value (`NEUTRAL`) of others
@@ -183,24 +186,22 @@ def with_argument(kwargs: dict[str, Any], supported) -> dict[str, Any]:
                 raise ValueError(reason)
             continue
         settings[name] = v
-    return {**_without_replaced_lengths(settings, kwargs), **kwargs}
-
-
-def _without_replaced_lengths(settings: dict[str, Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """``settings`` less each length pair (`LENGTHS`) of which ``kwargs`` passes either name."""
-    replaced = {name for pair in LENGTHS if any(n in kwargs for n in pair) for name in pair}
-    return {name: v for name, v in settings.items() if name not in replaced}
+    also = sorted(set(kwargs) & HF_FIELDS)
+    if also:
+        warnings.warn(f"Passing generation_config together with generation-related arguments=({also}) is deprecated "
+                      "and will be removed in future versions. Please pass either a generation_config object OR all "
+                      "generation parameters explicitly, but not both.", stacklevel=4)
+    return {**settings, **kwargs}
 
 
 def with_call(generation_config: Any, kwargs: dict[str, Any], supported) -> dict[str, Any]:
     """The model's settings that a call with ``kwargs`` uses, merged under ``kwargs``.
 
-    As transformers: the caller's arguments win, one by one; the sampling settings apply only
-    when the call samples. One difference, on purpose: a caller's length (``max_new_tokens`` or
-    ``max_length``; ``min_new_tokens`` or ``min_length``) replaces the model's pair, where
-    transformers would let the model's ``max_new_tokens`` beat the caller's ``max_length`` (with
-    a warning). A ``None`` value unsets a setting. Raises ``ValueError`` for a setting outside
-    ``supported`` (jaxgen's argument names) that could change the output (`unsupported`).
+    As transformers: the caller's arguments win, one by one (so a model's ``max_new_tokens`` and a
+    caller's ``max_length`` are both set, and the first wins with a warning); the sampling settings
+    apply only when the call samples. A ``None`` value unsets a setting. Raises ``ValueError`` for a
+    setting outside ``supported`` (jaxgen's argument names) that could change the output
+    (`unsupported`).
     """
     try:
         hash(generation_config)
@@ -209,7 +210,7 @@ def with_call(generation_config: Any, kwargs: dict[str, Any], supported) -> dict
     if not isinstance(generation_config, Mapping):
         raise ValueError("model.generation_config must be a flax FrozenDict of hashable values (tuples, "
                          "not lists), e.g. FrozenDict({'num_beams': 4, 'bad_words_ids': ((13,),)})")
-    defaults = _without_replaced_lengths({k: v for k, v in generation_config.items() if v is not None}, kwargs)
+    defaults = {k: v for k, v in generation_config.items() if v is not None}
     do_sample = kwargs.get("do_sample", defaults.get("do_sample", False))
     if not (isinstance(do_sample, (bool, np.bool_)) and do_sample):  # transformers builds no warpers
         for name in SAMPLING_ONLY:

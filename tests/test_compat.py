@@ -97,13 +97,17 @@ def test_negative_eos_warns_and_never_stops(eos_model):
 
 
 @pytest.mark.parametrize("strategy", [dict(), dict(num_beams=3)])
-def test_missing_pad_token_warns_and_pads_with_eos(eos_model, strategy):
+def test_missing_pad_token_pads_with_eos(eos_model, strategy):
+    """Silently, as transformers 5.x, but for a batch passed without its mask."""
     torch_model, model = eos_model
     ids, mask = _ids(4)
     kw = dict(max_new_tokens=8, eos_token_id=[EOS, 7], **strategy)
-    with pytest.warns(UserWarning, match=f"Setting pad_token_id to eos_token_id:{EOS}"):
-        out = jaxgen.generate(model, ids, mask, output_scores=True, **kw).trim()
+    out = _quiet(jaxgen.generate, model, ids, mask, output_scores=True, **kw).trim()
     assert_same_generation(out, hf_generate(torch_model, ids, mask, do_sample=False, **kw), beams=bool(strategy))
+    full = np.ones_like(mask)
+    with pytest.warns(UserWarning, match="The attention mask and the pad token id were not set, with a batched"):
+        out = jaxgen.generate(model, ids, None, output_scores=True, **kw).trim()
+    assert_same_generation(out, hf_generate(torch_model, ids, full, do_sample=False, **kw), beams=bool(strategy))
 
 
 def test_arguments_that_change_nothing_are_accepted(eos_model):
@@ -197,3 +201,119 @@ def test_an_explicit_eos_token_id_none_turns_eos_off(eos_model):
     out = jaxgen.generate(model, ids, mask, output_scores=True, **kw).trim()
     assert_same_generation(out, hf_generate(torch_model, ids, mask, do_sample=False, **kw))
     assert out.sequences.shape[1] == ids.shape[1] + 10 and (out.sequences[:, ids.shape[1]:-1] == EOS).any()
+
+
+def test_none_flags_are_false_as_in_transformers(eos_model):
+    """transformers tests flags for truth: an explicit None (wrapper code that forwards optional
+    settings) is False there, and a length_penalty of None is unused outside beam search."""
+    torch_model, model = eos_model
+    ids, mask = _ids(10)
+    kw = dict(max_new_tokens=5, eos_token_id=EOS, pad_token_id=PAD)
+    ref = hf_generate(torch_model, ids, mask, do_sample=None, length_penalty=None, **kw)
+    nones = dict(do_sample=None, length_penalty=None, renormalize_logits=None, remove_invalid_values=None,
+                 output_attentions=None, output_logits=None)
+    assert_same_generation(_quiet(jaxgen.generate, model, ids, mask, output_scores=True, **nones, **kw).trim(), ref)
+    sequences = _quiet(jaxgen.generate, model, ids, mask, return_dict_in_generate=None, output_scores=None, **kw)
+    np.testing.assert_array_equal(sequences, ref.sequences.numpy())
+    beams = dict(num_beams=2, **kw)
+    assert_same_generation(_quiet(jaxgen.generate, model, ids, mask, output_scores=True, early_stopping=None,
+                                  **beams).trim(), hf_generate(torch_model, ids, mask, early_stopping=None, **beams),
+                           beams=True)
+    with pytest.raises(ValueError, match="length_penalty=None is not allowed"):  # transformers' beam search fails
+        jaxgen.generate(model, ids, mask, length_penalty=None, **beams)
+
+
+def test_sampling_values_that_build_no_warper_in_transformers(eos_model):
+    """top_p or typical_p of 1 or more and cutoffs outside (0, 1) build no warper in transformers;
+    top_p=0 keeps the best token only. Values its warpers refuse raise."""
+    torch_model, model = eos_model
+    ids, mask = _ids(11)
+    kw = dict(max_new_tokens=5, eos_token_id=EOS, pad_token_id=PAD, key=jax.random.key(3), top_k=0)
+    plain = jaxgen.sample(model, ids, mask, **kw).trim().sequences
+    for off in (dict(top_p=1.5), dict(typical_p=1.5), dict(epsilon_cutoff=0.0), dict(epsilon_cutoff=1.0),
+                dict(eta_cutoff=0.0), dict(eta_cutoff=-0.5)):
+        np.testing.assert_array_equal(_quiet(jaxgen.sample, model, ids, mask, **off, **kw).trim().sequences, plain)
+    greedy = hf_generate(torch_model, ids, mask, do_sample=False, max_new_tokens=5, eos_token_id=EOS, pad_token_id=PAD)
+    np.testing.assert_array_equal(jaxgen.sample(model, ids, mask, top_p=0.0, **kw).trim().sequences,
+                                  greedy.sequences.numpy())
+    for bad in (dict(top_p=-0.1), dict(typical_p=0.0)):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))}=.* is not allowed"):
+            jaxgen.sample(model, ids, mask, **bad, **kw)
+
+
+def test_special_token_ids_outside_the_vocabulary(eos_model):
+    """transformers takes them: an EOS id the model cannot emit never matches, and a pad id outside
+    the vocabulary (a tokenizer's added [PAD]) fills finished rows; a negative one warns there."""
+    torch_model, model = eos_model
+    ids, mask = _ids(12)
+    kw = dict(max_new_tokens=8, eos_token_id=[EOS, V + 3], pad_token_id=PAD)
+    out = _quiet(jaxgen.generate, model, ids, mask, output_scores=True, **kw).trim()
+    assert_same_generation(out, hf_generate(torch_model, ids, mask, do_sample=False, **kw))
+    finished = out.sequences == PAD
+    finished[:, :ids.shape[1]] = False
+    assert finished.any()
+    for pad in (V + 5, -1):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            other = jaxgen.generate(model, ids, mask, **{**kw, "pad_token_id": pad}).trim().sequences
+        negative = ["pad_token_id should be positive but got -1"] if pad < 0 else []
+        assert [str(w.message)[:len("pad_token_id should be positive but got -1")] for w in caught] == negative
+        np.testing.assert_array_equal(other, np.where(finished, pad, out.sequences))
+
+
+def test_processor_forms_transformers_takes(eos_model):
+    """Empty or out-of-vocabulary suppress lists, a -inf sequence bias, non-positive minimum
+    lengths and n-gram sizes: each as transformers runs it."""
+    torch_model, model = eos_model
+    ids, mask = _ids(13)
+    kw = dict(max_new_tokens=6, eos_token_id=EOS, pad_token_id=PAD)
+    plain = hf_generate(torch_model, ids, mask, do_sample=False, **kw)
+    for same in (dict(suppress_tokens=[]), dict(begin_suppress_tokens=[]), dict(min_new_tokens=-1),
+                 dict(min_length=-1), dict(no_repeat_ngram_size=-1)):
+        assert_same_generation(_quiet(jaxgen.generate, model, ids, mask, output_scores=True, **same, **kw).trim(),
+                               plain)
+    for extra in (dict(suppress_tokens=[V + 1, 5, -2]), dict(sequence_bias={(9,): float("-inf"), (4, 5): 2.0})):
+        assert_same_generation(_quiet(jaxgen.generate, model, ids, mask, output_scores=True, **extra, **kw).trim(),
+                               hf_generate(torch_model, ids, mask, do_sample=False, **extra, **kw))
+
+
+def test_transformers_warnings_that_proceed(eos_model):
+    _, model = eos_model
+    ids, mask = _ids(14)
+    kw = dict(eos_token_id=EOS, pad_token_id=PAD)
+    expected = {
+        "default length": (dict(), r"Using the model-agnostic default max_length \(20 tokens after the prompt"),
+        "min_new_tokens": (dict(max_new_tokens=2, min_new_tokens=4),
+                           r"Unfeasible length constraints: min_new_tokens \(4\), when added to the prompt length "
+                           r"\(6\), is larger than the maximum possible length \(8\)"),
+        "min_length": (dict(max_new_tokens=2, min_length=9), r"Unfeasible length constraints: min_length \(9\)"),
+        "no dict": (dict(max_new_tokens=2, return_dict_in_generate=False, output_scores=True),
+                    "return_dict_in_generate is NOT set to True, but output_scores is"),
+        "one beam": (dict(max_new_tokens=2, num_beams=1, early_stopping=True),
+                     "num_beams is set to 1. However, early_stopping is set to True"),
+    }
+    for name, (extra, message) in expected.items():
+        with pytest.warns(UserWarning, match=message):
+            jaxgen.generate(model, ids, mask, **extra, **kw)
+    _quiet(jaxgen.generate, model, ids, mask, max_new_tokens=2, tokenizer=object(), logits_to_keep=1, **kw)
+    with pytest.raises(ValueError, match="assistant_tokenizer=.*universal assisted decoding"):
+        jaxgen.generate(model, ids, mask, max_new_tokens=2, assistant_tokenizer=object(), **kw)
+
+
+def test_a_row_without_any_real_token_reads_as_eager_attention(eos_model):
+    """Its first token comes from a position that may read nothing: even weights over the prompt as
+    passed, transformers' eager attention, whatever jaxgen's prompt bucket (SDPA reads zeros)."""
+    torch_model, model = eos_model
+    ids, mask = _ids(15)
+    mask[1] = 0
+    kw = dict(max_new_tokens=4, eos_token_id=EOS, pad_token_id=PAD)
+    implementation = torch_model.config._attn_implementation
+    torch_model.set_attn_implementation("eager")
+    try:
+        ref = hf_generate(torch_model, ids, mask, **kw)
+    finally:
+        torch_model.set_attn_implementation(implementation)
+    for bucket in (32, None):
+        with pytest.warns(UserWarning, match="right-padding was detected"):
+            out = jaxgen.generate(model, ids, mask, output_scores=True, prompt_bucket=bucket, **kw).trim()
+        assert_same_generation(out, ref)

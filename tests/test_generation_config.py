@@ -35,6 +35,9 @@ def test_fields_are_transformers_generation_config_fields():
     fields = {k for k in vars(GenerationConfig()) if not k.startswith("_") and k != "transformers_version"}
     assert generation_config.HF_FIELDS == fields
     for name, value in GenerationConfig._get_default_generation_params().items():
+        if name == "max_length":  # a checkpoint's 20 is the whole length, not 20 after the prompt
+            assert name not in generation_config.NEUTRAL
+            continue
         assert value is None or name in generation_config.INERT or generation_config.NEUTRAL[name] == value, name
 
 
@@ -73,9 +76,22 @@ def test_callers_arguments_win(tmp_path):
     ref = hf_generate(torch_model, ids, mask, **kwargs)
     out = jaxgen.generate(model, ids, mask, output_scores=True, **kwargs).trim()
     assert_same_generation(out, ref, beams=True)
-    # A caller's max_length replaces the checkpoint's max_new_tokens (transformers would keep the latter).
-    out = jaxgen.greedy_search(model, ids, mask, max_length=ids.shape[1] + 3, num_return_sequences=1).trim()
-    assert out.sequences.shape == (len(PADS), ids.shape[1] + 3)
+    # The checkpoint's max_new_tokens beats a caller's max_length, with a warning, as in transformers.
+    kwargs = dict(num_beams=1, num_return_sequences=1, max_length=ids.shape[1] + 3)
+    with pytest.warns(UserWarning, match=r"Both max_new_tokens \(=6\) and max_length \(=8\) seem to have been set"):
+        out = jaxgen.generate(model, ids, mask, output_scores=True, **kwargs).trim()
+    assert_same_generation(out, hf_generate(torch_model, ids, mask, **kwargs))
+    assert out.sequences.shape[1] == ids.shape[1] + 6
+
+
+def test_a_checkpoints_max_length_is_the_whole_length(tmp_path):
+    """A generation_config.json's max_length, 20 included (transformers' default value), counts the
+    prompt: 20 tokens in all, where a call without any length gets 20 after the prompt."""
+    torch_model, model = _checkpoint(tmp_path, max_length=20, pad_token_id=0)
+    ids, mask = _batch(3)
+    out = jaxgen.generate(model, ids, mask, output_scores=True, eos_token_id=None).trim()
+    assert_same_generation(out, hf_generate(torch_model, ids, mask, eos_token_id=None))
+    assert out.sequences.shape[1] == 20
 
 
 def test_sampling_settings_apply_only_when_sampling(tmp_path):
@@ -151,8 +167,13 @@ def test_generation_config_argument_equals_transformers(tmp_path):
         for config in (passed, passed.to_dict()):
             out = jaxgen.generate(model, ids, mask, generation_config=config, output_scores=True, **kwargs).trim()
             assert_same_generation(out, ref, beams=True)
-    # A length passed by name replaces the config's pair (max_length here) as it does the checkpoint's.
-    out = jaxgen.generate(model, ids, mask, generation_config=GenerationConfig(max_length=30), max_new_tokens=2)
+    # The config's max_new_tokens and a max_length passed by name: both set, the first wins (transformers).
+    short = GenerationConfig(max_new_tokens=2)
+    with pytest.warns(UserWarning, match=r"Passing generation_config together with generation-related arguments="
+                                          r"\(\['max_length', 'output_scores'\]\) is deprecated"):
+        out = jaxgen.generate(model, ids, mask, generation_config=short, max_length=30, output_scores=True)
+    assert_same_generation(out.trim(), hf_generate(torch_model, ids, mask, generation_config=short, max_length=30),
+                           beams=True)
     assert out.trim().sequences.shape[1] == ids.shape[1] + 2
     with pytest.raises(ValueError, match="greedy_search runs with num_beams=1; got num_beams=4"):
         jaxgen.greedy_search(model, ids, mask, generation_config=passed)

@@ -47,6 +47,9 @@ DEFAULTS: dict[str, Any] = {
     "assistant_confidence_threshold": None, "assistant_early_exit": None,
     "mesh": None, "data_axis": "data", "model_axis": "model",
 }
+# Flags that transformers tests for truth: None is False there.
+FLAGS = ("do_sample", "renormalize_logits", "remove_invalid_values", "output_scores", "output_logits",
+         "output_attentions", "return_dict_in_generate")
 HF_MAX_NEW_TOKENS = 20  # without a length: max_length = prompt + 20, at most max_position_embeddings
 HF_TOP_K = 50
 # transformers' global defaults of the sampling settings: on a call that does not sample they
@@ -114,16 +117,16 @@ def _is_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
-def _token_ids(name, value, vocab, allow_empty=False, negative=False) -> tuple[int, ...]:
+def _token_ids(name, value, vocab, allow_empty=False, any_id=False) -> tuple[int, ...]:
     """An id or a list of ids (or a numpy / jax / torch array of them) -> tuple of ints in [0, vocab)
-    (``negative``: negative ids pass too)."""
+    (``any_id``: any int, for the ids transformers takes outside the vocabulary)."""
     if not isinstance(value, (list, tuple)) and hasattr(value, "__array__"):
         value = np.asarray(value).tolist()
     items = [value] if _is_int(value) else value
     if not isinstance(items, (list, tuple)) or not all(_is_int(t) for t in items) or (not items and not allow_empty):
         _fail(name, value, "expected a token id or a list of token ids")
     ids = tuple(int(t) for t in items)
-    bad = [t for t in ids if not (0 <= t < vocab or (negative and t < 0))]
+    bad = [t for t in ids if not (0 <= t < vocab or any_id)]
     if bad:
         _fail(name, value, f"token ids must be in [0, {vocab}) (the model's vocab_size); got {bad}")
     return ids
@@ -162,15 +165,14 @@ def _sequence_bias(value, vocab) -> dict[tuple[int, ...], float]:
     out = {}
     for entry in items:
         if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], (list, tuple))
-                and entry[0] and isinstance(entry[1], (int, float, np.number)) and not isinstance(entry[1], bool)
-                and math.isfinite(entry[1])):
+                and entry[0] and isinstance(entry[1], (int, float, np.number)) and not isinstance(entry[1], bool)):
             _fail("sequence_bias", value, expected)
         out[_token_ids("sequence_bias", list(entry[0]), vocab)] = float(entry[1])
     return out
 
 
-def _single_id(name, value, vocab) -> int:
-    ids = _token_ids(name, value, vocab)
+def _single_id(name, value, vocab, any_id=False) -> int:
+    ids = _token_ids(name, value, vocab, any_id=any_id)
     if len(ids) != 1:
         _fail(name, value, "expected a single token id")
     return ids[0]
@@ -185,9 +187,29 @@ def _id_lists(name, value, vocab) -> tuple[tuple[int, ...], ...]:
 
 
 def _bool(kw, name):
-    if not isinstance(kw[name], (bool, np.bool_)):
+    """A flag: True, False, or None, which transformers takes as False (it tests flags for truth)."""
+    if kw[name] is not None and not isinstance(kw[name], (bool, np.bool_)):
         _fail(name, kw[name], "expected True or False")
     return bool(kw[name])
+
+
+def _warn_unfeasible_minimum(prompt_len: int, max_length: int, min_length: int | None,
+                             min_new_tokens: int | None, default_length: bool):
+    """transformers' warnings for a minimum length above the maximum (`_validate_generated_length`);
+    generation stops at the maximum."""
+    suffix = (" Generation will stop at the defined maximum length. You should decrease the minimum length and/or "
+              "increase the maximum length.")
+    if default_length:
+        suffix += f" Note that max_length is set to {max_length}, its default value."
+    if min_new_tokens is not None:
+        min_length = min_new_tokens + prompt_len
+    if min_length is not None and min_length > max_length:
+        warnings.warn(f"Unfeasible length constraints: min_length ({min_length}) is larger than the maximum possible "
+                      f"length ({max_length})." + suffix, stacklevel=5)
+    if min_new_tokens is not None and min_length > max_length:
+        warnings.warn(f"Unfeasible length constraints: min_new_tokens ({min_new_tokens}), when added to the prompt "
+                      f"length ({prompt_len}), is larger than the maximum possible length ({max_length})." + suffix,
+                      stacklevel=5)
 
 
 def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
@@ -210,22 +232,32 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
     if not isinstance(model, CausalLM):
         raise ValueError(f"model must be a jaxgen CausalLM (from jaxgen.from_pretrained), got {type(model).__name__}")
     kw = {**DEFAULTS, **generation_config.with_call(model.generation_config, kwargs, DEFAULTS)}
+    for name in FLAGS:
+        kw[name] = _bool(kw, name)
     config = model.config
     vocab = config.vocab_size
 
     # --- special tokens ---------------------------------------------------------------------
     # An explicit eos_token_id=None turns EOS off, as in transformers; the model's own otherwise.
+    # Ids outside the vocabulary pass, as there: an EOS or pad id the model cannot emit (a tokenizer's
+    # added [PAD], say) only fills finished rows.
     eos = kw["eos_token_id"] if kw["eos_token_id"] is not None or "eos_token_id" in kwargs else config.eos_token_id
-    eos_ids = () if eos is None else _token_ids("eos_token_id", eos, vocab, allow_empty=True, negative=True)
+    eos_ids = () if eos is None else _token_ids("eos_token_id", eos, vocab, allow_empty=True, any_id=True)
     if any(t < 0 for t in eos_ids):
         warnings.warn(f"eos_token_id should consist of positive integers, but is {list(eos_ids)}; the negative ids "
                       "never match, as in transformers (generation does not stop on them)", stacklevel=4)
         eos_ids = tuple(t for t in eos_ids if t >= 0)
-    pad = None if kw["pad_token_id"] is None else _single_id("pad_token_id", kw["pad_token_id"], vocab)
+    pad = None if kw["pad_token_id"] is None else _single_id("pad_token_id", kw["pad_token_id"], vocab, any_id=True)
+    if pad is not None and pad < 0:
+        warnings.warn(f"pad_token_id should be positive but got {pad}. This will cause errors when batch generating, "
+                      "if there is padding (transformers' warning; jaxgen fills finished rows with it)", stacklevel=4)
     stops = None if kw["stop_sequences"] is None else _id_lists("stop_sequences", kw["stop_sequences"], vocab)
-    if pad is None and eos_ids:
-        warnings.warn(f"Setting pad_token_id to eos_token_id:{eos_ids[0]} for open-end generation (as transformers "
-                      "does without a pad_token_id)", stacklevel=4)
+    if pad is None and eos_ids:  # silently, as transformers 5.x (but for a batch without a mask, below)
+        if attention_mask is None and np.ndim(input_ids) == 2 and np.shape(input_ids)[0] > 1:
+            warnings.warn("The attention mask and the pad token id were not set, with a batched input. As a "
+                          "consequence, you may observe unexpected behavior. Please pass your input's attention_mask "
+                          f"to obtain reliable results (padding with eos_token_id {eos_ids[0]}, as transformers)",
+                          stacklevel=4)
         pad = eos_ids[0]
     if pad is None and stops:
         raise ValueError(f"pad_token_id is missing, but rows can finish early (stop_sequences="
@@ -275,7 +307,7 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
 
     # --- lengths ----------------------------------------------------------------------------
     max_new_tokens, max_length = _int(kw, "max_new_tokens", 1), _int(kw, "max_length", 1)
-    min_new_tokens, min_length = _int(kw, "min_new_tokens", 0), _int(kw, "min_length", 0)
+    min_new_tokens, min_length = _int(kw, "min_new_tokens"), _int(kw, "min_length")  # <= 0: none, as there
     for new_tokens, length in generation_config.LENGTHS:  # transformers warns and ignores `length`
         if kw[new_tokens] is not None and kw[length] is not None:
             warnings.warn(f"Both {new_tokens} (={kw[new_tokens]}) and {length} (={kw[length]}) seem to have been "
@@ -285,16 +317,23 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
     if min_new_tokens is not None:
         min_length = None
     limit_name = "n_positions" if config.position_limit is not None else "max_position_embeddings"
-    if max_new_tokens is None and max_length is None:  # transformers 5.x: 20 tokens after the prompt
+    default_length = max_new_tokens is None and max_length is None
+    if default_length:  # transformers 5.x: 20 tokens after the prompt
         cap = config.max_position_embeddings or prompt_len + HF_MAX_NEW_TOKENS
         max_new_tokens = min(prompt_len + HF_MAX_NEW_TOKENS, cap) - prompt_len
         if max_new_tokens < 1:
             _fail("input_ids", f"<prompt length {prompt_len}>",
                   f"no room for a new token within the model's {limit_name}={cap}; pass max_new_tokens")
+        warnings.warn(f"Using the model-agnostic default max_length ({HF_MAX_NEW_TOKENS} tokens after the prompt, "
+                      f"within the model's {limit_name}) to control the generation length. We recommend setting "
+                      "max_new_tokens to control the maximum length of the generation.", stacklevel=4)
     elif max_new_tokens is None:
         if max_length <= prompt_len:
             _fail("max_length", max_length, f"must exceed the prompt length {prompt_len}; or pass max_new_tokens")
         max_new_tokens = max_length - prompt_len
+    _warn_unfeasible_minimum(prompt_len, prompt_len + max_new_tokens, min_length, min_new_tokens, default_length)
+    min_length = min_length if (min_length or 0) > 0 else None
+    min_new_tokens = min_new_tokens if (min_new_tokens or 0) > 0 else None
     if config.position_limit is not None and prompt_len + max_new_tokens > config.position_limit:
         raise ValueError(
             f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} = {prompt_len + max_new_tokens} "
@@ -304,18 +343,26 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
     # --- strategy ---------------------------------------------------------------------------
     num_beams = _int(kw, "num_beams", 1, allow_none=False)
     nrs = _int(kw, "num_return_sequences", 1, allow_none=False)
-    do_sample = _bool(kw, "do_sample")
+    do_sample = kw["do_sample"]
     if num_beams > 1 and nrs > num_beams:
         _fail("num_return_sequences", nrs, f"must be <= num_beams={num_beams}")
     if num_beams == 1 and not do_sample and nrs != 1:
-        _fail("num_return_sequences", nrs, "greedy search returns one sequence per prompt; use beams or sampling")
-    early_stopping = kw["early_stopping"]
+        _fail("num_return_sequences", nrs, "greedy methods (do_sample=False without beams: greedy and contrastive "
+              "search) return one sequence per prompt, as in transformers; use beams or sampling")
+    early_stopping = False if kw["early_stopping"] is None else kw["early_stopping"]
     if not (early_stopping is True or early_stopping is False or early_stopping == "never"):
         _fail("early_stopping", early_stopping, 'expected True, False or "never"')
-    length_penalty = _float(kw, "length_penalty")
-    if length_penalty is None:
-        _fail("length_penalty", None, "expected a number")
     beam_search = num_beams > 1 if beam_search is None else beam_search
+    length_penalty = _float(kw, "length_penalty")
+    if length_penalty is None and beam_search:  # transformers' beam search fails on it
+        _fail("length_penalty", None, "expected a number")
+    length_penalty = 1.0 if length_penalty is None else length_penalty
+    if num_beams == 1:  # transformers' GenerationConfig.validate
+        for name, off in (("early_stopping", (None, False)), ("length_penalty", (None, 1.0))):
+            if name in kwargs and kw[name] not in off:
+                warnings.warn(f"num_beams is set to 1. However, {name} is set to {kw[name]} -- this flag is only "
+                              f"used in beam-based generation modes. You should set num_beams>1 or unset {name}.",
+                              stacklevel=4)
     groups = _int(kw, "num_beam_groups", 1) or 1
     diversity = _float(kw, "diversity_penalty") or 0.0
     if beam_search and (groups != 1 or diversity != 0.0):  # transformers 4.53's checks of group beam search
@@ -414,11 +461,13 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
         sampling["temperature"] = _float(kw, "temperature", 0.0)
         sampling["top_h"] = _float(kw, "top_h", 0.0, 1.0)
         sampling["top_k"] = top_k
-        sampling["top_p"] = _float(kw, "top_p", 0.0, 1.0)
+        # transformers' ranges: top_p and typical_p of 1 or more, and cutoffs outside (0, 1), build no
+        # warper (`build_processors`); the rest its warpers refuse
+        sampling["top_p"] = _float(kw, "top_p", 0.0, low_open=False)
         sampling["min_p"] = _float(kw, "min_p", 0.0, 1.0, low_open=False)
-        sampling["typical_p"] = _float(kw, "typical_p", 0.0, 1.0)
-        sampling["epsilon_cutoff"] = _float(kw, "epsilon_cutoff", 0.0, 1.0, high_open=True)
-        sampling["eta_cutoff"] = _float(kw, "eta_cutoff", 0.0, 1.0, high_open=True)
+        sampling["typical_p"] = _float(kw, "typical_p", 0.0)
+        sampling["epsilon_cutoff"] = _float(kw, "epsilon_cutoff")
+        sampling["eta_cutoff"] = _float(kw, "eta_cutoff")
         key = kw["key"]
         if key is None:
             raise ValueError("sampling needs an explicit PRNG key: pass key=jax.random.key(seed)")
@@ -435,12 +484,11 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
 
     # --- processors -------------------------------------------------------------------------
     rep = _float(kw, "repetition_penalty", 0.0)
-    ngram = _int(kw, "no_repeat_ngram_size", 0)
+    ngram = max(_int(kw, "no_repeat_ngram_size") or 0, 0)  # <= 0: none, as transformers
     bad_words = None if kw["bad_words_ids"] is None else _id_lists("bad_words_ids", kw["bad_words_ids"], vocab)
     sequence_bias = None if kw["sequence_bias"] is None else _sequence_bias(kw["sequence_bias"], vocab)
-    suppress = None if kw["suppress_tokens"] is None else _token_ids("suppress_tokens", kw["suppress_tokens"], vocab)
-    begin_suppress = (None if kw["begin_suppress_tokens"] is None
-                      else _token_ids("begin_suppress_tokens", kw["begin_suppress_tokens"], vocab))
+    suppress, begin_suppress = (_suppressed(name, kw[name], vocab) for name in ("suppress_tokens",
+                                                                                 "begin_suppress_tokens"))
     forced_bos, forced_eos = kw["forced_bos_token_id"], kw["forced_eos_token_id"]
     if forced_bos is not None:
         forced_bos = _single_id("forced_bos_token_id", forced_bos, vocab)
@@ -463,19 +511,20 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
         _fail("logits_processor", f"<{', '.join(torch_procs)}>",
               "transformers' processors run on torch tensors; pass the matching generate argument "
               "(temperature=..., top_p=..., ...) or a JAX function fn(scores, ctx) -> scores")
-    for name in ("renormalize_logits", "remove_invalid_values", "output_scores", "output_logits",
-                 "output_attentions"):
-        _bool(kw, name)
-    return_dict = _bool(kw, "return_dict_in_generate")
+    return_dict = kw["return_dict_in_generate"]
     hidden_states = _hidden_state_indices(kw["output_hidden_states"], config.n_layers + 1)
     attentions = kw["output_attentions"]
     if not return_dict:  # transformers returns the sequences alone and keeps nothing else
+        for name in ("output_attentions", "output_hidden_states", "output_scores", "output_logits"):
+            if kw[name] is True:
+                warnings.warn(f"return_dict_in_generate is NOT set to True, but {name} is. When "
+                              f"return_dict_in_generate is not True, {name} is ignored.", stacklevel=4)
         attentions, hidden_states = False, None
 
     suppressed = set(suppress or ())
     banned = suppressed | {w[0] for w in bad_words or () if len(w) == 1 and w[0] not in eos_ids}
     if (min_new_tokens or 0) > 0 or (min_length or 0) > prompt_len:
-        banned |= set(eos_ids)  # EOS is banned at the first step too
+        banned |= {t for t in eos_ids if t < vocab}  # EOS is banned at the first step too
     if len(banned) >= vocab:
         raise ValueError(
             "suppress_tokens / bad_words_ids (with min_new_tokens / min_length banning EOS) ban every token "
@@ -573,6 +622,14 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
                    jnp.float32(penalty_alpha or 0.0),
                    None if draft_model is None else lookup_decoder.Assistant(draft_model, jnp.float32(confidence)),
                    streamer, return_dict, ids)
+
+
+def _suppressed(name, value, vocab) -> tuple[int, ...] | None:
+    """``suppress_tokens`` / ``begin_suppress_tokens``: the ids of the vocabulary among them, or None
+    for none (transformers tests each vocabulary id for membership: other ids suppress nothing)."""
+    if value is None:
+        return None
+    return tuple(t for t in _token_ids(name, value, vocab, allow_empty=True, any_id=True) if 0 <= t < vocab) or None
 
 
 def _hidden_state_indices(value, n_hidden: int) -> tuple[int, ...] | None:

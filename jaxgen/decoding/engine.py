@@ -152,7 +152,7 @@ def prefill(model: CausalLM, input_ids: jax.Array, attention_mask: jax.Array, pr
     mask = attention_mask.astype(bool)
     kv_mask = jnp.concatenate([mask, jnp.ones((batch, spec.max_new_tokens), bool)], axis=1)
     positions = positions_from_mask(attention_mask)
-    absent = None if spec.capture is None else spec.bucket_len - prompt_len
+    absent = spec.bucket_len - prompt_len  # a row with no real token reads its prompt as passed (`view`)
     hidden, prompt, *outputs = forward(model, input_ids, positions, mask, row_shards=spec.row_shards,
                                        capture=spec.capture, absent=absent)  # prompt: its keys, values
     outputs = jax.tree.map(rows, outputs[0]) if outputs else None

@@ -76,8 +76,9 @@ def view(kv_mask: jax.Array, seq: int, cache: KVCache | None, slot, windows, abs
 
     ``absent``: int32[], the slots before it hold no token at all (bucket padding) rather than a
     masked one: a query that may read nothing spreads its weight evenly over the other slots, as
-    transformers' does over its unbucketed prompt (the padding rows of a prefill, whose values
-    only attentions and hidden states show). ``weights``: the layers return their attention weights.
+    transformers' eager attention does over its unbucketed prompt (the padding rows of a prefill,
+    whose values attentions and hidden states show, and the last of a row whose mask is all zeros,
+    which picks its first token). ``weights``: the layers return their attention weights.
     """
     group = 1 if cache is None else cache.group
     kv_len = seq if cache is None else cache.max_len

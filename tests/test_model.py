@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from transformers import BertConfig, BertModel, GPT2Model
+from safetensors.torch import load_file, save_file
+from transformers import BertConfig, BertModel, GenerationConfig, GPT2LMHeadModel, GPT2Model
 
 import jaxgen
 from jaxgen.models.model import forward, logits, positions_from_mask
@@ -283,3 +284,91 @@ def test_hub_id_resolves_through_the_local_cache(tmp_path, good_dir, generation_
     eos = {"eos_token_id": json.loads((good_dir / "config.json").read_text())["eos_token_id"]}
     assert dict(model.generation_config) == ({"num_beams": 4, "pad_token_id": 0, "eos_token_id": ()}
                                              if generation_config else eos)
+
+
+def test_transformers_loading_arguments(tmp_path, good_dir):
+    """subfolder, variant, use_safetensors, torch_dtype and dtype spellings, generation_config, and
+    the arguments that cannot change the result, as transformers' from_pretrained takes them;
+    others raise naming themselves."""
+    reference = jaxgen.from_pretrained(good_dir)
+    nested = tmp_path / "repo" / "llm"
+    shutil.copytree(good_dir, nested)
+    _params_equal(reference, jaxgen.from_pretrained(tmp_path / "repo", subfolder="llm", trust_remote_code=True,
+                                                    device_map="auto", low_cpu_mem_usage=True))
+    variant = tmp_path / "variant"
+    _copy_config(good_dir, variant)
+    shutil.copy(good_dir / "model.safetensors", variant / "model.fp16.safetensors")
+    _params_equal(reference, jaxgen.from_pretrained(variant, variant="fp16"))
+    with pytest.raises(jaxgen.CheckpointError, match="no weights file; looked for model.safetensors, "
+                                                     "model.safetensors.index.json$"):
+        jaxgen.from_pretrained(variant, use_safetensors=True)
+    with pytest.raises(jaxgen.CheckpointError, match="looked for pytorch_model.bin, pytorch_model.bin.index.json$"):
+        jaxgen.from_pretrained(good_dir, use_safetensors=False)
+    for dtype in (torch.bfloat16, "torch.bfloat16", "bf16", jnp.bfloat16):
+        assert jaxgen.from_pretrained(good_dir, dtype=dtype).config.dtype == "bfloat16"
+    assert jaxgen.from_pretrained(good_dir, dtype="half").config.dtype == "float16"
+    with pytest.warns(UserWarning, match="torch_dtype is deprecated"):
+        assert jaxgen.from_pretrained(good_dir, torch_dtype=torch.float16).config.dtype == "float16"
+    model = jaxgen.from_pretrained(good_dir, generation_config=GenerationConfig(num_beams=3, eos_token_id=[2, 5]))
+    assert dict(model.generation_config) == {"num_beams": 3, "eos_token_id": (2, 5)}
+    for bad, message in ((dict(quantization_config={}), "quantization_config=<dict>"),
+                         (dict(attn_implementation="flash_attention_2"), "attn_implementation='flash_attention_2'"),
+                         (dict(dtype={"": "bfloat16"}), "one dtype for the whole model")):
+        with pytest.raises(ValueError, match=message):
+            jaxgen.from_pretrained(good_dir, **bad)
+
+
+def test_tied_config_with_its_own_head(tmp_path, good_dir):
+    """transformers 5.x: a head stored beside a tied embedding, with other values, unties them
+    (with a warning); a head stored without the embedding is the embedding too."""
+    state = load_file(good_dir / "model.safetensors")
+    rng = np.random.default_rng(0)
+    own = tmp_path / "own"
+    _copy_config(good_dir, own)
+    head = torch.tensor(rng.standard_normal((BASE["vocab_size"], BASE["n_embd"]), np.float32))
+    save_file({**state, "lm_head.weight": head}, own / "model.safetensors", metadata={"format": "pt"})
+    ids = np.arange(3, 9)[None]
+    with pytest.warns(UserWarning, match="not tied"):
+        model = jaxgen.from_pretrained(own)
+    np.testing.assert_allclose(np.asarray(model(ids)), _torch_logits(GPT2LMHeadModel.from_pretrained(own), ids,
+                                                                     np.ones_like(ids)), atol=1e-4, rtol=0)
+    only = tmp_path / "only"
+    _copy_config(good_dir, only)
+    embed = state.pop("transformer.wte.weight")
+    save_file({**state, "lm_head.weight": embed}, only / "model.safetensors", metadata={"format": "pt"})
+    _params_equal(jaxgen.from_pretrained(good_dir), jaxgen.from_pretrained(only))
+
+
+def test_malformed_files_fail_naming_them(tmp_path, good_dir):
+    cases = {
+        "config_list": ({"config.json": "[1, 2]"}, "config.json: expected a JSON object"),
+        "index_list": ({"model.safetensors.index.json": "[]"}, "model.safetensors.index.json: expected a JSON"),
+        "outside": ({"model.safetensors.index.json": json.dumps({"weight_map": {"a": "../good/model.safetensors"}})},
+                    "points outside"),
+    }
+    for name, (files, message) in cases.items():
+        d = tmp_path / name
+        _copy_config(good_dir, d)
+        for filename, text in files.items():
+            (d / filename).write_text(text)
+        with pytest.raises(jaxgen.CheckpointError, match=message):
+            jaxgen.from_pretrained(d)
+    for repo in ("org/na me", "bad id!"):
+        with pytest.raises(jaxgen.CheckpointError, match="nor a valid hub id"):
+            jaxgen.from_pretrained(repo, local_files_only=True)
+    d = tmp_path / "generation"
+    shutil.copytree(good_dir, d)
+    (d / "generation_config.json").write_text("{not json")
+    with pytest.warns(UserWarning, match="using the generation fields of config.json"):
+        model = jaxgen.from_pretrained(d)
+    assert dict(model.generation_config) == {"eos_token_id": BASE["eos_token_id"]}
+
+
+def test_dtype_auto_without_a_config_dtype_reads_the_weights(tmp_path, good_dir):
+    d = tmp_path / "bf16"
+    _copy_config(good_dir, d)
+    state = {k: v.to(torch.bfloat16) for k, v in load_file(good_dir / "model.safetensors").items()}
+    save_file(state, d / "model.safetensors", metadata={"format": "pt"})
+    config = {k: v for k, v in json.loads((d / "config.json").read_text()).items() if k not in ("dtype", "torch_dtype")}
+    (d / "config.json").write_text(json.dumps(config))
+    assert jaxgen.from_pretrained(d).config.dtype == "bfloat16"

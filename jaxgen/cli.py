@@ -18,6 +18,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 
 DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
@@ -142,11 +143,14 @@ class _PrintStreamer:
         if len(value) == 1 and int(value[0]) in self.stop_ids:
             self.done = True
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # a character's first bytes: wait for the rest (as TextStreamer)
+            return
         print(text[self.printed:], end="", flush=True)
         self.printed = len(text)
 
     def end(self):
-        print(flush=True)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        print(text[self.printed:], flush=True)
 
 
 def _generated_lengths(generated, stop_ids):
@@ -174,6 +178,13 @@ def run_generate(args) -> int:
         raise ValueError("give one or more prompts, or --input FILE --output FILE")
     if not all(p.strip() for p in args.prompts):
         raise ValueError("a prompt is empty; give at least one non-blank prompt text")
+    for p in args.prompts:
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"the prompt {p!r} is not valid UTF-8 text") from None
+    if args.seed is not None and not 0 <= args.seed < 2**32:
+        raise ValueError(f"--seed={args.seed} is not allowed: expected an int in [0, 2**32)")
     if args.stream and (len(args.prompts) > 1 or args.num_beams > 1 or args.num_return_sequences > 1):
         raise ValueError("--stream prints one sequence: use one prompt, no beams, --num-return-sequences 1")
     if args.stream and args.json:
@@ -383,12 +394,19 @@ def _flag(name: str, args) -> str:
     return f"{name}="
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """A warning as one line of the command's own (not Python's file:line and source line)."""
+    print(f"jaxgen: warning: {message}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     # transformers advises at import that PyTorch is missing; the command never needs it.
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
-        args = build_parser().parse_args(argv)
-        return run_generate(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            args = build_parser().parse_args(argv)
+            return run_generate(args)
     except (_UsageError, ValueError) as e:
         print(f"jaxgen: error: {e}", file=sys.stderr)
         return 2

@@ -67,10 +67,15 @@ def _check(obj, where: str) -> None:
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
             for m in obj["messages"])):
         raise ValueError(f"{where}: \"messages\" must be a non-empty list of {{\"role\": ..., \"content\": ...}}")
+    if "input_ids" in obj and not (isinstance(obj["input_ids"], list) and obj["input_ids"] and all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in obj["input_ids"])):
+        raise ValueError(f"{where}: \"input_ids\" must be a non-empty list of token ids (integers >= 0)")
 
 
 class Results:
-    """The output file: the ids already in it, and `write` for a finished request."""
+    """The output file: the ids already in it, and `write` for a finished request. Every line
+    already there must be a result line (else ValueError, the file untouched); a partial last
+    line that starts as one (a kill mid-write) is cut off."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -79,14 +84,21 @@ class Results:
             if self.path.exists():
                 data = self.path.read_bytes()
                 whole = data[:data.rfind(b"\n") + 1]
-                if len(whole) < len(data):  # a line cut short by a kill: drop it
-                    with open(self.path, "r+b") as f:
-                        f.truncate(len(whole))
-                for number, line in enumerate(whole.split(b"\n")[:-1], 1):  # (text may hold U+2028)
+                lines = whole.split(b"\n")[:-1]  # (split on bytes: text may hold U+2028)
+                for number, line in enumerate(lines, 1):
                     try:
-                        self.done.add(json.loads(line)["id"])
-                    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+                        record = json.loads(line)
+                        if not ({"id", "tokens", "finish_reason"} <= set(record)):
+                            raise TypeError
+                    except (json.JSONDecodeError, UnicodeDecodeError, TypeError):
                         raise ValueError(f"{self.path}:{number}: not a result line of jaxgen; give another --output")
+                    self.done.add(record["id"])
+                if len(whole) < len(data):
+                    if not data[len(whole):].startswith(b'{"id": '):
+                        raise ValueError(f"{self.path}:{len(lines) + 1}: not a result line of jaxgen; give another "
+                                         "--output")
+                    with open(self.path, "r+b") as f:  # a line cut short by a kill: drop it
+                        f.truncate(len(whole))
             self.file = open(self.path, "a", encoding="utf-8")
         except OSError as e:
             raise ValueError(f"cannot write --output {self.path}: {e}") from None

@@ -144,6 +144,7 @@ def test_requests_join_while_others_decode(eos_model):
     ({"max_new_tokens": 0}, "request 'bad': max_new_tokens=0 is not allowed"),
     ({"input_ids": []}, "request 'bad': a prompt must be a non-empty list of token ids"),
     ({"prompt": "text"}, "request 'bad': give exactly one of input_ids, prompt or messages"),
+    ({"temperature": 1e-300}, "request 'bad': temperature=1e-300 is not allowed: .* float32"),
 ])
 def test_bad_requests_are_refused_by_id_before_anything_runs(eos_model, bad, message):
     _, model = eos_model
@@ -302,3 +303,53 @@ def test_chat_messages_run_through_the_template(tmp_path, capsys):
     assert main(["generate", "--input", str(source), "--output", str(tmp_path / "o.jsonl")]) == 2
     assert "messages need a tokenizer with a chat template" in capsys.readouterr().err
     assert DEMO_MODEL.exists()
+
+
+def test_an_output_file_that_is_not_jaxgen_s_is_left_untouched(tmp_path, capsys):
+    """Every line is checked before a partial last one is cut: notes, or another requests file,
+    given as --output fail naming their first line, byte for byte as they were."""
+    from jaxgen.cli import main
+
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"id": "a", "prompt": "Love is"}\n')
+    for name, text in (("notes.txt", "my notes\nmy last line, no newline"), ("one.txt", "a single line"),
+                       ("requests.jsonl", source.read_text())):
+        out = tmp_path / name
+        out.write_text(text)
+        assert main(["generate", "--input", str(source), "--output", str(out)]) == 2
+        assert f"{out}:1: not a result line of jaxgen" in capsys.readouterr().err
+        assert out.read_text() == text
+
+
+def test_requests_that_are_not_text_or_token_ids_name_their_line(tmp_path, capsys):
+    from jaxgen.cli import main
+
+    for line, message in (('{"id": 1, "input_ids": "Hello"}', ':1: "input_ids" must be a non-empty list of token'),
+                          ('{"id": 1, "prompt": "Hi \\ud800"}', ":1 (id 1): 'Hi \\ud800' is not valid text")):
+        source = tmp_path / "in.jsonl"
+        source.write_text(line + "\n")
+        assert main(["generate", "--input", str(source), "--output", str(tmp_path / "o.jsonl")]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_generate_batch_checks_max_length_and_takes_no_more_rows_than_requests(eos_model):
+    _, model = eos_model
+    for bad in (-1, 0, "10", True):
+        with pytest.raises(ValueError, match=f"max_length={bad!r} is not allowed"):
+            list(jaxgen.generate_batch(model, iter([[3, 4]]), max_length=bad, progress=False, pad_token_id=PAD))
+    kw = dict(max_new_tokens=6, pad_token_id=PAD, eos_token_id=EOS)
+    few = jaxgen.generate_batch(model, [[3, 4, 5], [6, 7]], max_rows=64, progress=False, **kw)
+    for c, ids in zip(few, ([3, 4, 5], [6, 7])):
+        ref = jaxgen.generate(model, np.asarray([ids]), **kw).trim().sequences[0, len(ids):].tolist()
+        assert c.tokens == (ref[:ref.index(EOS) + 1] if EOS in ref else ref)
+
+
+def test_a_job_s_warnings_are_lines_of_the_command_naming_the_request(tmp_path, capsys):
+    from jaxgen.cli import main
+
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"id": "a", "prompt": "Love is", "temperature": 0.5}\n')
+    assert main(["generate", "--input", str(source), "--output", str(tmp_path / "o.jsonl"), "--max-new-tokens",
+                 "3"]) == 0
+    assert (f"jaxgen: warning: {source}:1 (id 'a'): do_sample is not set to True. However, temperature is set to 0.5"
+            in capsys.readouterr().err)

@@ -105,9 +105,10 @@ def test_json_is_valid_and_quiet():
             assert len(c["token_ids"]) == len(c["tokens"]) <= 6
 
 
-@pytest.mark.parametrize("extra", [(), ("--do-sample", "--seed", "5")])
-def test_stream_equals_non_streamed(extra):
-    args = ("The secret of", "--max-new-tokens", "20", *extra)
+@pytest.mark.parametrize("args", [("The secret of", "--max-new-tokens", "20"),
+                                  ("The secret of", "--max-new-tokens", "20", "--do-sample", "--seed", "5"),
+                                  ("Hello \u2603", "--max-new-tokens", "8")])  # tokens of part of a character
+def test_stream_equals_non_streamed(args):
     assert jaxgen_cli(*args, "--stream").stdout == jaxgen_cli(*args).stdout
 
 
@@ -125,6 +126,8 @@ def test_stream_equals_non_streamed(extra):
     (("x", "--temperature", "0.5"), "need --do-sample"),
     (("x", "--model", "gpt2"), "not in the local Hugging Face cache"),
     (("x", "--compile-cache", __file__), "cannot be a folder here"),
+    (("x", "--do-sample", "--seed", "99999999999999999999"), "--seed=99999999999999999999 is not allowed"),
+    (("Hi \udcff",), "is not valid UTF-8 text"),
 ])
 def test_bad_input_one_line_no_traceback(jaxgen_main, args, message):
     code, _, err = jaxgen_main(*args)

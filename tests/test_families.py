@@ -286,3 +286,13 @@ def test_a_bfloat16_checkpoint_loads_in_about_its_own_memory(tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["dtype"] == "bfloat16" and result["checkpoint_bytes"] > 50e6
     assert result["peak_over_checkpoint"] < 1.3, result
+
+
+def test_a_partial_rotary_factor_that_llama_s_default_rope_ignores(tmp_path):
+    """transformers' Llama applies its default rotary embedding to the whole head whatever
+    ``partial_rotary_factor`` says; jaxgen loads such a config alike (other rope types refuse it)."""
+    torch_model = build(tmp_path, "llama_gqa2_biases_untied", partial_rotary_factor=0.5)
+    ids = np.arange(3, 12)[None]
+    with torch.no_grad():
+        ref = torch_model(input_ids=torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(jaxgen.from_pretrained(tmp_path)(ids)), ref, atol=1e-4, rtol=0)

@@ -459,6 +459,9 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
     sampling = {}
     if do_sample:
         sampling["temperature"] = _float(kw, "temperature", 0.0)
+        if sampling["temperature"] is not None and np.float32(sampling["temperature"]) == 0:
+            _fail("temperature", kw["temperature"], "expected a number > 0 that float32 holds (this one rounds to 0, "
+                  "which divides the scores to inf and NaN)")
         sampling["top_h"] = _float(kw, "top_h", 0.0, 1.0)
         sampling["top_k"] = top_k
         # transformers' ranges: top_p and typical_p of 1 or more, and cutoffs outside (0, 1), build no

@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import itertools
 import time
+import warnings
 from typing import Any, Iterable, Iterator
 
 import jax
@@ -240,6 +241,9 @@ def completions(model: CausalLM, prompts: Iterable, *, max_rows: int = 8, max_le
         raise ValueError(f"max_rows={max_rows!r} is not allowed: expected an int >= 1")
     if not isinstance(steps_per_sync, int) or steps_per_sync < 1:
         raise ValueError(f"steps_per_sync={steps_per_sync!r} is not allowed: expected an int >= 1")
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+        raise ValueError(f"max_length={max_length!r} is not allowed: expected None or an int >= 1 (the cache's "
+                         "slots: the most prompt plus new tokens any request needs)")
     if isinstance(prompts, (list, tuple)):
         requests = [_request(model, p, i, tokenizer, kwargs, labels) for i, p in enumerate(prompts)]
         for r in requests:
@@ -261,6 +265,17 @@ def _label(labels, index: int, rid) -> str:
     return f"request {rid!r}" if labels is None else labels(index, rid)
 
 
+def _check_text(texts) -> None:
+    """ValueError for a string that is not text: lone surrogates (``"\\ud800"`` in JSON), which
+    no tokenizer takes."""
+    for text in texts:
+        if isinstance(text, str):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"{text!r:.80} is not valid text (it holds a lone surrogate)") from None
+
+
 def _request(model, prompt, index: int, tokenizer, shared: dict, labels=None) -> _Request:
     """A validated request (ValueError naming it otherwise)."""
     own = dict(prompt) if isinstance(prompt, dict) else {}
@@ -272,7 +287,10 @@ def _request(model, prompt, index: int, tokenizer, shared: dict, labels=None) ->
             if len(sources) != 1:
                 raise ValueError("give exactly one of input_ids, prompt or messages")
             prompt = own.pop(sources[0])
+            if sources[0] == "input_ids" and isinstance(prompt, str):
+                raise ValueError("input_ids must be a list of token ids; text goes in prompt")
             if sources[0] == "messages":
+                _check_text([m.get("content") for m in prompt if isinstance(m, dict)])
                 if tokenizer is None or not getattr(tokenizer, "chat_template", None):
                     raise ValueError("messages need a tokenizer with a chat template")
                 prompt = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
@@ -280,6 +298,7 @@ def _request(model, prompt, index: int, tokenizer, shared: dict, labels=None) ->
         if isinstance(prompt, str):
             if tokenizer is None:
                 raise ValueError("a text prompt needs tokenizer=")
+            _check_text([prompt])
             prompt = tokenizer(prompt)["input_ids"]
         ids = np.asarray(prompt)
         if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
@@ -296,7 +315,11 @@ def _request(model, prompt, index: int, tokenizer, shared: dict, labels=None) ->
             call["key"] = jax.random.key(seed)
         elif "key" not in own and call.get("key") is not None:
             call["key"] = jax.random.fold_in(args._prng_key(call["key"]), index)
-        parsed = args.parse(model, ids[None], np.ones((1, ids.size), np.int32), call, neutral_processors=True)
+        with warnings.catch_warnings(record=True) as caught:  # each said again, naming the request
+            warnings.simplefilter("always")
+            parsed = args.parse(model, ids[None], np.ones((1, ids.size), np.int32), call, neutral_processors=True)
+        for w in caught:
+            warnings.warn(f"{name}: {w.message}", w.category, stacklevel=4)
     except ValueError as e:
         raise ValueError(f"{name}: {e}") from None
     spec = parsed.spec
@@ -339,6 +362,8 @@ def _serve(model, source: Iterator[_Request], max_rows: int, max_length: int, st
     if max_rows < beams:
         raise ValueError(f"max_rows={max_rows} is not allowed: a beam search request takes num_beams={beams} rows")
     units = max_rows // beams  # requests decoding at once: rows, or groups of `beams` rows
+    if total is not None:  # no more rows than requests
+        units = max(1, min(units, total))
     rows_n = max(2, units * beams)  # a one-row cache drops its batch dim; a spare row costs one row of compute
     slots = max_length
     spec = BatchSpec(rows_n, slots, max_length, eos, stops, 0 if pad is None else pad, do_sample, steps_per_sync,

@@ -87,7 +87,8 @@ def from_parameters(params: dict, *, head_dim: int, max_position_embeddings: int
     """A `Rope` from a standardised transformers ``rope_parameters`` dict.
 
     ``partial``: whether the family honours ``partial_rotary_factor`` in every rope type (Phi-3
-    does; Llama's default rope ignores it, and its other types would not fit its heads).
+    does; Llama's default rope ignores it, as jaxgen then does, and its other types would not fit
+    its heads).
     Raises CheckpointError for a type or setting jaxgen does not implement.
     """
     kind = params.get("rope_type", params.get("type", "default"))
@@ -95,6 +96,8 @@ def from_parameters(params: dict, *, head_dim: int, max_position_embeddings: int
         raise CheckpointError(f"config.json sets rope_type={kind!r}; jaxgen implements {', '.join(TYPES)}")
     theta = float(params["rope_theta"])
     factor_of_dim = float(params.get("partial_rotary_factor", 1.0))
+    if kind == "default" and not partial:
+        factor_of_dim = 1.0
     if factor_of_dim != 1.0 and not partial:
         raise CheckpointError(f"config.json sets partial_rotary_factor={factor_of_dim}, which this model family's "
                               "rotary embedding does not apply in transformers; jaxgen does not run it either")

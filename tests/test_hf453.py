@@ -133,7 +133,6 @@ def test_contrastive_search_compiles_once_per_top_k(gpt2):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(num_return_sequences=2), "num_return_sequences=2"),
-    (dict(output_attentions=True), "output_attentions=True.*contrastive search"),
     (dict(use_cache=False), "use_cache=False.*contrastive search"),
     (dict(penalty_alpha="high"), "penalty_alpha='high'"),
 ])
@@ -236,6 +235,26 @@ def test_group_beam_search_attentions_and_hidden_states_equal_transformers_4_53(
         assert len(steps) == len(ours.scores)
         for step, entries in enumerate(steps):
             assert len(entries) == (2 if name == "attentions" else 3)
+            for i, x in enumerate(entries):
+                expected = ref[f"{name}_{step}_{i}"]
+                assert x.shape == expected.shape, (name, step, i, x.shape, expected.shape)
+                np.testing.assert_allclose(x, expected, atol=1e-4, rtol=0, err_msg=f"{name}[{step}][{i}]")
+
+
+def test_contrastive_search_attentions_and_hidden_states_equal_transformers_4_53(gpt2, hf453, tmp_path):
+    """Each step's are the chosen candidate's (the prompt's first). One prompt without padding, as
+    for group beam search above."""
+    path, model = gpt2
+    ids, mask = (x[:1] for x in _prompts(3))
+    call = dict(max_new_tokens=5, eos_token_id=EOS, pad_token_id=PAD, penalty_alpha=0.6, top_k=3,
+                output_attentions=True, output_hidden_states=True)
+    ref, = reference(hf453, path, [dict(call, ids=ids.tolist(), mask=mask.tolist())], tmp_path)
+    ours = jaxgen.generate(model, ids, mask, output_scores=True, **call).trim()
+    assert_equal_to(ours, ref)
+    for name in ("attentions", "hidden_states"):
+        steps = getattr(ours, name)
+        assert len(steps) == len(ours.scores)
+        for step, entries in enumerate(steps):
             for i, x in enumerate(entries):
                 expected = ref[f"{name}_{step}_{i}"]
                 assert x.shape == expected.shape, (name, step, i, x.shape, expected.shape)

@@ -589,9 +589,6 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
     recompute = config.recompute_at is not None and 1 <= config.recompute_at - prompt_len < max_new_tokens
     if attentions or hidden_states is not None:
         asked = "output_attentions" if attentions else "output_hidden_states"
-        if contrastive:
-            _fail(asked, kw[asked], "contrastive search returning attentions or hidden states is not implemented "
-                  "in jaxgen yet")
         if lookup:
             _fail(asked, kw[asked], f"not with {with_what}: returning them from a forward over drafted tokens is "
                   "not implemented in jaxgen yet")

@@ -12,7 +12,8 @@ while it emits ``pad_token_id``, as transformers).
 The ``K`` candidates of a prompt are a group of the beam search cache (`KVCache`): they share the
 prompt's slots and each writes its candidate into its own row; ``history`` says which row of the
 group holds each chosen token, so keeping a candidate moves nothing. Only the chosen candidate's
-hidden state goes through the LM head.
+hidden state goes through the LM head; its attentions and hidden states, when asked, are the
+step's (4.53's: the forward pass that gives the next token's logits, as greedy search's).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from jaxgen.decoding.engine import DecodeSpec
 from jaxgen.models.cache import KVCache
 from jaxgen.models.model import CausalLM, forward
 from jaxgen.models.model import logits as logits_of
-from jaxgen.outputs import GenerateOutput
+from jaxgen.outputs import GenerateOutput, LayerRecord
 
 
 @struct.dataclass
@@ -37,7 +38,8 @@ class ContrastiveState:
     groups of ``K`` rows; history: int32[B, S], the row of its group that holds each chosen slot
     (prompt slots are shared); context: dtype[B, S, d], the last hidden state of the prompt's
     positions and of each chosen token; positions: int32[B]; unfinished: bool[B]; done: bool[];
-    scores / raw_logits: float32[N, B, V] or None.
+    scores / raw_logits: float32[N, B, V] or None; layers: the chosen candidates' attentions and
+    hidden states (`LayerRecord`), or None.
     """
 
     step: jax.Array
@@ -51,6 +53,7 @@ class ContrastiveState:
     done: jax.Array
     scores: jax.Array | None
     raw_logits: jax.Array | None
+    layers: LayerRecord | None
 
 
 def degeneration_penalty(context: jax.Array, candidates: jax.Array, valid: jax.Array) -> jax.Array:
@@ -84,6 +87,7 @@ def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, p
         done=jnp.zeros((), bool),
         scores=engine.score_buffer(spec.output_scores, spec, batch, vocab),
         raw_logits=engine.score_buffer(spec.output_logits, spec, batch, vocab),
+        layers=engine.layer_record(model, pre.replace(outputs=jax.tree.map(lambda x: x[::k], pre.outputs)), spec),
     )
 
     def step(s: ContrastiveState) -> ContrastiveState:
@@ -94,8 +98,9 @@ def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, p
         # Every candidate in one pass: row r of a group feeds candidate r at `column` and reads
         # the chosen tokens before it from the rows that hold them.
         holder = jnp.where(jnp.arange(total) == column, own[:, None], s.history[:, None, :])  # [B, K, S]
-        hidden, cache = forward(model, top_ids.reshape(-1, 1), jnp.repeat(s.positions, k)[:, None],
-                                beam.group_reads(pre.kv_mask, holder), s.cache, column, spec.row_shards)
+        hidden, cache, *outputs = forward(model, top_ids.reshape(-1, 1), jnp.repeat(s.positions, k)[:, None],
+                                          beam.group_reads(pre.kv_mask, holder), s.cache, column, spec.row_shards,
+                                          spec.capture)
         hidden = hidden.reshape(batch, k, -1)
         valid = pre.kv_mask & (jnp.arange(total) < column)
         ranking = (1.0 - penalty_alpha) * top_probs - penalty_alpha * degeneration_penalty(s.context, hidden, valid)
@@ -103,6 +108,10 @@ def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, p
         chosen_hidden = jnp.take_along_axis(hidden, chosen[:, None, None], axis=1)[:, 0]  # [B, d]
 
         tokens = jnp.take_along_axis(top_ids, chosen[:, None], axis=1)[:, 0]
+        layers = s.layers
+        if layers is not None:  # the chosen candidate's pass gives token step + 1's logits (none after the last)
+            picked = jax.tree.map(lambda x: x.reshape(batch, k, *x.shape[1:])[jnp.arange(batch), chosen], outputs[0])
+            layers = jax.lax.cond(s.step + 1 < n, lambda r: r.record(s.step + 1, picked), lambda r: r, layers)
         sequences, unfinished = engine.emit(tokens, s.sequences, s.unfinished, s.step, prompt_len, streamer_id, spec)
         return s.replace(
             step=s.step + 1, sequences=sequences, logits=logits_of(model, chosen_hidden, spec.row_shards),
@@ -111,10 +120,11 @@ def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, p
             context=jax.lax.dynamic_update_index_in_dim(s.context, chosen_hidden, column, 1),
             positions=s.positions + 1, unfinished=unfinished, done=~jnp.any(unfinished) | (s.step + 1 >= n),
             scores=engine.record(s.scores, s.step, scores), raw_logits=engine.record(s.raw_logits, s.step, s.logits),
+            layers=layers,
         )
 
     final = engine.run_loop(state, step, None, spec)
     return GenerateOutput(
         sequences=final.sequences, num_steps=final.step, scores=final.scores, logits=final.raw_logits,
-        prompt_len=prompt_len, bucket_len=spec.bucket_len, output_scores=spec.output_scores,
+        layers=final.layers, prompt_len=prompt_len, bucket_len=spec.bucket_len, output_scores=spec.output_scores,
     )

@@ -71,7 +71,7 @@ def quantize(model, method: str = "int8"):
     bytes and half of bfloat16's. Raises ValueError for an unknown ``method``."""
     from jaxgen.sharding import path_keys  # (sharding imports the models, which import this module)
 
-    check_method(method)
+    check_method(method, "method")
 
     def leaf(path, x):
         return int8(x, model.config.dtype) if quantizes(path_keys(path)) and not isinstance(x, Int8Weight) else x
@@ -80,6 +80,8 @@ def quantize(model, method: str = "int8"):
     return model.replace(params=params)
 
 
-def check_method(method) -> None:
+def check_method(method, name: str = "quantize") -> None:
+    """ValueError naming ``name`` (the argument) unless ``method`` is one of `METHODS`."""
     if method not in METHODS:
-        raise ValueError(f"quantize={method!r} is not supported; use one of {list(METHODS)} (or None)")
+        none = " (or None: keep the weights' dtype)" if name == "quantize" else ""
+        raise ValueError(f"{name}={method!r} is not supported; use one of {list(METHODS)}{none}")

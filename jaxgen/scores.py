@@ -21,7 +21,9 @@ def compute_transition_scores(sequences, scores, beam_indices=None, normalize_lo
       float32[rows, generated]: ``scores[step][beam_indices[row, step], token]``, 0 where the
       beam had ended.
     """
-    stacked = jnp.stack(list(scores)) if isinstance(scores, Sequence) else jnp.asarray(scores)
+    scores = [_array(s) for s in scores] if isinstance(scores, Sequence) else _array(scores)
+    sequences, beam_indices = _array(sequences), None if beam_indices is None else _array(beam_indices)
+    stacked = jnp.stack(scores) if isinstance(scores, list) else jnp.asarray(scores)
     steps, beam_rows, vocab = stacked.shape
     if normalize_logits:
         stacked = jax.nn.log_softmax(stacked, axis=-1)
@@ -36,3 +38,8 @@ def compute_transition_scores(sequences, scores, beam_indices=None, normalize_lo
     rows = jnp.where(ended, 0, beam_indices)
     picked = stacked[jnp.arange(max_len)[None, :], rows, tokens]
     return jnp.where(ended, 0.0, picked)
+
+
+def _array(x):
+    """A torch tensor (transformers' outputs) as numpy; anything else (numpy, JAX, traced) as is."""
+    return x.numpy() if type(x).__module__.startswith("torch") else x

@@ -53,6 +53,9 @@ def check_mesh(mesh, data_axis: str | None, model_axis: str | None) -> None:
                 f"{name}={axis!r} is not an axis of the mesh (axes: {mesh.axis_names}); name the mesh's axes "
                 f"with data_axis= / model_axis=, or pass None to replicate along that role"
             )
+    if data_axis is not None and data_axis == model_axis:
+        raise ValueError(f"data_axis={data_axis!r} and model_axis={model_axis!r} name the same mesh axis; the batch "
+                         "and the model split along different axes (pass None for the role that does not split)")
 
 
 def auto_axes(mesh: Mesh) -> Mesh:
@@ -76,6 +79,21 @@ def check_context() -> None:
             f"mesh cannot be used inside a jax.set_mesh(...) context with Explicit axes ({context}): jaxgen "
             "lays out its program on the mesh itself; call it outside that context"
         )
+
+
+def check_inputs(**arrays) -> None:
+    """Raises ValueError for a traced input typed by a mesh with ``Explicit`` axes (arrays placed
+    on a ``jax.make_mesh`` mesh and passed into the caller's ``jax.jit``): jaxgen's program lays
+    its arrays out on the ``Auto`` version of the mesh, which JAX will not mix with them."""
+    for name, x in arrays.items():
+        if not isinstance(x, jax.core.Tracer):
+            continue
+        mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+        if mesh is not None and any(t.name == "Explicit" for t in getattr(mesh, "axis_types", ())):
+            raise ValueError(f"{name} is sharded over a mesh with Explicit axes inside jax.jit ({mesh}), which "
+                             "jaxgen's Auto layout cannot take in: place the inputs on the mesh with Auto axes "
+                             "(jax.make_mesh(..., axis_types=(jax.sharding.AxisType.Auto,) * 2)), or call jaxgen "
+                             "outside jit")
 
 
 def plan(config: ModelConfig, mesh: Mesh, model_axis: str | None) -> tuple[ModelConfig, int]:

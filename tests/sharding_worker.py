@@ -15,7 +15,8 @@ assert "xla_force_host_platform_device_count=8" in os.environ.get("XLA_FLAGS", "
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import Mesh  # noqa: E402
+from jax.sharding import Mesh, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jaxgen  # noqa: E402
 from jaxgen.decoding import api  # noqa: E402
@@ -118,6 +119,9 @@ def main():
             return jaxgen.generate(model, ids, mask, mesh=explicit_mesh, **KW)
 
     results["errors"]["explicit_context"] = error_of(in_explicit_context)
+    placed = [jax.device_put(x, NamedSharding(explicit_mesh, P("data", None))) for x in (ids, mask)]
+    results["errors"]["explicit_inputs"] = error_of(
+        lambda: jax.jit(lambda m, i, a: jaxgen.generate(m, i, a, mesh=explicit_mesh, **KW))(model, *placed))
     results["errors"]["not_a_mesh"] = error_of(lambda: jaxgen.generate(model, ids, mask, mesh="4x2", **KW))
     results["gqa"] = gqa_family()
     results["gemma"] = gemma_family()

@@ -23,6 +23,19 @@ def _ids(seed=0, batch=3, length=6, pads=(0, 2, 1)):
     return left_padded_batch(np.random.default_rng(seed), batch, length, V, list(pads))
 
 
+class PutRecorder:
+    """A streamer that keeps what it is given."""
+
+    def __init__(self):
+        self.puts, self.ended = [], False
+
+    def put(self, value):
+        self.puts.append(np.asarray(value))
+
+    def end(self):
+        self.ended = True
+
+
 def _quiet(fn, *args, **kwargs):
     """``fn(...)`` failing on any warning."""
     with warnings.catch_warnings():
@@ -170,6 +183,8 @@ BAD = [
     (dict(guidance_scale=1.5), r"guidance_scale=1.5, .*classifier-free guidance is not implemented"),
     (dict(dola_layers="high"), r"dola_layers='high', .*DoLa decoding is not implemented"),
     (dict(token_type_ids=np.zeros((3, 6))), r"token_type_ids=<array \[3, 6\]>, .*not implemented"),
+    (dict(mesh=jax.make_mesh((1, 1), ("a", "b")), data_axis="a", model_axis="a"), "name the same mesh axis"),
+    (dict(streamer=PutRecorder(), do_sample=True, num_beams=2, key=jax.random.key(0)), "not beam search or beam sam"),
 ]
 
 
@@ -317,3 +332,29 @@ def test_a_row_without_any_real_token_reads_as_eager_attention(eos_model):
         with pytest.warns(UserWarning, match="right-padding was detected"):
             out = jaxgen.generate(model, ids, mask, output_scores=True, prompt_bucket=bucket, **kw).trim()
         assert_same_generation(out, ref)
+
+
+def test_streamer_puts_the_prompt_once_per_returned_sequence(eos_model):
+    """As transformers, which expands the prompt before putting it: a streamer of two sampled
+    sequences gets a [2, L] prompt, then [2] tokens a step (TextStreamer refuses more than one row)."""
+    _, model = eos_model
+    ids, mask = _ids(16, batch=1, pads=(0,))
+    streamer = PutRecorder()
+    jaxgen.sample(model, ids, mask, max_new_tokens=3, num_return_sequences=2, eos_token_id=EOS, pad_token_id=PAD,
+                  key=jax.random.key(0), streamer=streamer)
+    assert [p.shape for p in streamer.puts] == [(2, ids.shape[1]), (2,), (2,), (2,)] and streamer.ended
+    np.testing.assert_array_equal(streamer.puts[0], np.repeat(ids, 2, axis=0))
+
+
+def test_transition_scores_of_transformers_outputs_and_empty_bad_words(eos_model):
+    """jaxgen.compute_transition_scores takes transformers' own (torch) outputs; bad_words_ids
+    holding an empty list bans nothing, as there."""
+    torch_model, model = eos_model
+    ids, mask = _ids(17)
+    kw = dict(max_new_tokens=5, eos_token_id=EOS, pad_token_id=PAD, num_beams=2, length_penalty=0.5)
+    ref = hf_generate(torch_model, ids, mask, **kw)
+    np.testing.assert_allclose(
+        np.asarray(jaxgen.compute_transition_scores(ref.sequences, ref.scores, ref.beam_indices)),
+        torch_model.compute_transition_scores(ref.sequences, ref.scores, ref.beam_indices).numpy(), atol=1e-5)
+    assert_same_generation(_quiet(jaxgen.generate, model, ids, mask, output_scores=True, bad_words_ids=[[]], **kw)
+                           .trim(), hf_generate(torch_model, ids, mask, bad_words_ids=[[]], **kw), beams=True)

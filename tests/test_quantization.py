@@ -159,8 +159,10 @@ def test_compiled_program_reads_the_int8_weights(eos_model, dtype, num_beams):
 def test_unknown_quantization_is_refused_before_loading(demo):
     for call in (lambda: jaxgen.quantize(demo, "int4"),
                  lambda: jaxgen.from_pretrained("/nonexistent", quantize="int4")):
-        with pytest.raises(ValueError, match=r"quantize='int4' is not supported; use one of \['int8'\]"):
+        with pytest.raises(ValueError, match=r"(quantize|method)='int4' is not supported; use one of \['int8'\]"):
             call()
+    with pytest.raises(ValueError, match=r"method=None is not supported; use one of \['int8'\]$"):
+        jaxgen.quantize(demo, None)
 
 
 def test_cli_generates_with_int8_weights(capsys):

@@ -82,6 +82,7 @@ def test_clear_errors(results):
     assert "not an axis of the mesh" in errors["axes"]
     assert "must be a jax.sharding.Mesh" in errors["not_a_mesh"]
     assert errors["explicit_context"].startswith("mesh cannot be used") and "jax.set_mesh" in errors["explicit_context"]
+    assert errors["explicit_inputs"].startswith("input_ids is sharded over a mesh with Explicit axes inside jax.jit")
 
 
 @pytest.mark.parametrize("placement", ["4x2/shard", "4x2/load", "2x4/shard", "2x4/load"])

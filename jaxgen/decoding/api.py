@@ -49,7 +49,8 @@ def _streaming(req: args.Request, input_ids, run: Callable[[], GenerateOutput]) 
         return run()
     with engine.registered(req.streamer) as streamer_id:
         req.streamer_id = streamer_id
-        req.streamer.put(np.asarray(input_ids))
+        # the prompt once per returned sequence, as transformers expands it before putting it
+        req.streamer.put(np.repeat(np.asarray(input_ids), req.spec.num_return_sequences, axis=0))
         out = jax.block_until_ready(run())
     req.streamer.end()
     return out

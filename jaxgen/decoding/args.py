@@ -178,12 +178,13 @@ def _single_id(name, value, vocab, any_id=False) -> int:
     return ids[0]
 
 
-def _id_lists(name, value, vocab) -> tuple[tuple[int, ...], ...]:
-    """A non-empty list of non-empty lists of token ids -> tuple of tuples."""
+def _id_lists(name, value, vocab, allow_empty=False) -> tuple[tuple[int, ...], ...] | None:
+    """A non-empty list of non-empty lists of token ids -> tuple of tuples. ``allow_empty``: empty
+    inner lists are dropped (they match nothing in transformers' bad_words_ids), None if none is left."""
     if (not isinstance(value, (list, tuple)) or not value
-            or not all(isinstance(ids, (list, tuple)) and ids for ids in value)):
+            or not all(isinstance(ids, (list, tuple)) and (ids or allow_empty) for ids in value)):
         _fail(name, value, "expected a non-empty list of non-empty lists of token ids")
-    return tuple(_token_ids(name, list(ids), vocab) for ids in value)
+    return tuple(_token_ids(name, list(ids), vocab) for ids in value if ids) or None
 
 
 def _bool(kw, name):
@@ -488,7 +489,8 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
     # --- processors -------------------------------------------------------------------------
     rep = _float(kw, "repetition_penalty", 0.0)
     ngram = max(_int(kw, "no_repeat_ngram_size") or 0, 0)  # <= 0: none, as transformers
-    bad_words = None if kw["bad_words_ids"] is None else _id_lists("bad_words_ids", kw["bad_words_ids"], vocab)
+    bad_words = (None if kw["bad_words_ids"] is None
+                 else _id_lists("bad_words_ids", kw["bad_words_ids"], vocab, allow_empty=True))
     sequence_bias = None if kw["sequence_bias"] is None else _sequence_bias(kw["sequence_bias"], vocab)
     suppress, begin_suppress = (_suppressed(name, kw[name], vocab) for name in ("suppress_tokens",
                                                                                  "begin_suppress_tokens"))
@@ -552,14 +554,15 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
         if not (callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))):
             _fail("streamer", streamer,
                   "expected an object with put(token_ids) and end() (e.g. transformers.TextStreamer)")
-        if beam_search:
-            _fail("streamer", streamer,
-                  "streaming is for greedy search and sampling, not beam search (as transformers)")
+        if beam_search:  # transformers raises for beam search; beam sampling there never ends the streamer
+            _fail("streamer", streamer, "streaming is for greedy search and sampling, not beam search or beam "
+                  "sampling (transformers raises for the first and never ends the streamer in the second)")
 
     mesh, data_axis, model_axis = kw["mesh"], kw["data_axis"], kw["model_axis"]
     if mesh is not None:
         sharding.check_mesh(mesh, data_axis, model_axis)
         sharding.check_context()
+        sharding.check_inputs(input_ids=ids, attention_mask=mask)
         mesh = sharding.auto_axes(mesh)
         d = sharding.axis_size(mesh, data_axis)
         if batch % d:

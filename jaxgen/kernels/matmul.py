@@ -74,7 +74,10 @@ def _project_int8(x, w: Int8Weight, row_shards: int):
         x32 = rows.astype(jnp.float32)
         row_scale = jnp.max(jnp.abs(x32), axis=-1, keepdims=True) / 127
         row_scale = jnp.where(row_scale == 0, 1, row_scale)
-        xq = jnp.round(x32 / row_scale).astype(jnp.int8)
+        # a product by the reciprocal, kept apart: XLA would compile the division as a division in
+        # one program and as such a product in another, rounding some rows to other int8 values
+        inverse = jax.lax.optimization_barrier(1 / row_scale)
+        xq = jnp.round(x32 * inverse).astype(jnp.int8)
         xq = jnp.pad(xq.reshape(row_shards, n, -1), ((0, 0), (0, lanes - n), (0, 0))).reshape(row_shards * lanes, -1)
         if _int8_order(lanes) == "row-major":
             y = jax.lax.dot_general(xq, q, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)

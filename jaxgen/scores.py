@@ -42,4 +42,4 @@ def compute_transition_scores(sequences, scores, beam_indices=None, normalize_lo
 
 def _array(x):
     """A torch tensor (transformers' outputs) as numpy; anything else (numpy, JAX, traced) as is."""
-    return x.numpy() if type(x).__module__.startswith("torch") else x
+    return x.detach().cpu().numpy() if type(x).__module__.startswith("torch") else x

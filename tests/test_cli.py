@@ -105,9 +105,8 @@ def test_json_is_valid_and_quiet():
             assert len(c["token_ids"]) == len(c["tokens"]) <= 6
 
 
-@pytest.mark.parametrize("args", [("The secret of", "--max-new-tokens", "20"),
-                                  ("The secret of", "--max-new-tokens", "20", "--do-sample", "--seed", "5"),
-                                  ("Hello \u2603", "--max-new-tokens", "8")])  # tokens of part of a character
+@pytest.mark.parametrize("args", [("Hello \u2603", "--max-new-tokens", "12"),  # tokens of part of a character
+                                  ("The secret of", "--max-new-tokens", "20", "--do-sample", "--seed", "5")])
 def test_stream_equals_non_streamed(args):
     assert jaxgen_cli(*args, "--stream").stdout == jaxgen_cli(*args).stdout
 

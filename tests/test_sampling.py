@@ -292,7 +292,7 @@ BAD = [
     (dict(top_kk=3), "unknown generate argument 'top_kk'.*did you mean 'top_k'"),
     (dict(bad_words_ids=[[i] for i in range(48)], suppress_tokens=[EOS]), "ban every token"),
     (dict(bad_words_ids=[[i] for i in range(48)], min_new_tokens=1), "ban every token"),
-    (dict(bad_words_ids=[[]]), "bad_words_ids"),
+    (dict(bad_words_ids=[[1, 2], 3]), "bad_words_ids"),
     (dict(sequence_bias={(1, 99): 1.0}), "sequence_bias"),
     (dict(repetition_penalty=0.0), "repetition_penalty=0.0"),
 ]

@@ -353,6 +353,13 @@ def test_malformed_files_fail_naming_them(tmp_path, good_dir):
             (d / filename).write_text(text)
         with pytest.raises(jaxgen.CheckpointError, match=message):
             jaxgen.from_pretrained(d)
+    missing = tmp_path / "missing"
+    _copy_config(good_dir, missing)
+    state = load_file(good_dir / "model.safetensors")
+    del state["transformer.h.0.mlp.c_fc.weight"]
+    save_file(state, missing / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(jaxgen.CheckpointError, match=f"^'{missing}': checkpoint lacks tensor 'transformer.h.0.mlp"):
+        jaxgen.from_pretrained(missing)
     for repo in ("org/na me", "bad id!"):
         with pytest.raises(jaxgen.CheckpointError, match="nor a valid hub id"):
             jaxgen.from_pretrained(repo, local_files_only=True)

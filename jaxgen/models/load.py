@@ -118,10 +118,10 @@ def from_pretrained(
     repeat = placed_config.n_kv_heads // config.n_kv_heads
     used: set[str] = set()
 
-    def load(path, source: Source):
+    def load(path, entry: Source):
         arrays = [tensors.read(_resolve(tensors, name, family.PREFIXES, source, used), shape)
-                  for name, shape in zip(source.names, source.shapes)]
-        value = source.build(*arrays)
+                  for name, shape in zip(entry.names, entry.shapes)]
+        value = entry.build(*arrays)
         del arrays
         keys = sharding.path_keys(path)
         if repeat > 1 and keys[2:4] == ("attn", "qkv"):

@@ -171,14 +171,9 @@ def with_argument(kwargs: dict[str, Any], supported) -> dict[str, Any]:
     value = kwargs.pop("generation_config", None)
     if value is None:
         return kwargs
-    if callable(getattr(value, "to_dict", None)) and not isinstance(value, Mapping):
-        value = value.to_dict()
-    if not isinstance(value, Mapping):
-        raise ValueError(f"generation_config={value!r} is not allowed: expected a transformers GenerationConfig "
-                         "or a dict of its fields")
     settings = {}
-    for name, v in value.items():
-        if v is None or name == "transformers_version" or name.startswith("_"):
+    for name, v in set_fields(value).items():
+        if name == "transformers_version" or name.startswith("_"):
             continue
         if name not in supported:
             reason = unsupported(name, v, supported, "generation_config sets")
@@ -192,6 +187,17 @@ def with_argument(kwargs: dict[str, Any], supported) -> dict[str, Any]:
                       "and will be removed in future versions. Please pass either a generation_config object OR all "
                       "generation parameters explicitly, but not both.", stacklevel=4)
     return {**settings, **kwargs}
+
+
+def set_fields(value: Any) -> dict[str, Any]:
+    """The fields a transformers ``GenerationConfig`` (or a mapping of its fields) sets, those not
+    None; ValueError naming ``generation_config`` for anything else."""
+    if callable(getattr(value, "to_dict", None)) and not isinstance(value, Mapping):
+        value = value.to_dict()
+    if not isinstance(value, Mapping):
+        raise ValueError(f"generation_config={value!r} is not allowed: expected a transformers GenerationConfig "
+                         "or a dict of its fields")
+    return {name: v for name, v in value.items() if v is not None}
 
 
 def with_call(generation_config: Any, kwargs: dict[str, Any], supported) -> dict[str, Any]:

@@ -194,6 +194,15 @@ def _bool(kw, name):
     return bool(kw[name])
 
 
+def _warn_beam_only(kw, kwargs, settings) -> None:
+    """transformers' warning (GenerationConfig.validate) for each beam-only setting of ``settings``
+    ((name, its off values)) that a one-beam call passes set."""
+    for name, off in settings:
+        if name in kwargs and kw[name] not in off:
+            warnings.warn(f"num_beams is set to 1. However, {name} is set to {kw[name]} -- this flag is only used "
+                          f"in beam-based generation modes. You should set num_beams>1 or unset {name}.", stacklevel=5)
+
+
 def _warn_unfeasible_minimum(prompt_len: int, max_length: int, min_length: int | None,
                              min_new_tokens: int | None, default_length: bool):
     """transformers' warnings for a minimum length above the maximum (`_validate_generated_length`);
@@ -358,12 +367,8 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
     if length_penalty is None and beam_search:  # transformers' beam search fails on it
         _fail("length_penalty", None, "expected a number")
     length_penalty = 1.0 if length_penalty is None else length_penalty
-    if num_beams == 1:  # transformers' GenerationConfig.validate
-        for name, off in (("early_stopping", (None, False)), ("length_penalty", (None, 1.0))):
-            if name in kwargs and kw[name] not in off:
-                warnings.warn(f"num_beams is set to 1. However, {name} is set to {kw[name]} -- this flag is only "
-                              f"used in beam-based generation modes. You should set num_beams>1 or unset {name}.",
-                              stacklevel=4)
+    if num_beams == 1:
+        _warn_beam_only(kw, kwargs, (("early_stopping", (None, False)), ("length_penalty", (None, 1.0))))
     groups = _int(kw, "num_beam_groups", 1) or 1
     diversity = _float(kw, "diversity_penalty") or 0.0
     if beam_search and (groups != 1 or diversity != 0.0):  # transformers 4.53's checks of group beam search
@@ -382,11 +387,7 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
             _fail("stop_sequences", [list(x) for x in stops], "not with group beam search (num_beam_groups="
                   f"{groups}): not implemented in jaxgen yet")
     elif groups != 1 or diversity != 0.0:
-        for name in ("num_beam_groups", "diversity_penalty"):
-            if kw[name] not in (None, 1, 0.0) and name in kwargs:
-                warnings.warn(f"num_beams is set to 1. However, {name} is set to {kw[name]} -- this flag is only "
-                              f"used in beam-based generation modes. You should set num_beams>1 or unset {name}.",
-                              stacklevel=4)
+        _warn_beam_only(kw, kwargs, (("num_beam_groups", (None, 1, 0.0)), ("diversity_penalty", (None, 1, 0.0))))
         groups, diversity = 1, 0.0
     penalty_alpha = _float(kw, "penalty_alpha")
     # transformers' dispatch (GenerationConfig.get_generation_mode); top_k counts only when used

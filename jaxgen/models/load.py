@@ -17,6 +17,7 @@ shard of each tensor.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import warnings
@@ -28,6 +29,7 @@ from jax.sharding import NamedSharding
 
 from jaxgen import quantization, sharding
 from jaxgen.generation_config import from_checkpoint as generation_settings
+from jaxgen.generation_config import set_fields
 from jaxgen.models import family_of, files
 from jaxgen.models.checkpoint import Source
 from jaxgen.models.config import DTYPES, CheckpointError
@@ -106,10 +108,11 @@ def from_pretrained(
                               f"{method!r}), which jaxgen does not load; load its full-precision checkpoint "
                               "(quantize='int8' quantizes it as it loads)")
     family = family_of(raw_config.get("model_type"))
-    names = files.weight_files(variant, use_safetensors)
-    dtype_name = _dtype_name(dtype, raw_config, lambda: files.open_weights(fetch, source, names).floating_dtype())
+    # opened once, on first use: after the config's checks, unless dtype="auto" needs the weights' dtype
+    opened = functools.cache(lambda: files.open_weights(fetch, source, files.weight_files(variant, use_safetensors)))
+    dtype_name = _dtype_name(dtype, raw_config, lambda: opened().floating_dtype())
     config = family.config_from_hf(_hf_config(raw_config), dtype_name)
-    tensors = files.open_weights(fetch, source, names)
+    tensors = opened()
     table = family.checkpoint_table(config)
     config, table = _head_as_stored(config, table, family, tensors, source)
     generation = generation_settings(_generation_json(generation_config, fetch), raw_config)
@@ -220,11 +223,7 @@ def _generation_json(argument: Any, fetch: files.Fetcher) -> dict[str, Any] | No
     checkpoint's ``generation_config.json``; None where there is none, or where that file cannot
     be read (transformers then falls back to config.json's fields, with a warning)."""
     if argument is not None:
-        value = argument.to_dict() if callable(getattr(argument, "to_dict", None)) else argument
-        if not isinstance(value, dict):
-            raise ValueError(f"generation_config={argument!r} is not allowed: expected a transformers "
-                             "GenerationConfig or a dict of its fields")
-        return {k: v for k, v in value.items() if v is not None}
+        return set_fields(argument)
     path = fetch("generation_config.json")
     if path is None:
         return None

@@ -66,6 +66,26 @@ class LayerRecord:
             hidden = jax.lax.dynamic_update_index_in_dim(hidden, h, step - 1, 0)
         return self.replace(attentions=attentions, hidden=hidden)
 
+    def record_rows(self, steps: jax.Array, outputs: LayerOutputs) -> "LayerRecord":
+        """Stores the `LayerOutputs` of a forward pass of ``q`` tokens a row that runs each row at
+        its own step (assisted decoding's): position ``i`` of row ``r`` gives token ``steps[r, i]``'s
+        logits (int32[rows, q]; steps outside ``[1, N)`` are dropped), as `record` would store the
+        one-token pass of that step (the slots past it get no weight from its query)."""
+        buffers = [b for b in (self.attentions, self.hidden) if b is not None]
+        n = buffers[0].shape[0] if buffers else 0
+        if not n:  # nothing asked, or max_new_tokens=1
+            return self
+        entry = jnp.where((steps >= 1) & (steps <= n), steps - 1, n)  # n: out of range, dropped
+        rows = jnp.arange(steps.shape[0])[:, None]
+        attentions, hidden = self.attentions, self.hidden
+        if attentions is not None:
+            a = jnp.stack(outputs.attentions)[..., :attentions.shape[-1]]  # [layers, rows, heads, q, P + N]
+            attentions = attentions.at[entry, :, rows].set(a.transpose(1, 3, 0, 2, 4), mode="drop")
+        if hidden is not None:
+            h = jnp.stack(outputs.hidden_states)  # [k, rows, q, d]
+            hidden = hidden.at[entry, :, rows].set(h.transpose(1, 2, 0, 3), mode="drop")
+        return self.replace(attentions=attentions, hidden=hidden)
+
     def trim(self, steps: int, prompt_len: int, bucket_len: int):
         """(attentions, hidden_states) as transformers returns them, or None each: one tuple per
         step of one entry per layer, ``[rows, n_heads, q, kv]`` (the prompt's ``q = kv = L``, then

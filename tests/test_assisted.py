@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import jaxgen
-from tests.conftest import EOS, EOS_MODEL, PAD, build_checkpoint, left_padded_batch
+from tests.conftest import EOS, EOS_MODEL, PAD, build_checkpoint, hf_generate, left_padded_batch
 from tests.test_lookup import assert_greedy
 
 
@@ -118,6 +118,50 @@ def test_equals_transformers_assisted_generate_at_batch_1(eos_model, drafts):
                                    num_assistant_tokens=4, do_sample=False, **kw)
     ours = jaxgen.generate(model, ids, mask, assistant_model=draft, num_assistant_tokens=4, **kw).trim()
     np.testing.assert_array_equal(ours.sequences, ref.numpy())
+
+
+@pytest.mark.parametrize("drafter", [dict(assistant_model="itself", num_assistant_tokens=4),
+                                     dict(prompt_lookup_num_tokens=3)], ids=["draft model", "prompt lookup"])
+def test_attentions_and_hidden_states_equal_greedy_s(eos_model, drafts, drafter):
+    """Each kept step's attentions and hidden states are greedy search's, also for a row that has
+    finished (it feeds pads, as in greedy search)."""
+    _, model = eos_model
+    drafter = {k: drafts[v][1] if v == "itself" else v for k, v in drafter.items()}
+    ids, mask = left_padded_batch(np.random.default_rng(3), 3, 6, EOS_MODEL["vocab_size"], [0, 2, 5])
+    kw = dict(max_new_tokens=12, eos_token_id=EOS, pad_token_id=PAD, output_attentions=True, output_hidden_states=True)
+    raw, plain = jaxgen.generate(model, ids, mask, **kw, **drafter), jaxgen.generate(model, ids, mask, **kw)
+    assert np.asarray(raw.num_accepted).sum() > 0
+    assert int(raw.num_steps) == int(plain.num_steps)
+    finished = np.isin(np.asarray(plain.trim().sequences)[:, 6:-1], EOS).any(1)
+    assert finished.any() and not finished.all()
+    steps = int(plain.num_steps)
+    for name in ("prompt_attentions", "attentions", "prompt_hidden", "hidden"):  # the static buffers, as trimmed
+        ours, theirs = getattr(raw.layers, name), getattr(plain.layers, name)
+        if not name.startswith("prompt"):
+            ours, theirs = ours[:steps - 1], theirs[:steps - 1]
+        np.testing.assert_allclose(ours, theirs, atol=1e-5, err_msg=name)
+    ours, theirs = raw.trim(), plain.trim()
+    for a, b in [(ours.attentions, theirs.attentions), (ours.hidden_states, theirs.hidden_states)]:
+        assert [[x.shape for x in step] for step in a] == [[x.shape for x in step] for step in b]
+
+
+def test_attentions_and_hidden_states_equal_transformers_at_batch_1(eos_model, drafts):
+    """As transformers' assisted generate with a draft whose first iteration keeps no token, and as
+    its greedy search with drafts kept from the first iteration on (there transformers 5.x returns
+    its prompt's first positions for the drafts its first forward keeps: docs/semantics.md)."""
+    from tests.test_outputs import assert_same_layers, eager
+    torch_model, model = eos_model
+    ids, mask = left_padded_batch(np.random.default_rng(7), 1, 6, EOS_MODEL["vocab_size"], [0])
+    kw = dict(max_new_tokens=12, min_new_tokens=12, eos_token_id=EOS, pad_token_id=PAD, output_attentions=True,
+              output_hidden_states=True)
+    reference = eager(torch_model)
+    for draft, torch_draft in [(drafts["gpt2"][1], eager(drafts["gpt2"][0])), (model, None)]:
+        ours = jaxgen.generate(model, ids, mask, assistant_model=draft, num_assistant_tokens=4, **kw)
+        assert (int(ours.num_accepted[0]) > 0) == (torch_draft is None)
+        drafting = {} if torch_draft is None else dict(assistant_model=torch_draft, num_assistant_tokens=4)
+        ref = hf_generate(reference, ids, mask, do_sample=False, **drafting, **kw)
+        np.testing.assert_array_equal(ours.trim().sequences, ref.sequences.numpy())
+        assert_same_layers(ours.trim(), ref)
 
 
 @pytest.mark.parametrize("kwargs, message", [

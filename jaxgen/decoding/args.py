@@ -593,9 +593,6 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
     recompute = config.recompute_at is not None and 1 <= config.recompute_at - prompt_len < max_new_tokens
     if attentions or hidden_states is not None:
         asked = "output_attentions" if attentions else "output_hidden_states"
-        if lookup:
-            _fail(asked, kw[asked], f"not with {with_what}: returning them from a forward over drafted tokens is "
-                  "not implemented in jaxgen yet")
         if recompute:
             _fail(asked, kw[asked], f"this call crosses the sequence length {config.recompute_at} at which "
                   "transformers' Phi-3 recomputes the whole sequence (its longrope factors switch); returning "

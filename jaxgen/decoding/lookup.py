@@ -11,13 +11,16 @@ one forward pass of ``K + 1`` tokens (its last token, then the draft) gives the 
 after each, and `accept` keeps the draft's longest acceptable prefix plus one token of the
 target's own. So each row advances by 1 to ``K + 1`` tokens, at its own pace (per-row cache write
 slots and columns). A row that finished keeps emitting ``pad_token_id`` as greedy search does, a
-whole iteration at a time, so that its scores at every step are greedy's too.
+whole iteration at a time, so that its scores at every step are greedy's too. Attentions and
+hidden states, when asked, are the verify forward's at each kept position: greedy's as well.
 
 Shapes: ``rows`` = batch, ``P`` bucketed prompt, ``N`` = max_new_tokens, ``K`` = the most tokens
 drafted; the token buffer and the caches hold ``P + N + K + 1`` columns (a draft may run past N).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +31,7 @@ from jaxgen.decoding.engine import DecodeSpec
 from jaxgen.models.cache import KVCache
 from jaxgen.models.model import CausalLM, forward
 from jaxgen.models.model import logits as logits_of
-from jaxgen.outputs import GenerateOutput
+from jaxgen.outputs import GenerateOutput, LayerRecord
 
 
 @struct.dataclass
@@ -50,7 +53,8 @@ class LookupState:
     done: bool[]; iteration: int32[], for the random keys; draft_len: int32[rows], tokens each row
     drafts next (transformers' ``num_assistant_tokens``, moved by the heuristic schedules);
     drafted / accepted: int32[rows], draft tokens proposed and kept so far; streamed: int32[],
-    steps handed to the streamer."""
+    steps handed to the streamer; layers: the attentions and hidden states of each kept step
+    (`LayerRecord`), or None."""
 
     sequences: jax.Array
     generated: jax.Array
@@ -66,6 +70,7 @@ class LookupState:
     drafted: jax.Array
     accepted: jax.Array
     streamed: jax.Array
+    layers: LayerRecord | None
 
 
 def draft(row: jax.Array, first: jax.Array, end: jax.Array, k: int, max_ngram: int) -> tuple[jax.Array, jax.Array]:
@@ -182,7 +187,9 @@ def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, k
     pre = engine.prefill(model, input_ids, attention_mask, prompt_len, spec, 1, rings=False)
     draft_cache = None
     if assistant is not None:
-        draft_cache = engine.prefill(assistant.model, input_ids, attention_mask, prompt_len, spec, 1, rings=False).cache
+        uncaptured = dataclasses.replace(spec, output_attentions=False, output_hidden_states=None)  # the target's only
+        draft_cache = engine.prefill(assistant.model, input_ids, attention_mask, prompt_len, uncaptured, 1,
+                                     rings=False).cache
         draft_cache = draft_cache.grow(width)
     rows, vocab = pre.logits.shape
     offset = spec.bucket_len - prompt_len
@@ -225,8 +232,9 @@ def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, k
         scores=engine.record(engine.score_buffer(spec.output_scores, spec, rows, vocab), 0, scores0),
         raw_logits=engine.record(engine.score_buffer(spec.output_logits, spec, rows, vocab), 0, pre.logits),
         done=jnp.all(hit) | (n_max == 1), iteration=jnp.int32(1), draft_len=zeros + k, drafted=zeros,
-        accepted=zeros, streamed=jnp.int32(1))
-    catch_up = spec.output_scores or spec.output_logits  # finished rows fill their scores up to the end
+        accepted=zeros, streamed=jnp.int32(1), layers=engine.layer_record(model, pre, spec))
+    # finished rows fill their scores, attentions and hidden states up to the end
+    catch_up = spec.output_scores or spec.output_logits or spec.capture is not None
 
     def iteration(s: LookupState) -> LookupState:
         last = spec.bucket_len + s.generated - 1  # [rows]: the column of each row's last token
@@ -251,7 +259,8 @@ def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, k
         with_draft = _put(s.sequences, cols, drafted)
         fed = jnp.concatenate([jnp.take_along_axis(s.sequences, last[:, None], 1), drafted], axis=1)  # [rows, k+1]
         positions = position[:, None] + jnp.arange(k + 1)[None]
-        hidden, cache = forward(model, fed, positions, kv_mask, s.cache, last, spec.row_shards)
+        hidden, cache, *outputs = forward(model, fed, positions, kv_mask, s.cache, last, spec.row_shards,
+                                          spec.capture)
         raw = logits_of(model, hidden, spec.row_shards)  # [rows, k+1, V]
         steps = s.generated[:, None] + jnp.arange(k + 1)[None]  # the step each position's token is
         scores = jax.vmap(processed, in_axes=(None, 1, 1), out_axes=1)(with_draft, raw, steps)
@@ -296,7 +305,8 @@ def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, k
             cache=cache, draft_cache=draft_cache, done=done, iteration=s.iteration + 1, draft_len=draft_len,
             drafted=s.drafted + count, accepted=s.accepted + jnp.where(s.unfinished, jnp.minimum(agree, keep), 0),
             streamed=jnp.maximum(s.streamed, ready),
-            scores=_record_rows(s.scores, record, scores), raw_logits=_record_rows(s.raw_logits, record, raw))
+            scores=_record_rows(s.scores, record, scores), raw_logits=_record_rows(s.raw_logits, record, raw),
+            layers=None if s.layers is None else s.layers.record_rows(record, outputs[0]))
 
     final = jax.lax.while_loop(lambda s: ~s.done, iteration, state)
     num_steps = jnp.max(final.ended)
@@ -304,7 +314,8 @@ def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, k
         jnp.arange(n_max)[:, None, None] < num_steps, buf, 0.0)
     return GenerateOutput(
         sequences=final.sequences[:, :spec.total_len], num_steps=num_steps, scores=zeros_after(final.scores),
-        logits=zeros_after(final.raw_logits), sequences_scores=None, beam_indices=None, prompt_len=prompt_len,
+        logits=zeros_after(final.raw_logits), sequences_scores=None, beam_indices=None,
+        layers=final.layers, prompt_len=prompt_len,
         bucket_len=spec.bucket_len, output_scores=spec.output_scores, num_drafted=final.drafted,
         num_accepted=final.accepted)
 

@@ -3,6 +3,7 @@
     python scripts/benchmark.py                       # GPT-2 124M architecture, random weights
     python scripts/benchmark.py --model path/to/gpt2 --new-tokens 32 --workloads greedy-1 beam4-8
     python scripts/benchmark.py --workloads beam5-1 greedy-6 sample-12   # any strategy-batch
+    python scripts/benchmark.py --dtype bfloat16 --quantize int8      # int8 beside bfloat16 and transformers
     python scripts/benchmark.py --workloads contrastive-1 group4x2-1     # against transformers 4.53
     python scripts/grow_model.py --out ~/.cache/jaxgen-bench/demo-grown-88m   # a target for the demo draft
     python scripts/benchmark.py --model ~/.cache/jaxgen-bench/demo-grown-88m --workloads assisted-1 lookup-1
@@ -29,7 +30,9 @@ from this machine's measured memory bandwidth and matmul throughput (weights + K
 per step over bandwidth, or FLOPs over throughput, whichever is larger; each measured before and
 after every workload, the better of the two kept for it: on a shared machine either rate can
 halve or double for minutes at a time).
-Optional: transformers with its static cache and ``torch.compile`` (``--torch-compile``).
+Optional: transformers with its static cache and ``torch.compile`` (``--torch-compile``). With
+``--quantize int8`` jaxgen's int8 model, its model in ``--dtype`` and transformers run in turns,
+and the table adds the int8 speedup over ``--dtype`` and the two sizes of the weights.
 Writes a markdown table to stdout and JSON to ``--json`` (rewritten after every workload).
 """
 
@@ -226,13 +229,13 @@ def default_checkpoint(cache: Path, arch: str, layers: int | None = None) -> Pat
     return path
 
 
-def load(args, library: str):
+def load(args, library: str, quantize: bool = True):
     """The checkpoint (``--model``, else ``--arch`` with random weights) in ``--dtype``: a jaxgen
-    model (its weights in int8 with ``--quantize int8``), or a transformers one in eval mode on
-    ``TORCH_DEVICE``."""
+    model (its weights in int8 with ``--quantize int8``, unless ``quantize`` is False), or a
+    transformers one in eval mode on ``TORCH_DEVICE``."""
     path = args.model or default_checkpoint(args.cache, args.arch, args.layers)
     if library == "jaxgen":
-        return jaxgen.from_pretrained(path, dtype=args.dtype, quantize=args.quantize)
+        return jaxgen.from_pretrained(path, dtype=args.dtype, quantize=args.quantize if quantize else None)
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).to(TORCH_DEVICE).eval()
@@ -299,7 +302,8 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    ap.add_argument("--quantize", choices=["int8"], help="jaxgen's weights in int8 (transformers' stay in --dtype)")
+    ap.add_argument("--quantize", choices=["int8"], help="jaxgen's weights in int8 (transformers' stay in --dtype); "
+                    "jaxgen's model in --dtype is timed beside it")
     ap.add_argument("--torch-compile", action="store_true", help="also time transformers static cache + torch.compile")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--rows", type=int, default=8, help="decode rows of the batch-N workloads")
@@ -318,6 +322,7 @@ def main():
     torch.set_num_threads(args.threads)
     torch.set_float32_matmul_precision("highest")  # its default; as jaxgen's below (no TF32 on a GPU)
     torch_model, model = load(args, "torch"), load(args, "jaxgen")
+    unquantized = load(args, "jaxgen", quantize=False) if args.quantize else None
     measurements = [measure_machine(model.dtype)]
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores, jax {jax.__version__} "
           f"on {jax.devices()[0].device_kind}, torch {torch.__version__} on {TORCH_DEVICE} ({args.threads} threads); "
@@ -344,7 +349,7 @@ def main():
             path = args.model or default_checkpoint(args.cache, args.arch, args.layers)
             hub_results.append(hub_workload.run(name, args, model, str(path), prompts, TORCH_DEVICE))
             continue
-        r = run_workload(name, args, model, torch_model)
+        r = run_workload(name, args, model, torch_model, unquantized)
         measurements.append(measure_machine(model.dtype))
         # The rates of a shared machine move for minutes at a time: each workload's bound uses
         # the better of the measurements taken right before and right after it.
@@ -375,7 +380,9 @@ def _limits(machine: dict) -> str:
     return f"read bandwidth {machine['bandwidth_GBps']:.1f} GB/s, matmul {machine['matmul_GFLOPs']:.0f} GFLOP/s"
 
 
-def run_workload(name, args, model, torch_model) -> dict:
+def run_workload(name, args, model, torch_model, unquantized=None) -> dict:
+    """Times ``name`` on jaxgen's ``model`` and transformers' ``torch_model`` in turns (and on
+    jaxgen's ``unquantized`` model, where given, beside a quantized ``model``)."""
     strategy, num_beams, batch = workload(name)
     new = args.new_tokens
     t0 = time.perf_counter()
@@ -383,6 +390,9 @@ def run_workload(name, args, model, torch_model) -> dict:
     jax_compile = time.perf_counter() - t0  # trace, lower and compile
     first_out = jax.block_until_ready(run_jax())
     jax_first = time.perf_counter() - t0
+    run_plain = None if unquantized is None else workload_calls(name, args, unquantized)[0]
+    if run_plain is not None:
+        jax.block_until_ready(run_plain())
     t0 = time.perf_counter()
     torch_out = run_torch()
     torch_first = time.perf_counter() - t0
@@ -398,7 +408,7 @@ def run_workload(name, args, model, torch_model) -> dict:
             print(f"{name}: {_precision(args)} outputs equal transformers' for the first {steps} of {new} steps (the "
                   "two libraries round differently); timed anyway, both decode every step", flush=True)
 
-    jax_times, torch_times = [], []
+    jax_times, torch_times, plain_times = [], [], []
     for _ in range(args.reps):  # alternate, so that machine noise hits both alike
         t0 = time.perf_counter()
         run_torch()
@@ -406,7 +416,17 @@ def run_workload(name, args, model, torch_model) -> dict:
         t0 = time.perf_counter()
         jax.block_until_ready(run_jax())
         jax_times.append(time.perf_counter() - t0)
+        if run_plain is not None:
+            t0 = time.perf_counter()
+            jax.block_until_ready(run_plain())
+            plain_times.append(time.perf_counter() - t0)
     jax_t, torch_t = statistics.median(jax_times), statistics.median(torch_times)
+    if plain_times:  # the quantized model against jaxgen's own in --dtype
+        plain_ratios = [p / j for p, j in zip(plain_times, jax_times)]
+        result.update(unquantized_ms_per_step=1e3 * statistics.median(plain_times) / new,
+                      quantized_speedup=statistics.median(plain_times) / jax_t,
+                      quantized_speedup_min=min(plain_ratios), quantized_speedup_max=max(plain_ratios),
+                      weights_MB=_params_MB(model), unquantized_weights_MB=_params_MB(unquantized))
     pair_ratios = [t / j for t, j in zip(torch_times, jax_times)]  # each pair ran back to back
     result.update(
         jax_first_s=jax_first, jax_compile_s=jax_compile, torch_first_s=torch_first,
@@ -420,6 +440,10 @@ def run_workload(name, args, model, torch_model) -> dict:
     print(f"{name}: jaxgen {result['jax_ms_per_step']:.1f} ms/step, transformers {result['torch_ms_per_step']:.1f} "
           f"ms/step, x{result['speedup']:.2f}", flush=True)
     return result
+
+
+def _params_MB(model) -> float:
+    return sum(x.nbytes for x in jax.tree.leaves(model.params)) / 2**20
 
 
 def agreeing_steps(ours: np.ndarray, theirs: np.ndarray, prompt_len: int) -> int | None:
@@ -510,6 +534,11 @@ def _ms(ms: float) -> str:
     return f"{ms:.{max(0, 2 - math.floor(math.log10(ms)))}f}"
 
 
+def _ratio(r: dict, key: str) -> str:
+    """A ratio of medians with its range over the back-to-back pairs: ``1.54x (1.52-1.66)``."""
+    return f"{r[key]:.2f}x ({r[key + '_min']:.2f}-{r[key + '_max']:.2f})"
+
+
 def _precision(args) -> str:
     return args.dtype + (f", jaxgen's weights {args.quantize}" if args.quantize else "")
 
@@ -523,6 +552,9 @@ def print_table(results, args):
         cols.append("ms/step hf static+compile")
     if args.dtype != "float32" or args.quantize:
         cols.append("steps equal to hf")
+    if args.quantize:
+        cols += [f"ms/step jaxgen {args.dtype}", f"{args.quantize} speedup over {args.dtype} (pair range)",
+                 f"weights MB {args.quantize} / {args.dtype}"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in results:
@@ -532,7 +564,7 @@ def print_table(results, args):
         cells = [r["workload"], f"{r['jax_first_s']:.1f} ({r['jax_compile_s']:.1f}) / {r['torch_first_s']:.1f}",
                  _ms(r["jax_ms_per_step"]), _ms(r["torch_ms_per_step"]), f"{r['jax_tokens_per_s']:.0f}",
                  f"{r['torch_tokens_per_s']:.0f}",
-                 f"{r['speedup']:.2f}x ({r['speedup_min']:.2f}-{r['speedup_max']:.2f})",
+                 _ratio(r, "speedup"),
                  _ms(r["bound_ms_per_step"]), f"{100 * r['jax_of_bound']:.0f}%",
                  f"{r['jax_peak_MB']:.0f} / {r['torch_peak_MB']:.0f}"]
         if args.torch_compile:
@@ -540,6 +572,10 @@ def print_table(results, args):
                          else r.get("torch_compiled_error", "n/a"))
         if args.dtype != "float32" or args.quantize:
             cells.append(f"{r['steps_equal']} of {r['new_tokens']}" if "steps_equal" in r else "n/a (sampled)")
+        if args.quantize:
+            cells += [_ms(r["unquantized_ms_per_step"]),
+                      _ratio(r, "quantized_speedup"),
+                      f"{r['weights_MB']:.0f} / {r['unquantized_weights_MB']:.0f}"]
         print("| " + " | ".join(cells) + " |")
 
 

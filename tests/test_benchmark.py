@@ -137,3 +137,23 @@ def test_assisted_workloads_check_outputs_and_predict(name):
         assert r["of_predicted"] == pytest.approx(r["speedup"] / predicted)
     else:
         assert 0 < r["acceptance"] <= 1
+
+
+def test_a_quantized_run_times_the_unquantized_model_beside_it(eos_model, monkeypatch, capsys):
+    """``--quantize int8``: jaxgen's model in ``--dtype`` runs in the same turns, and the table
+    gives the int8 speedup over it and both weights' size."""
+    torch_model, plain = eos_model
+    script = load_script()
+    monkeypatch.setattr(script, "probe_in_subprocess", lambda *a: 0.0)  # the memory probes: the report fixture's
+    args = argparse.Namespace(prompt_len=PROMPT, new_tokens=NEW, reps=2, dtype="float32", quantize="int8",
+                              torch_compile=False)
+    quantized = jaxgen.quantize(plain, "int8")
+    r = script.run_workload("greedy-2", args, quantized, torch_model, plain)
+    assert r["quantized_speedup"] == pytest.approx(r["unquantized_ms_per_step"] / r["jax_ms_per_step"])
+    assert r["quantized_speedup_min"] <= r["quantized_speedup"] <= r["quantized_speedup_max"]
+    assert r["weights_MB"] < r["unquantized_weights_MB"]
+    r.update(bound_ms_per_step=1.0, jax_of_bound=1.0)
+    script.print_table([r], args)
+    header, _, row = capsys.readouterr().out.strip().splitlines()[-3:]
+    assert "int8 speedup over float32 (pair range)" in header
+    assert row.count("|") == header.count("|")

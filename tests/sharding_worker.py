@@ -22,6 +22,7 @@ import jaxgen  # noqa: E402
 from jaxgen.decoding import api  # noqa: E402
 from jaxgen.decoding import args as decode_args  # noqa: E402
 from tests.conftest import build_checkpoint, left_padded_batch  # noqa: E402
+from tests.test_sharding import MESH_STRATEGIES  # noqa: E402
 
 CONFIG = dict(vocab_size=96, n_positions=64, n_embd=64, n_layer=2, n_head=8, initializer_range=0.4,
               bos_token_id=1, eos_token_id=2)
@@ -64,7 +65,8 @@ def main():
                                        .addressable_shards[0].data.shape),
         }
         results["meshes"][mesh_name] = {}
-        for name, extra in STRATEGIES.items():
+        for name in MESH_STRATEGIES[mesh_name]:
+            extra = STRATEGIES[name]
             key = {"key": jax.random.key(3)} if extra.get("do_sample") else {}
             out = jaxgen.generate(sharded, ids, mask, mesh=mesh, **KW, **extra, **key)
             results["meshes"][mesh_name][name] = summary(out)
@@ -122,6 +124,11 @@ def main():
     placed = [jax.device_put(x, NamedSharding(explicit_mesh, P("data", None))) for x in (ids, mask)]
     results["errors"]["explicit_inputs"] = error_of(
         lambda: jax.jit(lambda m, i, a: jaxgen.generate(m, i, a, mesh=explicit_mesh, **KW))(model, *placed))
+    results["errors"]["explicit_inputs_without_mesh"] = error_of(
+        lambda: jax.jit(lambda m, i, a: jaxgen.generate(m, i, a, **KW))(model, *placed))
+    results["errors"]["explicit_inputs_to_the_forward"] = error_of(lambda: jax.jit(lambda m, i: m(i))(model, placed[0]))
+    # outside jit the forward reads such inputs as any others
+    results["explicit_forward_equal"] = bool(np.array_equal(np.asarray(model(*placed)), np.asarray(model(ids, mask))))
     results["errors"]["not_a_mesh"] = error_of(lambda: jaxgen.generate(model, ids, mask, mesh="4x2", **KW))
     results["gqa"] = gqa_family()
     results["gemma"] = gemma_family()

@@ -165,7 +165,6 @@ def test_return_dict_false_returns_the_sequences(eos_model, batch):
     (dict(output_hidden_states="all"), "output_hidden_states='all'"),
     (dict(output_hidden_states=[0.5]), "output_hidden_states"),
     (dict(output_attentions=1), "output_attentions=1"),
-    (dict(output_attentions=True, prompt_lookup_num_tokens=3), "output_attentions=True.*prompt_lookup_num_tokens"),
 ])
 def test_bad_arguments(eos_model, batch, kwargs, message):
     _, model = eos_model

@@ -12,6 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# the strategies run on each mesh: rows split alone (beams padded per device, sampling's keys per
+# row), both axes, heads split alone (test_one_prompt_split_by_heads takes each strategy there)
+MESH_STRATEGIES = {"8x1": ("beam", "sample"), "4x2": ("greedy", "beam", "sample"), "1x8": ("greedy",)}
 WEIGHT_SHAPES = {"f32[8,3,8,64]", "f32[64,192]", "f32[64,64]", "f32[64,256]", "f32[256,64]", "f32[64,96]"}
 
 
@@ -35,8 +38,8 @@ def _assert_same(ours, single, strategy):
         np.testing.assert_allclose(ours["sequences_scores"], single["sequences_scores"], atol=1e-4)
 
 
-@pytest.mark.parametrize("mesh", ["8x1", "4x2", "1x8"])
-@pytest.mark.parametrize("strategy", ["greedy", "beam", "sample"])
+@pytest.mark.parametrize("mesh, strategy", [(mesh, strategy) for mesh, strategies in MESH_STRATEGIES.items()
+                                            for strategy in strategies])
 def test_mesh_equals_single_device(results, mesh, strategy):
     _assert_same(results["meshes"][mesh][strategy], results["single"][strategy], strategy)
 
@@ -82,7 +85,9 @@ def test_clear_errors(results):
     assert "not an axis of the mesh" in errors["axes"]
     assert "must be a jax.sharding.Mesh" in errors["not_a_mesh"]
     assert errors["explicit_context"].startswith("mesh cannot be used") and "jax.set_mesh" in errors["explicit_context"]
-    assert errors["explicit_inputs"].startswith("input_ids is sharded over a mesh with Explicit axes inside jax.jit")
+    for call in ("explicit_inputs", "explicit_inputs_without_mesh", "explicit_inputs_to_the_forward"):
+        assert errors[call].startswith("input_ids is sharded over a mesh with Explicit axes inside jax.jit"), call
+    assert results["explicit_forward_equal"]
 
 
 @pytest.mark.parametrize("placement", ["4x2/shard", "4x2/load", "2x4/shard", "2x4/load"])

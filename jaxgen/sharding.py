@@ -96,6 +96,16 @@ def check_inputs(**arrays) -> None:
                              "outside jit")
 
 
+def gathered(x):
+    """``x`` itself, or for a concrete array typed by a mesh with ``Explicit`` axes its values on
+    the host (jaxgen's model forward lays its arrays out on its own)."""
+    mesh = getattr(getattr(x, "sharding", None), "mesh", None)
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and mesh is not None and any(
+            t.name == "Explicit" for t in getattr(mesh, "axis_types", ())):
+        return np.asarray(x)
+    return x
+
+
 def plan(config: ModelConfig, mesh: Mesh, model_axis: str | None) -> tuple[ModelConfig, int]:
     """The config of ``config``'s model split along ``model_axis``, and by how many devices each
     kv head is replicated (1 unless the axis is larger than the kv head count).

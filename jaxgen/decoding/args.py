@@ -560,10 +560,10 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
                   "sampling (transformers raises for the first and never ends the streamer in the second)")
 
     mesh, data_axis, model_axis = kw["mesh"], kw["data_axis"], kw["model_axis"]
+    sharding.check_inputs(input_ids=ids, attention_mask=mask)
     if mesh is not None:
         sharding.check_mesh(mesh, data_axis, model_axis)
         sharding.check_context()
-        sharding.check_inputs(input_ids=ids, attention_mask=mask)
         mesh = sharding.auto_axes(mesh)
         d = sharding.axis_size(mesh, data_axis)
         if batch % d:

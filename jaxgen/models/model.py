@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import struct
 from flax.core import FrozenDict
 
-from jaxgen import models
+from jaxgen import models, sharding
 from jaxgen.models import attention
 from jaxgen.models.cache import KVCache
 from jaxgen.models.config import DTYPES, ModelConfig
@@ -60,13 +60,14 @@ class CausalLM:
         ``position_ids``: int[batch, seq], derived from the mask as generation does when omitted
         (``cumsum(mask) - 1``), so a left-padded batch gives the logits generation sees.
         """
-        input_ids = jnp.asarray(input_ids)
+        sharding.check_inputs(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        input_ids = jnp.asarray(sharding.gathered(input_ids))
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-        attention_mask = jnp.asarray(attention_mask)
+        attention_mask = jnp.asarray(sharding.gathered(attention_mask))
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)
-        return _jitted_logits(self, input_ids, attention_mask, jnp.asarray(position_ids))
+        return _jitted_logits(self, input_ids, attention_mask, jnp.asarray(sharding.gathered(position_ids)))
 
     def early_exit(self, n_layers: int) -> "CausalLM":
         """The model's first ``n_layers`` layers (all where it has fewer), then its final norm and

@@ -83,7 +83,6 @@ UNSUPPORTED = {
     "negative_prompt_attention_mask": "classifier-free guidance is not implemented in jaxgen yet",
     "assistant_ensemble_weight": "speculative sampling with an ensemble of the draft's and the model's "
                                  "probabilities is not implemented in jaxgen yet",
-    "dola_layers": "DoLa decoding is not implemented in jaxgen yet",
     "constraints": "constrained beam search is not implemented in jaxgen yet",
     "force_words_ids": "constrained beam search is not implemented in jaxgen yet",
     "encoder_repetition_penalty": "the encoder repetition penalty is not implemented in jaxgen yet",

@@ -134,13 +134,13 @@ def test_generation_config_json_without_eos_means_no_eos(tmp_path):
 def test_unsupported_setting_raises_with_a_way_out(tmp_path):
     build_checkpoint(tmp_path, seed=0, **EOS_MODEL)
     settings = json.loads((tmp_path / "generation_config.json").read_text())
-    settings.update(dola_layers="low", pad_token_id=0)  # DoLa decoding
+    settings.update(guidance_scale=1.5, pad_token_id=0)  # classifier-free guidance
     (tmp_path / "generation_config.json").write_text(json.dumps(settings))
     model = jaxgen.from_pretrained(tmp_path)
     ids, mask = _batch()
-    with pytest.raises(ValueError, match=r"sets dola_layers='low', which jaxgen does not support"):
+    with pytest.raises(ValueError, match=r"sets guidance_scale=1.5, which jaxgen does not support"):
         jaxgen.generate(model, ids, mask, max_new_tokens=3)
-    model = model.replace(generation_config=model.generation_config.copy({"dola_layers": None}))
+    model = model.replace(generation_config=model.generation_config.copy({"guidance_scale": None}))
     with pytest.raises(ValueError, match=r"sets stop_strings=\('\.',\).*pass the token ids of the stop texts"):
         jaxgen.generate(model.replace(generation_config=model.generation_config.copy({"stop_strings": (".",)})),
                         ids, mask, max_new_tokens=3)
@@ -177,8 +177,8 @@ def test_generation_config_argument_equals_transformers(tmp_path):
     assert out.trim().sequences.shape[1] == ids.shape[1] + 2
     with pytest.raises(ValueError, match="greedy_search runs with num_beams=1; got num_beams=4"):
         jaxgen.greedy_search(model, ids, mask, generation_config=passed)
-    with pytest.raises(ValueError, match="generation_config sets dola_layers='high', which jaxgen does not support"):
-        jaxgen.generate(model, ids, mask, generation_config=GenerationConfig(dola_layers="high"))
+    with pytest.raises(ValueError, match="generation_config sets watermarking_config=.*which jaxgen does not support"):
+        jaxgen.generate(model, ids, mask, generation_config=GenerationConfig(watermarking_config={"bias": 2.0}))
     with pytest.raises(ValueError, match="generation_config sets token_healing=True"):
         jaxgen.generate(model, ids, mask, generation_config=GenerationConfig(token_healing=True))
     with pytest.raises(ValueError, match=r"stop_strings=\['\.'\].*pass the token ids of the stop texts"):

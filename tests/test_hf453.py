@@ -18,6 +18,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -259,3 +260,84 @@ def test_contrastive_search_attentions_and_hidden_states_equal_transformers_4_53
                 expected = ref[f"{name}_{step}_{i}"]
                 assert x.shape == expected.shape, (name, step, i, x.shape, expected.shape)
                 np.testing.assert_allclose(x, expected, atol=1e-4, rtol=0, err_msg=f"{name}[{step}][{i}]")
+
+
+DOLA = [  # (prompts, generate kwargs): one candidate layer, and two (the batch's JS divergence picks one a step)
+    (3, dict(dola_layers="low")),
+    (3, dict(dola_layers=[0, 1], max_new_tokens=12)),
+    # -2: layer 1, counted from the end; a prompt without padding, where 4.53's penalty is 5.x's
+    (0, dict(dola_layers=[-2, 0], repetition_penalty=1.2, eos_token_id=None)),
+]
+
+
+def _dola_prompts(batch):
+    ids, mask = _prompts(3)
+    return (ids, mask) if batch == 3 else (ids[:1], mask[:1])
+
+
+@pytest.mark.filterwarnings("ignore:dola_layers is set to trigger DoLa decoding")
+def test_dola_decoding_equals_transformers_4_53(gpt2, hf453, tmp_path):
+    """DoLa on the EOS model (two layers, tied head: "low" and "high" take layer 1) and on a
+    Llama with GQA and an untied head ("low" takes the embeddings): sequences, and scores (the
+    processed contrast); the raw logits stay the final layer's."""
+    from tests.test_families import VOCAB, build
+    path, model = gpt2
+    calls = [dict(dict(max_new_tokens=10, eos_token_id=EOS, pad_token_id=PAD), **kw) for _, kw in DOLA]
+    prompts = [_dola_prompts(b) for b, _ in DOLA]
+    refs = reference(hf453, path, [dict(call, ids=ids.tolist(), mask=mask.tolist())
+                                   for call, (ids, mask) in zip(calls, prompts)], tmp_path)
+    for call, (ids, mask), ref in zip(calls, prompts, refs):
+        assert_equal_to(jaxgen.generate(model, ids, mask, output_scores=True, **call).trim(), ref)
+
+    build(tmp_path / "llama", "llama_gqa2_biases_untied")
+    llama = jaxgen.from_pretrained(tmp_path / "llama")
+    ids, mask = left_padded_batch(np.random.default_rng(0), 3, 7, VOCAB, pads=[0, 3, 1], low=3)
+    call = dict(max_new_tokens=8, eos_token_id=EOS, pad_token_id=PAD, dola_layers="low")
+    ref, = reference(hf453, tmp_path / "llama", [dict(call, ids=ids.tolist(), mask=mask.tolist())], tmp_path)
+    ours = jaxgen.generate(llama, ids, mask, output_scores=True, output_logits=True, **call).trim()
+    assert_equal_to(ours, ref)
+    plain = jaxgen.generate(llama, ids, mask, output_logits=True, max_new_tokens=1, pad_token_id=PAD).trim()
+    np.testing.assert_allclose(ours.logits[0], plain.logits[0], atol=1e-5)
+
+
+def test_dola_candidate_layers_follow_transformers_rule():
+    """4.53's `_dola_decoding`: every other layer of a half, from layer 2 with a tied head (the
+    embeddings' logits would be the head's own), a span of 20 layers at most past 40 layers."""
+    from jaxgen.decoding.dola import candidate_layers
+    assert candidate_layers("low", 12, tied=True) == (2, 4)
+    assert candidate_layers("low", 12, tied=False) == (0, 2, 4)
+    assert candidate_layers("high", 12, tied=True) == (6, 8, 10)
+    assert candidate_layers("low", 48, tied=False) == tuple(range(0, 20, 2))
+    assert candidate_layers("high", 48, tied=False) == tuple(range(28, 48, 2))
+    assert candidate_layers("low", 2, tied=True) == (1,) == candidate_layers("high", 2, tied=True)
+    assert candidate_layers([3, 12, 14, -1, -13], 12, tied=True) == (3, 12, 0)  # 12 and -1: the final norm's
+    with pytest.raises(ValueError, match=r"dola_layers='low' is not allowed: it leaves no layer below"):
+        candidate_layers("low", 3, tied=True)
+    with pytest.raises(ValueError, match="the model has 13 hidden states"):
+        candidate_layers([-14], 12, tied=True)
+
+
+def test_dola_alongside_other_settings(gpt2):
+    """transformers' warnings (a repetition penalty below 1.2; DoLa beside beam search, which runs
+    its own mode); the call's own hidden states beside DoLa's layers; sampling with top_k=1 draws
+    DoLa greedy's tokens; generate_batch refuses it."""
+    _, model = gpt2
+    ids, mask = _prompts(3)
+    kw = dict(max_new_tokens=6, eos_token_id=EOS, pad_token_id=PAD, dola_layers=[0, 1])
+    with pytest.warns(UserWarning, match="recommended value for DoLa decoding is repetition_penalty>=1.2"):
+        greedy = jaxgen.generate(model, ids, mask, output_hidden_states=[0, 2], output_scores=True, **kw).trim()
+    plain = jaxgen.generate(model, ids, mask, output_hidden_states=True, max_new_tokens=1, pad_token_id=PAD).trim()
+    assert [len(step) for step in greedy.hidden_states] == [3] * len(greedy.scores)
+    np.testing.assert_allclose(greedy.hidden_states[0][2], plain.hidden_states[0][2], atol=1e-5)
+    assert greedy.hidden_states[0][1] is None
+    with pytest.warns(UserWarning, match="repetition_penalty"):
+        sampled = jaxgen.generate(model, ids, mask, do_sample=True, top_k=1, key=jax.random.key(0), **kw).trim()
+    np.testing.assert_array_equal(sampled.sequences, greedy.sequences)
+    beams = dict(kw, num_beams=2, repetition_penalty=1.2)
+    with pytest.warns(UserWarning, match=r"dola_layers=\[0, 1\] triggers DoLa decoding.*mode is beam search, so it"):
+        out = jaxgen.generate(model, ids, mask, **beams).trim()
+    beams.pop("dola_layers")
+    np.testing.assert_array_equal(out.sequences, jaxgen.generate(model, ids, mask, **beams).trim().sequences)
+    with pytest.raises(ValueError, match="dola_layers=.* is DoLa decoding, which generate_batch does not run"):
+        jaxgen.generate_batch(model, [[3, 4, 5]], dola_layers="low", repetition_penalty=1.2, max_new_tokens=2,
+                              progress=False)

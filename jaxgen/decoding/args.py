@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgen import generation_config, sharding
+from jaxgen.decoding import dola
 from jaxgen.decoding import lookup as lookup_decoder
 from jaxgen.decoding.engine import DecodeSpec, loop_phases
 from jaxgen.models.model import CausalLM
@@ -44,7 +45,7 @@ DEFAULTS: dict[str, Any] = {
     "prompt_lookup_num_tokens": None, "max_matching_ngram_size": None, "penalty_alpha": None,
     "num_beam_groups": None, "diversity_penalty": None,
     "assistant_model": None, "num_assistant_tokens": None, "num_assistant_tokens_schedule": None,
-    "assistant_confidence_threshold": None, "assistant_early_exit": None,
+    "assistant_confidence_threshold": None, "assistant_early_exit": None, "dola_layers": None,
     "mesh": None, "data_axis": "data", "model_axis": "model",
 }
 # Flags that transformers tests for truth: None is False there.
@@ -429,6 +430,16 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
         warnings.warn(f"{with_what} triggers assisted generation, which runs with greedy search and sampling only; "
                       f"this call's decoding mode is {mode}, so it is ignored (as in transformers)", stacklevel=4)
         drafter = None
+    dola_layers = ()
+    if kw["dola_layers"] is not None:
+        if beam_search or contrastive or drafter:  # transformers logs this and runs the call's own mode
+            mode = ("assisted generation" if drafter else "contrastive search" if contrastive
+                    else "group beam search" if groups > 1 else "beam search")
+            warnings.warn(f"dola_layers={kw['dola_layers']!r} triggers DoLa decoding, which runs with greedy search "
+                          f"and sampling only; this call's decoding mode is {mode}, so it is ignored (as in "
+                          "transformers)", stacklevel=4)
+        else:
+            dola_layers = dola.candidate_layers(kw["dola_layers"], config.n_layers, config.tie_word_embeddings)
     draft_model, schedule, confidence = None, None, 0.0
     if drafter:
         if nrs > 1:
@@ -489,6 +500,10 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
 
     # --- processors -------------------------------------------------------------------------
     rep = _float(kw, "repetition_penalty", 0.0)
+    if dola_layers and (rep is None or rep < 1.2):
+        warnings.warn(f"dola_layers is set to trigger DoLa decoding, but repetition_penalty is set to a value of "
+                      f"{rep}, which could induce unwanted repetition. The recommended value for DoLa decoding is "
+                      "repetition_penalty>=1.2 (as transformers 4.53)", stacklevel=4)
     ngram = max(_int(kw, "no_repeat_ngram_size") or 0, 0)  # <= 0: none, as transformers
     bad_words = (None if kw["bad_words_ids"] is None
                  else _id_lists("bad_words_ids", kw["bad_words_ids"], vocab, allow_empty=True))
@@ -591,12 +606,14 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
     )
     # transformers' Phi-3 runs the whole sequence again where its longrope factors switch (`engine.recomputes`)
     recompute = config.recompute_at is not None and 1 <= config.recompute_at - prompt_len < max_new_tokens
-    if attentions or hidden_states is not None:
-        asked = "output_attentions" if attentions else "output_hidden_states"
+    if attentions or hidden_states is not None or dola_layers:
+        asked = "output_attentions" if attentions else "output_hidden_states" if hidden_states is not None else \
+            "dola_layers"
         if recompute:
             _fail(asked, kw[asked], f"this call crosses the sequence length {config.recompute_at} at which "
-                  "transformers' Phi-3 recomputes the whole sequence (its longrope factors switch); returning "
-                  "that step's outputs is not implemented in jaxgen yet: keep prompt + max_new_tokens on one side")
+                  "transformers' Phi-3 recomputes the whole sequence (its longrope factors switch); that step's "
+                  "layer outputs (attentions, hidden states, DoLa's layers) are not implemented in jaxgen yet: keep "
+                  "prompt + max_new_tokens on one side")
     spec = DecodeSpec(
         bucket_len=bucket_len, max_new_tokens=max_new_tokens,
         eos_token_ids=eos_ids, pad_token_id=pad, stop_sequences=stops or (), do_sample=do_sample, num_beams=num_beams,
@@ -606,6 +623,7 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
         mesh=mesh, data_axis=data_axis, model_axis=model_axis,
         recompute=recompute, contrastive=contrastive, lookup=lookup or 0, lookup_ngram=lookup_ngram or 0,
         lookup_schedule=schedule in ("heuristic", "heuristic_transient"), lookup_confidence=confidence > 0,
+        dola_layers=dola_layers,
     )
     ropes = [getattr(config, f.name) for f in dataclasses.fields(config) if isinstance(getattr(config, f.name), Rope)]
     if spec.contrastive and spec.recompute:

@@ -67,6 +67,7 @@ class DecodeSpec:
     lookup_ngram: int = 0  # prompt lookup: the longest n-gram it matches (0: a draft model drafts)
     lookup_schedule: bool = False  # the draft length follows transformers' heuristic schedule
     lookup_confidence: bool = False  # a draft stops after a token below its confidence threshold
+    dola_layers: tuple[int, ...] = ()  # DoLa: the hidden states it contrasts (`jaxgen.decoding.dola`)
 
     @property
     def total_len(self) -> int:
@@ -74,10 +75,19 @@ class DecodeSpec:
 
     @property
     def capture(self) -> Capture | None:
-        """What each forward pass returns beside its logits, or None."""
-        if not self.output_attentions and self.output_hidden_states is None:
+        """What each forward pass returns beside its logits, or None: the attentions and hidden
+        states asked for, then DoLa's candidate layers' hidden states (`dola.split` parts them)."""
+        if not self.output_attentions and self.output_hidden_states is None and not self.dola_layers:
             return None
-        return Capture(self.output_attentions, self.output_hidden_states)
+        hidden = self.output_hidden_states
+        if self.dola_layers:
+            hidden = (hidden or ()) + self.dola_layers
+        return Capture(self.output_attentions, hidden)
+
+    @property
+    def asked_layers(self) -> bool:
+        """Whether the call asks for attentions or hidden states (`LayerRecord`)."""
+        return self.output_attentions or self.output_hidden_states is not None
 
     @property
     def row_shards(self) -> int:

@@ -1,4 +1,5 @@
-"""Greedy search and multinomial sampling: one token per row per step (transformers' ``_sample``).
+"""Greedy search and multinomial sampling: one token per row per step (transformers' ``_sample``),
+and DoLa decoding, either of them on contrasted scores (`jaxgen.decoding.dola`).
 
 The two differ only in how a token is picked from the processed scores (``argmax`` or a draw
 from their softmax), so they share this one ``lax.while_loop``. Rows that produced an EOS keep
@@ -11,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxgen.decoding import engine, select
+from jaxgen.decoding import dola, engine, select
 from jaxgen.decoding.engine import DecodeSpec
 from jaxgen.models.cache import KVCache
 from jaxgen.models.model import CausalLM
@@ -25,7 +26,8 @@ class TokenState:
     step: int32[] tokens generated so far; sequences: int32[rows, P + N];
     logits: float32[rows, V] raw logits for token ``step``; cache; positions: int32[rows];
     unfinished: bool[rows]; done: bool[]; scores / raw_logits: float32[N, rows, V] or None;
-    layers: attentions and hidden states (`LayerRecord`) or None.
+    layers: attentions and hidden states (`LayerRecord`) or None; premature: float32[C, rows, V],
+    DoLa's candidate layers' logits for token ``step``, or None.
     """
 
     step: jax.Array
@@ -38,6 +40,7 @@ class TokenState:
     scores: jax.Array | None
     raw_logits: jax.Array | None
     layers: LayerRecord | None
+    premature: jax.Array | None
 
 
 def select_token(scores: jax.Array, key: jax.Array | None, step: jax.Array, do_sample: bool) -> jax.Array:
@@ -51,6 +54,8 @@ def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, k
            spec: DecodeSpec) -> GenerateOutput:
     """Greedy / sampling decode of ``input_ids: int32[batch, P]`` (left-padded to the bucket)."""
     pre = engine.prefill(model, input_ids, attention_mask, prompt_len, spec, spec.num_return_sequences)
+    outputs, premature = dola.split(model, pre.outputs, spec.dola_layers, spec.asked_layers, spec.row_shards)
+    pre = pre.replace(outputs=outputs)
     rows, vocab = pre.logits.shape
     state = TokenState(
         step=jnp.zeros((), jnp.int32),
@@ -64,10 +69,12 @@ def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, k
         scores=engine.score_buffer(spec.output_scores, spec, rows, vocab),
         raw_logits=engine.score_buffer(spec.output_logits, spec, rows, vocab),
         layers=engine.layer_record(model, pre, spec),
+        premature=premature,
     )
 
     def choose(s: TokenState) -> TokenState:
-        scores = engine.process(processors, s.logits, s.sequences, s.step, prompt_len, pre.pad_lengths, spec)
+        logits = s.logits if s.premature is None else dola.contrast(s.logits, s.premature)
+        scores = engine.process(processors, logits, s.sequences, s.step, prompt_len, pre.pad_lengths, spec)
         tokens = select_token(scores, key, s.step, spec.do_sample)
         sequences, unfinished = engine.emit(tokens, s.sequences, s.unfinished, s.step, prompt_len, streamer_id, spec)
         done = ~jnp.any(unfinished) | (s.step + 1 >= spec.max_new_tokens)
@@ -84,7 +91,8 @@ def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, k
             redo = (engine.recomputes(model, prompt_len, s.step, spec), s.sequences, pre.kv_mask)
         logits, cache, outputs = engine.decode_step(model, tokens, s.positions, pre.kv_mask, s.cache, column, spec,
                                                     redo)
-        return s.replace(logits=logits, cache=cache, positions=s.positions + 1,
+        outputs, premature = dola.split(model, outputs, spec.dola_layers, spec.asked_layers, spec.row_shards)
+        return s.replace(logits=logits, cache=cache, positions=s.positions + 1, premature=premature,
                          layers=engine.record_layers(s.layers, s.step, outputs))
 
     final = engine.run_loop(state, choose, advance, spec)

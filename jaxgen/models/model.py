@@ -27,7 +27,7 @@ from flax import struct
 from flax.core import FrozenDict
 
 from jaxgen import models, sharding
-from jaxgen.models import attention
+from jaxgen.models import attention, layers
 from jaxgen.models.cache import KVCache
 from jaxgen.models.config import DTYPES, ModelConfig
 
@@ -180,6 +180,12 @@ def _block(family, config, row_shards, params, x, rotary, layer):
 def logits(model: CausalLM, hidden: jax.Array, row_shards: int = 1) -> jax.Array:
     """dtype[..., d_model] -> float32 logits [..., vocab]; ``row_shards`` as in `forward`."""
     return model.family.logits(model.params, model.config, hidden, row_shards)
+
+
+def head(model: CausalLM, hidden: jax.Array, row_shards: int = 1) -> jax.Array:
+    """The LM head alone (transformers' ``get_output_embeddings()``: no final soft-cap):
+    dtype[..., d_model] -> float32[..., vocab]."""
+    return layers.lm_head(model.params, hidden, row_shards)
 
 
 @jax.jit

@@ -78,9 +78,6 @@ UNSUPPORTED = {
     "stopping_criteria": "custom stopping criteria are host-side Python; use eos_token_id or stop_sequences",
     "prefix_allowed_tokens_fn": "a host-side Python function called at every step; pass a JAX function as "
                                 "logits_processor=[fn] instead",
-    "guidance_scale": "classifier-free guidance is not implemented in jaxgen yet",
-    "negative_prompt_ids": "classifier-free guidance is not implemented in jaxgen yet",
-    "negative_prompt_attention_mask": "classifier-free guidance is not implemented in jaxgen yet",
     "assistant_ensemble_weight": "speculative sampling with an ensemble of the draft's and the model's "
                                  "probabilities is not implemented in jaxgen yet",
     "constraints": "constrained beam search is not implemented in jaxgen yet",

@@ -180,7 +180,7 @@ BAD = [
     (dict(sequence_bias={1: 1.0}), r"sequence_bias=\{1: 1.0\} is not allowed"),
     (dict(sequence_bias=[[[1, 2]]]), "sequence_bias=.* is not allowed"),
     (dict(penalty_alpha=0.6), r"top_k=50 is not allowed: contrastive search .* vocabulary of 48"),
-    (dict(guidance_scale=1.5), r"guidance_scale=1.5, .*classifier-free guidance is not implemented"),
+    (dict(watermarking_config={"bias": 2.0}), r"watermarking_config=\{'bias': 2.0\}, .*watermarking is not"),
     (dict(force_words_ids=[[5]]), r"force_words_ids=\[\[5\]\], .*constrained beam search is not implemented"),
     (dict(dola_layers="middle"), r"dola_layers='middle' is not allowed: expected 'low', 'high' or a list"),
     (dict(dola_layers=[2, 5]), r"dola_layers=\[2, 5\] is not allowed: it leaves no layer below the final one \(2\)"),

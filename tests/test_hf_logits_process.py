@@ -14,7 +14,8 @@ Not ported (jaxgen has no such processor or option):
   no encoder repetition penalty (decoder-only).
 - test_encoder_no_repeat_ngram_dist_processor: no encoder no-repeat-ngram (decoder-only).
 - test_prefix_constrained_logits_processor: no ``prefix_allowed_tokens_fn``.
-- test_classifier_free_guidance: no classifier-free guidance.
+- test_classifier_free_guidance: its processor calls a torch model of its own; tests/test_guidance.py
+  checks guidance against transformers' generate instead.
 - test_early_stop_processor, test_early_stop_processor_multi_eos: no Bark EOS prioritizer.
 - test_watermarking_processor: no watermarking.
 - test_synthidtext_watermarking_processor_bias_uniformity,

@@ -23,7 +23,7 @@ from jaxgen.outputs import GenerateOutput
 
 @functools.partial(jax.jit, static_argnames=("spec",))
 def _decode(model, input_ids, attention_mask, prompt_len, processors, key, length_penalty, penalty_alpha, assistant,
-            streamer_id, *, spec: DecodeSpec) -> GenerateOutput:
+            guidance, streamer_id, *, spec: DecodeSpec) -> GenerateOutput:
     if spec.num_beam_groups > 1:
         return group_beam.decode(model, input_ids, attention_mask, prompt_len, processors, length_penalty, spec)
     if spec.beam_search:
@@ -34,12 +34,12 @@ def _decode(model, input_ids, attention_mask, prompt_len, processors, key, lengt
     if spec.lookup:
         return lookup.decode(model, input_ids, attention_mask, prompt_len, processors, key, streamer_id, spec,
                              assistant)
-    return greedy.decode(model, input_ids, attention_mask, prompt_len, processors, key, streamer_id, spec)
+    return greedy.decode(model, input_ids, attention_mask, prompt_len, processors, key, streamer_id, spec, guidance)
 
 
 def _operands(req: args.Request):
     return (req.input_ids, req.attention_mask, req.prompt_len, req.processors, req.key, req.length_penalty,
-            req.penalty_alpha, req.assistant, req.streamer_id)
+            req.penalty_alpha, req.assistant, req.guidance, req.streamer_id)
 
 
 def _streaming(req: args.Request, input_ids, run: Callable[[], GenerateOutput]) -> GenerateOutput:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgen import generation_config, sharding
-from jaxgen.decoding import dola
+from jaxgen.decoding import dola, guidance
 from jaxgen.decoding import lookup as lookup_decoder
 from jaxgen.decoding.engine import DecodeSpec, loop_phases
 from jaxgen.models.model import CausalLM
@@ -46,6 +46,7 @@ DEFAULTS: dict[str, Any] = {
     "num_beam_groups": None, "diversity_penalty": None,
     "assistant_model": None, "num_assistant_tokens": None, "num_assistant_tokens_schedule": None,
     "assistant_confidence_threshold": None, "assistant_early_exit": None, "dola_layers": None,
+    "guidance_scale": None, "negative_prompt_ids": None, "negative_prompt_attention_mask": None,
     "mesh": None, "data_axis": "data", "model_axis": "model",
 }
 # Flags that transformers tests for truth: None is False there.
@@ -72,6 +73,7 @@ class Request:
     length_penalty: Any
     penalty_alpha: Any  # float32[], contrastive search's
     assistant: Any = None  # the draft model of assisted decoding (`lookup.Assistant`), or None
+    guidance: Any = None  # classifier-free guidance (`guidance.Guidance`), or None
     streamer: Any = None  # host object with put(np.ndarray) and end()
     return_dict: bool = True  # False: the call returns the sequences alone, as transformers
     prompt: Any = None  # int[batch, L], the prompt as passed (bos_token_id where it was None)
@@ -140,6 +142,41 @@ def _host_array(name: str, value) -> np.ndarray:
         return np.asarray(value)
     except (ValueError, TypeError) as e:
         _fail(name, f"<{type(value).__name__}>", f"expected a rectangular [batch, length] array or list of lists ({e})")
+
+
+def _guidance(kw, vocab: int, batch: int, nrs: int, other_mode: str | None):
+    """Classifier-free guidance's `guidance.Guidance` where ``guidance_scale`` is set and not 1
+    (transformers adds its processor then), else None; ``negative_prompt_ids`` (with its mask) is
+    the unconditional prompt, one row per prompt."""
+    scale = _float(kw, "guidance_scale")
+    if scale is None or scale == 1:
+        return None
+    if other_mode:
+        _fail("guidance_scale", scale, f"not with {other_mode}: classifier-free guidance is implemented for greedy "
+              "search and sampling in jaxgen (not yet beside other modes)")
+    if kw["mesh"] is not None:
+        _fail("guidance_scale", scale, "not with a mesh: classifier-free guidance on a mesh is not implemented in "
+              "jaxgen yet")
+    ids, mask = kw["negative_prompt_ids"], kw["negative_prompt_attention_mask"]
+    if ids is None:
+        return guidance.Guidance(jnp.float32(scale))
+    ids = _host_array("negative_prompt_ids", ids)
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) or ids.shape[0] != batch or ids.shape[1] == 0:
+        _fail("negative_prompt_ids", f"<{ids.dtype}{list(ids.shape)}>", f"expected integer ids [{batch}, length]: one "
+              "unconditional prompt per prompt")
+    if ids.min() < 0 or ids.max() >= vocab:
+        _fail("negative_prompt_ids", f"<contains {ids[(ids < 0) | (ids >= vocab)][:5].tolist()}>",
+              f"token ids must be in [0, {vocab})")
+    if nrs > 1:
+        _fail("negative_prompt_ids", f"<shape {list(ids.shape)}>", f"not with num_return_sequences={nrs}: transformers "
+              "does not repeat the unconditional prompt for each returned sequence (its shapes then disagree)")
+    if mask is not None:
+        mask = _host_array("negative_prompt_attention_mask", mask)
+        if mask.shape != ids.shape or not np.isin(mask, (0, 1)).all():
+            _fail("negative_prompt_attention_mask", f"<{mask.dtype}{list(mask.shape)}>",
+                  f"expected 0/1 values of negative_prompt_ids' shape {list(ids.shape)}")
+        mask = jnp.asarray(mask, jnp.int32)
+    return guidance.Guidance(jnp.float32(scale), jnp.asarray(ids, jnp.int32), mask)
 
 
 def _prng_key(value):
@@ -440,6 +477,8 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
                           "transformers)", stacklevel=4)
         else:
             dola_layers = dola.candidate_layers(kw["dola_layers"], config.n_layers, config.tie_word_embeddings)
+    guided = _guidance(kw, vocab, batch, nrs, "assisted decoding" if drafter else "contrastive search" if contrastive
+                       else "beam search" if beam_search else "DoLa decoding" if dola_layers else None)
     draft_model, schedule, confidence = None, None, 0.0
     if drafter:
         if nrs > 1:
@@ -640,7 +679,7 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
     return Request(spec, padded_ids, padded_mask, jnp.int32(prompt_len), processors, key, jnp.float32(length_penalty),
                    jnp.float32(penalty_alpha or 0.0),
                    None if draft_model is None else lookup_decoder.Assistant(draft_model, jnp.float32(confidence)),
-                   streamer, return_dict, ids)
+                   guided, streamer, return_dict, ids)
 
 
 def _suppressed(name, value, vocab) -> tuple[int, ...] | None:

@@ -331,6 +331,9 @@ def _request(model, prompt, index: int, tokenizer, shared: dict, labels=None) ->
     if spec.contrastive:
         raise ValueError(f"{name}: penalty_alpha={call.get('penalty_alpha')} with top_k={spec.contrastive} is "
                          "contrastive search, which generate_batch does not run (use generate)")
+    if parsed.guidance is not None:
+        raise ValueError(f"{name}: guidance_scale={call.get('guidance_scale')} is classifier-free guidance, which "
+                         "generate_batch does not run (use generate)")
     if spec.dola_layers:
         raise ValueError(f"{name}: dola_layers={call.get('dola_layers')!r} is DoLa decoding, which generate_batch "
                          "does not run (use generate)")

@@ -1,5 +1,6 @@
 """Greedy search and multinomial sampling: one token per row per step (transformers' ``_sample``),
-and DoLa decoding, either of them on contrasted scores (`jaxgen.decoding.dola`).
+and DoLa decoding, either of them on contrasted scores (`jaxgen.decoding.dola`), or guided by an
+unconditional branch (classifier-free guidance, `jaxgen.decoding.guidance`).
 
 The two differ only in how a token is picked from the processed scores (``argmax`` or a draw
 from their softmax), so they share this one ``lax.while_loop``. Rows that produced an EOS keep
@@ -12,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxgen.decoding import dola, engine, select
+from jaxgen.decoding import dola, engine, guidance, select
 from jaxgen.decoding.engine import DecodeSpec
 from jaxgen.models.cache import KVCache
 from jaxgen.models.model import CausalLM
@@ -27,7 +28,8 @@ class TokenState:
     logits: float32[rows, V] raw logits for token ``step``; cache; positions: int32[rows];
     unfinished: bool[rows]; done: bool[]; scores / raw_logits: float32[N, rows, V] or None;
     layers: attentions and hidden states (`LayerRecord`) or None; premature: float32[C, rows, V],
-    DoLa's candidate layers' logits for token ``step``, or None.
+    DoLa's candidate layers' logits for token ``step``, or None; unconditional: classifier-free
+    guidance's branch (`guidance.Unconditional`), or None.
     """
 
     step: jax.Array
@@ -41,6 +43,7 @@ class TokenState:
     raw_logits: jax.Array | None
     layers: LayerRecord | None
     premature: jax.Array | None
+    unconditional: guidance.Unconditional | None
 
 
 def select_token(scores: jax.Array, key: jax.Array | None, step: jax.Array, do_sample: bool) -> jax.Array:
@@ -51,7 +54,7 @@ def select_token(scores: jax.Array, key: jax.Array | None, step: jax.Array, do_s
 
 
 def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, key, streamer_id,
-           spec: DecodeSpec) -> GenerateOutput:
+           spec: DecodeSpec, guided: guidance.Guidance | None = None) -> GenerateOutput:
     """Greedy / sampling decode of ``input_ids: int32[batch, P]`` (left-padded to the bucket)."""
     pre = engine.prefill(model, input_ids, attention_mask, prompt_len, spec, spec.num_return_sequences)
     outputs, premature = dola.split(model, pre.outputs, spec.dola_layers, spec.asked_layers, spec.row_shards)
@@ -70,10 +73,14 @@ def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, k
         raw_logits=engine.score_buffer(spec.output_logits, spec, rows, vocab),
         layers=engine.layer_record(model, pre, spec),
         premature=premature,
+        unconditional=None if guided is None else guidance.start(
+            model, guided, jnp.repeat(input_ids[:, -1], spec.num_return_sequences), spec.max_new_tokens),
     )
 
     def choose(s: TokenState) -> TokenState:
         logits = s.logits if s.premature is None else dola.contrast(s.logits, s.premature)
+        if s.unconditional is not None:
+            logits = guidance.guide(logits, s.unconditional, guided.scale)
         scores = engine.process(processors, logits, s.sequences, s.step, prompt_len, pre.pad_lengths, spec)
         tokens = select_token(scores, key, s.step, spec.do_sample)
         sequences, unfinished = engine.emit(tokens, s.sequences, s.unfinished, s.step, prompt_len, streamer_id, spec)
@@ -92,8 +99,9 @@ def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, k
         logits, cache, outputs = engine.decode_step(model, tokens, s.positions, pre.kv_mask, s.cache, column, spec,
                                                     redo)
         outputs, premature = dola.split(model, outputs, spec.dola_layers, spec.asked_layers, spec.row_shards)
+        unconditional = None if s.unconditional is None else guidance.step(model, s.unconditional, tokens)
         return s.replace(logits=logits, cache=cache, positions=s.positions + 1, premature=premature,
-                         layers=engine.record_layers(s.layers, s.step, outputs))
+                         unconditional=unconditional, layers=engine.record_layers(s.layers, s.step, outputs))
 
     final = engine.run_loop(state, choose, advance, spec)
     return GenerateOutput(

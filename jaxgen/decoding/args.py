@@ -541,8 +541,8 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
     rep = _float(kw, "repetition_penalty", 0.0)
     if dola_layers and (rep is None or rep < 1.2):
         warnings.warn(f"dola_layers is set to trigger DoLa decoding, but repetition_penalty is set to a value of "
-                      f"{rep}, which could induce unwanted repetition. The recommended value for DoLa decoding is "
-                      "repetition_penalty>=1.2 (as transformers 4.53)", stacklevel=4)
+                      f"{1.0 if rep is None else rep}, which could induce unwanted repetition. The recommended value "
+                      "for DoLa decoding is repetition_penalty>=1.2 (as transformers 4.53)", stacklevel=4)
     ngram = max(_int(kw, "no_repeat_ngram_size") or 0, 0)  # <= 0: none, as transformers
     bad_words = (None if kw["bad_words_ids"] is None
                  else _id_lists("bad_words_ids", kw["bad_words_ids"], vocab, allow_empty=True))

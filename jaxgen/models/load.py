@@ -201,7 +201,8 @@ def _dtype_name(dtype: Any, raw_config: dict[str, Any], weights_dtype: Callable[
 def _head_as_stored(config, table: dict, family, tensors: files.Tensors, source: str) -> tuple[Any, dict]:
     """(config, checkpoint table) for the head the checkpoint holds, as transformers 5.x reads a
     tied config: an ``lm_head.weight`` that differs from the embedding unties them (with
-    transformers' warning), and one stored without the embedding stands for both."""
+    transformers' warning; the config keeps saying tied, as transformers', which DoLa's choice of
+    layers reads), and one stored without the embedding stands for both."""
     heads = [n for n in tensors.names if n == "lm_head.weight" or n.endswith(".lm_head.weight")]
     if not config.tie_word_embeddings or len(heads) != 1:
         return config, table
@@ -214,8 +215,7 @@ def _head_as_stored(config, table: dict, family, tensors: files.Tensors, source:
         return config, table
     warnings.warn(f"{source!r}: tie_word_embeddings is set, but {heads[0]} and {embed_name} are both present in the "
                   "checkpoint with different values, so they are not tied (as transformers)", stacklevel=3)
-    config = dataclasses.replace(config, tie_word_embeddings=False)
-    return config, family.checkpoint_table(config)
+    return config, family.checkpoint_table(dataclasses.replace(config, tie_word_embeddings=False))
 
 
 def _generation_json(argument: Any, fetch: files.Fetcher) -> dict[str, Any] | None:

@@ -13,6 +13,7 @@ import torch
 
 import jaxgen
 from tests.conftest import EOS, EOS_MODEL, PAD, assert_same_generation, hf_generate, left_padded_batch
+from tests.test_outputs import eager
 from tests.test_sampling import hf_following
 
 
@@ -26,17 +27,18 @@ def _torch(kw):
     return {k: torch.tensor(v) if isinstance(v, np.ndarray) else v for k, v in kw.items()}
 
 
-@pytest.mark.parametrize("case", ["last token", "negative prompt", "below 1"])
+@pytest.mark.parametrize("case", ["last token", "negative prompt", "below 1 under a mask"])
 def test_greedy_equals_transformers(eos_model, case):
     torch_model, model = eos_model
     ids, mask, negative, negative_mask = _batch()
     guided = {"last token": dict(guidance_scale=1.5),
               "negative prompt": dict(guidance_scale=3.0, negative_prompt_ids=negative,
                                       negative_prompt_attention_mask=negative_mask),
-              "below 1": dict(guidance_scale=0.5, negative_prompt_ids=negative)}[case]
+              # the last prompt token under a mask of its own; a zero row reads it as eager attention does
+              "below 1 under a mask": dict(guidance_scale=0.5, negative_prompt_attention_mask=np.array([[1], [0], [1]]))}[case]
     kw = dict(max_new_tokens=8, eos_token_id=EOS, pad_token_id=PAD, **guided)
     ours = jaxgen.generate(model, ids, mask, output_scores=True, **kw).trim()
-    ref = hf_generate(torch_model, ids, mask, do_sample=False, **_torch(kw))
+    ref = hf_generate(eager(torch_model), ids, mask, do_sample=False, **_torch(kw))
     assert_same_generation(ours, ref)
     plain = jaxgen.generate(model, ids, mask, output_scores=True, max_new_tokens=8, eos_token_id=EOS,
                             pad_token_id=PAD).trim()
@@ -84,10 +86,12 @@ def test_scale_1_and_negative_prompts_alone_change_nothing(eos_model):
                                          r"ids \[3, length\]"),
     (dict(negative_prompt_ids=[[3], [4], [99]]), r"negative_prompt_ids='<contains \[99\]>'"),
     (dict(negative_prompt_ids=[[3], [4], [5]], negative_prompt_attention_mask=[[1, 1]] * 3),
-     "negative_prompt_attention_mask=.* expected 0/1 values of negative_prompt_ids' shape"),
+     r"negative_prompt_attention_mask=.* expected 0/1 values of shape \[3, 1\]"),
     (dict(negative_prompt_ids=[[3], [4], [5]], do_sample=True, num_return_sequences=2, key=jax.random.key(0)),
      "not with num_return_sequences=2"),
     (dict(guidance_scale="high"), "guidance_scale='high' is not allowed"),
+    (dict(negative_prompt_attention_mask=[[1, 1]] * 3), r"expected 0/1 values of shape \[3, 1\]"),
+    (dict(negative_prompt_ids=np.full((3, 62), 3)), r"its 62 tokens and the 3 generated ones .* n_positions=64"),
 ])
 def test_bad_arguments(eos_model, kwargs, message):
     _, model = eos_model
@@ -95,6 +99,18 @@ def test_bad_arguments(eos_model, kwargs, message):
     kwargs = {"guidance_scale": 1.5, **kwargs}
     with pytest.raises(ValueError, match=message):
         jaxgen.generate(model, ids, mask, max_new_tokens=4, pad_token_id=PAD, **kwargs)
+
+
+def test_dynamic_rope_is_refused(tmp_path):
+    """transformers runs both branches on one rotary state that follows the longest sequence."""
+    import transformers
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                      num_attention_heads=4, max_position_embeddings=16,
+                                      rope_scaling=dict(rope_type="dynamic", factor=2.0))
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="guidance_scale=1.5 is not allowed: this model's rotary embedding is dynamic"):
+        jaxgen.generate(jaxgen.from_pretrained(tmp_path), np.array([[3, 4, 5]]), guidance_scale=1.5, pad_token_id=0)
 
 
 def test_generate_batch_refuses_it(eos_model):

@@ -144,10 +144,11 @@ def _host_array(name: str, value) -> np.ndarray:
         _fail(name, f"<{type(value).__name__}>", f"expected a rectangular [batch, length] array or list of lists ({e})")
 
 
-def _guidance(kw, vocab: int, batch: int, nrs: int, other_mode: str | None):
+def _guidance(kw, config, batch: int, nrs: int, max_new_tokens: int, other_mode: str | None):
     """Classifier-free guidance's `guidance.Guidance` where ``guidance_scale`` is set and not 1
-    (transformers adds its processor then), else None; ``negative_prompt_ids`` (with its mask) is
-    the unconditional prompt, one row per prompt."""
+    (transformers adds its processor then), else None; ``negative_prompt_ids`` (with its mask;
+    without them each row's last prompt token, under the mask where one is given) is the
+    unconditional prompt, one row per prompt."""
     scale = _float(kw, "guidance_scale")
     if scale is None or scale == 1:
         return None
@@ -157,26 +158,37 @@ def _guidance(kw, vocab: int, batch: int, nrs: int, other_mode: str | None):
     if kw["mesh"] is not None:
         _fail("guidance_scale", scale, "not with a mesh: classifier-free guidance on a mesh is not implemented in "
               "jaxgen yet")
+    if any(getattr(config, f.name).dynamic is not None for f in dataclasses.fields(config)
+           if isinstance(getattr(config, f.name), Rope)):
+        _fail("guidance_scale", scale, "this model's rotary embedding is dynamic (its frequencies follow the longest "
+              "sequence seen), which transformers shares between the two branches of the guidance; classifier-free "
+              "guidance with it is not implemented in jaxgen yet")
     ids, mask = kw["negative_prompt_ids"], kw["negative_prompt_attention_mask"]
-    if ids is None:
-        return guidance.Guidance(jnp.float32(scale))
-    ids = _host_array("negative_prompt_ids", ids)
-    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) or ids.shape[0] != batch or ids.shape[1] == 0:
-        _fail("negative_prompt_ids", f"<{ids.dtype}{list(ids.shape)}>", f"expected integer ids [{batch}, length]: one "
-              "unconditional prompt per prompt")
-    if ids.min() < 0 or ids.max() >= vocab:
-        _fail("negative_prompt_ids", f"<contains {ids[(ids < 0) | (ids >= vocab)][:5].tolist()}>",
-              f"token ids must be in [0, {vocab})")
-    if nrs > 1:
-        _fail("negative_prompt_ids", f"<shape {list(ids.shape)}>", f"not with num_return_sequences={nrs}: transformers "
-              "does not repeat the unconditional prompt for each returned sequence (its shapes then disagree)")
+    if ids is not None:
+        ids = _host_array("negative_prompt_ids", ids)
+        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) or ids.shape[0] != batch or ids.shape[1] == 0:
+            _fail("negative_prompt_ids", f"<{ids.dtype}{list(ids.shape)}>", f"expected integer ids [{batch}, length]: "
+                  "one unconditional prompt per prompt")
+        if ids.min() < 0 or ids.max() >= config.vocab_size:
+            _fail("negative_prompt_ids", f"<contains {ids[(ids < 0) | (ids >= config.vocab_size)][:5].tolist()}>",
+                  f"token ids must be in [0, {config.vocab_size})")
+        if config.position_limit is not None and ids.shape[1] + max_new_tokens - 1 > config.position_limit:
+            _fail("negative_prompt_ids", f"<shape {list(ids.shape)}>", f"its {ids.shape[1]} tokens and the "
+                  f"{max_new_tokens - 1} generated ones that follow them exceed the model's n_positions="
+                  f"{config.position_limit} (transformers fails there)")
+    expected = (batch, 1) if ids is None else ids.shape
+    if (ids is not None or mask is not None) and nrs > 1:
+        name = "negative_prompt_ids" if ids is not None else "negative_prompt_attention_mask"
+        _fail(name, f"<shape {list(expected)}>", f"not with num_return_sequences={nrs}: transformers does not repeat "
+              "the unconditional prompt for each returned sequence (its shapes then disagree)")
     if mask is not None:
         mask = _host_array("negative_prompt_attention_mask", mask)
-        if mask.shape != ids.shape or not np.isin(mask, (0, 1)).all():
+        if mask.shape != expected or not np.isin(mask, (0, 1)).all():
             _fail("negative_prompt_attention_mask", f"<{mask.dtype}{list(mask.shape)}>",
-                  f"expected 0/1 values of negative_prompt_ids' shape {list(ids.shape)}")
+                  f"expected 0/1 values of shape {list(expected)} (negative_prompt_ids' shape, or [batch, 1] for "
+                  "the prompts' last tokens)")
         mask = jnp.asarray(mask, jnp.int32)
-    return guidance.Guidance(jnp.float32(scale), jnp.asarray(ids, jnp.int32), mask)
+    return guidance.Guidance(jnp.float32(scale), None if ids is None else jnp.asarray(ids, jnp.int32), mask)
 
 
 def _prng_key(value):
@@ -477,8 +489,8 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
                           "transformers)", stacklevel=4)
         else:
             dola_layers = dola.candidate_layers(kw["dola_layers"], config.n_layers, config.tie_word_embeddings)
-    guided = _guidance(kw, vocab, batch, nrs, "assisted decoding" if drafter else "contrastive search" if contrastive
-                       else "beam search" if beam_search else "DoLa decoding" if dola_layers else None)
+    guided = _guidance(kw, config, batch, nrs, max_new_tokens, "assisted decoding" if drafter else "contrastive search"
+                       if contrastive else "beam search" if beam_search else "DoLa decoding" if dola_layers else None)
     draft_model, schedule, confidence = None, None, 0.0
     if drafter:
         if nrs > 1:

@@ -35,7 +35,8 @@ def test_greedy_equals_transformers(eos_model, case):
               "negative prompt": dict(guidance_scale=3.0, negative_prompt_ids=negative,
                                       negative_prompt_attention_mask=negative_mask),
               # the last prompt token under a mask of its own; a zero row reads it as eager attention does
-              "below 1 under a mask": dict(guidance_scale=0.5, negative_prompt_attention_mask=np.array([[1], [0], [1]]))}[case]
+              "below 1 under a mask": dict(guidance_scale=0.5,
+                                           negative_prompt_attention_mask=np.array([[1], [0], [1]]))}[case]
     kw = dict(max_new_tokens=8, eos_token_id=EOS, pad_token_id=PAD, **guided)
     ours = jaxgen.generate(model, ids, mask, output_scores=True, **kw).trim()
     ref = hf_generate(eager(torch_model), ids, mask, do_sample=False, **_torch(kw))

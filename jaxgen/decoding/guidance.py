@@ -23,8 +23,9 @@ from jaxgen.models.model import logits as logits_of
 
 @struct.dataclass
 class Guidance:
-    """The call's guidance: scale float32[]; input_ids / attention_mask int32[rows, U], the
-    unconditional prompt, or None for each row's last prompt token."""
+    """The call's guidance: scale float32[]; input_ids int32[rows, U], the unconditional prompt,
+    or None for each row's last prompt token (U = 1); attention_mask int32[rows, U] over it, or
+    None for all ones."""
 
     scale: jax.Array
     input_ids: jax.Array | None = None

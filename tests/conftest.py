@@ -59,6 +59,17 @@ def gpt2_vocab_model(tmp_path_factory):
     return torch_model, jaxgen.from_pretrained(path)
 
 
+def dynamic_rope_checkpoint(path) -> None:
+    """A one-layer random Llama whose rotary embedding is ``dynamic`` (its frequencies follow the
+    sequence length past 16 positions), saved to ``path``."""
+    import transformers
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                      num_attention_heads=4, max_position_embeddings=16,
+                                      rope_scaling=dict(rope_type="dynamic", factor=2.0))
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+
+
 def left_padded_batch(rng, batch, length, vocab, pads, pad_id=PAD, low=3):
     """ids int64[batch, length] with pads[i] left pads in row i, and the matching mask."""
     ids = rng.integers(low, vocab, size=(batch, length))

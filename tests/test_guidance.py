@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import jaxgen
-from tests.conftest import EOS, EOS_MODEL, PAD, assert_same_generation, hf_generate, left_padded_batch
+from tests.conftest import (EOS, EOS_MODEL, PAD, assert_same_generation, dynamic_rope_checkpoint, hf_generate,
+                            left_padded_batch)
 from tests.test_outputs import eager
 from tests.test_sampling import hf_following
 
@@ -104,12 +105,7 @@ def test_bad_arguments(eos_model, kwargs, message):
 
 def test_dynamic_rope_is_refused(tmp_path):
     """transformers runs both branches on one rotary state that follows the longest sequence."""
-    import transformers
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                      num_attention_heads=4, max_position_embeddings=16,
-                                      rope_scaling=dict(rope_type="dynamic", factor=2.0))
-    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    dynamic_rope_checkpoint(tmp_path)
     with pytest.raises(ValueError, match="guidance_scale=1.5 is not allowed: this model's rotary embedding is dynamic"):
         jaxgen.generate(jaxgen.from_pretrained(tmp_path), np.array([[3, 4, 5]]), guidance_scale=1.5, pad_token_id=0)
 

@@ -14,7 +14,7 @@ import transformers
 import jaxgen
 from jaxgen.cli import DEMO_MODEL
 from jaxgen.decoding.lookup import draft
-from tests.conftest import EOS, PAD, hf_generate, left_padded_batch
+from tests.conftest import EOS, PAD, dynamic_rope_checkpoint, hf_generate, left_padded_batch
 
 
 DRAFTING = ("prompt_lookup_num_tokens", "max_matching_ngram_size", "assistant_model", "num_assistant_tokens",
@@ -128,11 +128,7 @@ def test_untrimmed_buffers_equal_greedy_s(eos_model):
 
 
 def test_length_dependent_rope_is_refused(tmp_path):
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                      num_attention_heads=4, max_position_embeddings=16,
-                                      rope_scaling=dict(rope_type="dynamic", factor=2.0))
-    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    dynamic_rope_checkpoint(tmp_path)
     with pytest.raises(ValueError, match="depends on the sequence length"):
         jaxgen.generate(jaxgen.from_pretrained(tmp_path), np.array([[3, 4, 5]]), prompt_lookup_num_tokens=2,
                         pad_token_id=0)

@@ -22,7 +22,7 @@ import jaxgen  # noqa: E402
 from jaxgen.decoding import api  # noqa: E402
 from jaxgen.decoding import args as decode_args  # noqa: E402
 from tests.conftest import build_checkpoint, left_padded_batch  # noqa: E402
-from tests.test_sharding import MESH_STRATEGIES  # noqa: E402
+from tests.test_sharding import GQA_STRATEGIES, MESH_STRATEGIES  # noqa: E402
 
 CONFIG = dict(vocab_size=96, n_positions=64, n_embd=64, n_layer=2, n_head=8, initializer_range=0.4,
               bos_token_id=1, eos_token_id=2)
@@ -178,7 +178,7 @@ def gqa_family():
             out["qkv_shard_shape"][key] = list(placed.params["layers"][0]["attn"]["qkv"]["kernel"]
                                                .addressable_shards[0].data.shape)
             out["meshes"][key] = {name: summary(jaxgen.generate(placed, ids, mask, mesh=mesh, **KW, **STRATEGIES[name]))
-                                  for name in ("greedy", "beam")}
+                                  for name in GQA_STRATEGIES[key]}
     # int8 weights: each kv head replicated on two devices (2x4), quantized then split, or
     # quantized by the loader straight onto the mesh.
     mesh = mesh_of((2, 4))

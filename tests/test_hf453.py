@@ -82,7 +82,6 @@ CONTRASTIVE = [  # (batch, generate kwargs)
     (3, dict(penalty_alpha=0.3, top_k=2, min_new_tokens=3)),
     (1, dict(penalty_alpha=0.8, top_k=6)),
     (3, dict(penalty_alpha=0.5, top_k=3, eos_token_id=[EOS, 7], max_new_tokens=14)),
-    (3, dict(penalty_alpha=0.6, top_k=4, eos_token_id=None, max_new_tokens=4)),
 ]
 
 
@@ -146,12 +145,10 @@ def test_contrastive_search_bad_arguments(gpt2, kwargs, message):
 
 
 GROUPS = [  # (batch, generate kwargs)
-    (3, dict(num_beams=4, num_beam_groups=2, diversity_penalty=0.5)),
     (3, dict(num_beams=6, num_beam_groups=3, diversity_penalty=1.0, num_return_sequences=3, length_penalty=0.7)),
     (3, dict(num_beams=4, num_beam_groups=4, diversity_penalty=0.3, early_stopping=True)),
     (3, dict(num_beams=4, num_beam_groups=2, diversity_penalty=0.5, early_stopping="never", max_new_tokens=12)),
-    (1, dict(num_beams=4, num_beam_groups=2, diversity_penalty=2.0, num_return_sequences=2, length_penalty=1.3)),
-    (1, dict(num_beams=6, num_beam_groups=2, diversity_penalty=0.7, early_stopping=True, min_new_tokens=2)),
+    (1, dict(num_beams=6, num_beam_groups=2, diversity_penalty=0.7, min_new_tokens=2)),
 ]
 
 

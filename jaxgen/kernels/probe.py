@@ -27,7 +27,7 @@ _chosen: dict[tuple, str] = {}
 MARGIN = 0.15  # how much faster than the first candidate another must be to be chosen
 # The weights a measurement reads, at least: out of the caches (a few MB, and an L3 that a
 # virtual machine may share widely), where a decode step reads its weights from. 12 MB of int8
-# weights measured two orders of an int8 product as a near tie, 32 MB the one 1.4-2x faster.
+# weights measured two orders of an int8 product as a near tie, 32 MB the one 1.2-2x faster.
 PROBE_BYTES = 32 * 2**20
 
 

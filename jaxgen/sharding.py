@@ -70,11 +70,16 @@ def auto_axes(mesh: Mesh) -> Mesh:
     return Mesh(mesh.devices, mesh.axis_names, axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
 
 
+def _explicit(mesh) -> bool:
+    """Whether ``mesh`` (a mesh, an abstract one, or None) has an axis in ``Explicit`` mode."""
+    return mesh is not None and any(t.name == "Explicit" for t in getattr(mesh, "axis_types", ()))
+
+
 def check_context() -> None:
     """Raises ValueError inside a ``jax.set_mesh`` context with ``Explicit`` axes, where JAX
     types every array by that mesh and turns jaxgen's layout constraints into assertions."""
     context = jax.sharding.get_abstract_mesh() if hasattr(jax.sharding, "get_abstract_mesh") else None
-    if context is not None and any(t.name == "Explicit" for t in context.axis_types):
+    if _explicit(context):
         raise ValueError(
             f"mesh cannot be used inside a jax.set_mesh(...) context with Explicit axes ({context}): jaxgen "
             "lays out its program on the mesh itself; call it outside that context"
@@ -89,7 +94,7 @@ def check_inputs(**arrays) -> None:
         if not isinstance(x, jax.core.Tracer):
             continue
         mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
-        if mesh is not None and any(t.name == "Explicit" for t in getattr(mesh, "axis_types", ())):
+        if _explicit(mesh):
             raise ValueError(f"{name} is sharded over a mesh with Explicit axes inside jax.jit ({mesh}), which "
                              "jaxgen's Auto layout cannot take in: place the inputs on the mesh with Auto axes "
                              "(jax.make_mesh(..., axis_types=(jax.sharding.AxisType.Auto,) * 2)), or call jaxgen "
@@ -99,11 +104,8 @@ def check_inputs(**arrays) -> None:
 def gathered(x):
     """``x`` itself, or for a concrete array typed by a mesh with ``Explicit`` axes its values on
     the host (jaxgen's model forward lays its arrays out on its own)."""
-    mesh = getattr(getattr(x, "sharding", None), "mesh", None)
-    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and mesh is not None and any(
-            t.name == "Explicit" for t in getattr(mesh, "axis_types", ())):
-        return np.asarray(x)
-    return x
+    concrete = isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+    return np.asarray(x) if concrete and _explicit(getattr(x.sharding, "mesh", None)) else x
 
 
 def plan(config: ModelConfig, mesh: Mesh, model_axis: str | None) -> tuple[ModelConfig, int]:

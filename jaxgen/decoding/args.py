@@ -144,6 +144,18 @@ def _host_array(name: str, value) -> np.ndarray:
         _fail(name, f"<{type(value).__name__}>", f"expected a rectangular [batch, length] array or list of lists ({e})")
 
 
+def _check_vocabulary(name: str, ids: np.ndarray, vocab: int) -> None:
+    """ValueError naming ``name`` where a host array of token ids leaves ``[0, vocab)``."""
+    if ids.min() < 0 or ids.max() >= vocab:
+        bad = ids[(ids < 0) | (ids >= vocab)][:5].tolist()
+        _fail(name, f"<contains {bad}>", f"token ids must be in [0, {vocab}) (the model's vocab_size)")
+
+
+def _ropes(config) -> list[Rope]:
+    """The config's rotary embeddings (one per layer type)."""
+    return [getattr(config, f.name) for f in dataclasses.fields(config) if isinstance(getattr(config, f.name), Rope)]
+
+
 def _guidance(kw, config, batch: int, nrs: int, max_new_tokens: int, other_mode: str | None):
     """Classifier-free guidance's `guidance.Guidance` where ``guidance_scale`` is set and not 1
     (transformers adds its processor then), else None; ``negative_prompt_ids`` (with its mask;
@@ -158,8 +170,7 @@ def _guidance(kw, config, batch: int, nrs: int, max_new_tokens: int, other_mode:
     if kw["mesh"] is not None:
         _fail("guidance_scale", scale, "not with a mesh: classifier-free guidance on a mesh is not implemented in "
               "jaxgen yet")
-    if any(getattr(config, f.name).dynamic is not None for f in dataclasses.fields(config)
-           if isinstance(getattr(config, f.name), Rope)):
+    if any(r.dynamic is not None for r in _ropes(config)):
         _fail("guidance_scale", scale, "this model's rotary embedding is dynamic (its frequencies follow the longest "
               "sequence seen), which transformers shares between the two branches of the guidance; classifier-free "
               "guidance with it is not implemented in jaxgen yet")
@@ -169,9 +180,7 @@ def _guidance(kw, config, batch: int, nrs: int, max_new_tokens: int, other_mode:
         if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) or ids.shape[0] != batch or ids.shape[1] == 0:
             _fail("negative_prompt_ids", f"<{ids.dtype}{list(ids.shape)}>", f"expected integer ids [{batch}, length]: "
                   "one unconditional prompt per prompt")
-        if ids.min() < 0 or ids.max() >= config.vocab_size:
-            _fail("negative_prompt_ids", f"<contains {ids[(ids < 0) | (ids >= config.vocab_size)][:5].tolist()}>",
-                  f"token ids must be in [0, {config.vocab_size})")
+        _check_vocabulary("negative_prompt_ids", ids, config.vocab_size)
         if config.position_limit is not None and ids.shape[1] + max_new_tokens - 1 > config.position_limit:
             _fail("negative_prompt_ids", f"<shape {list(ids.shape)}>", f"its {ids.shape[1]} tokens and the "
                   f"{max_new_tokens - 1} generated ones that follow them exceed the model's n_positions="
@@ -339,9 +348,7 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
         _fail("input_ids", f"<shape {list(ids.shape)}>", "expected at least one row and one token")
     if _is_concrete(ids):
         host_ids = np.asarray(ids)
-        if host_ids.min() < 0 or host_ids.max() >= vocab:
-            bad = host_ids[(host_ids < 0) | (host_ids >= vocab)][:5].tolist()
-            _fail("input_ids", f"<contains {bad}>", f"token ids must be in [0, {vocab}) (the model's vocab_size)")
+        _check_vocabulary("input_ids", host_ids, vocab)
         unsupported = sorted(set(config.unsupported_token_ids) & set(np.unique(host_ids).tolist()))
         if unsupported:
             _fail("input_ids", f"<contains {unsupported}>", "these ids stand for images, which jaxgen does not run "
@@ -676,12 +683,11 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
         lookup_schedule=schedule in ("heuristic", "heuristic_transient"), lookup_confidence=confidence > 0,
         dola_layers=dola_layers,
     )
-    ropes = [getattr(config, f.name) for f in dataclasses.fields(config) if isinstance(getattr(config, f.name), Rope)]
     if spec.contrastive and spec.recompute:
         _fail("penalty_alpha", penalty_alpha, f"this call crosses the sequence length {config.recompute_at} at which "
               "transformers' Phi-3 recomputes the whole sequence; contrastive search across it is not implemented "
               "in jaxgen yet: keep prompt + max_new_tokens on one side")
-    if spec.lookup and any(r.dynamic is not None or r.long_inv_freq is not None for r in ropes):
+    if spec.lookup and any(r.dynamic is not None or r.long_inv_freq is not None for r in _ropes(config)):
         _fail(drafter, "<model>" if drafter == "assistant_model" else dict(drafters)[drafter],
               "this model's rotary embedding depends on the "
               "sequence length (dynamic or longrope scaling), which a forward over drafted tokens would change; "

@@ -408,31 +408,25 @@ def run_workload(name, args, model, torch_model, unquantized=None) -> dict:
             print(f"{name}: {_precision(args)} outputs equal transformers' for the first {steps} of {new} steps (the "
                   "two libraries round differently); timed anyway, both decode every step", flush=True)
 
-    jax_times, torch_times, plain_times = [], [], []
-    for _ in range(args.reps):  # alternate, so that machine noise hits both alike
-        t0 = time.perf_counter()
-        run_torch()
-        torch_times.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        jax.block_until_ready(run_jax())
-        jax_times.append(time.perf_counter() - t0)
-        if run_plain is not None:
+    runs = {"torch": run_torch, "jax": lambda: jax.block_until_ready(run_jax())}
+    if run_plain is not None:
+        runs["plain"] = lambda: jax.block_until_ready(run_plain())
+    times = {who: [] for who in runs}
+    for _ in range(args.reps):  # alternate, so that machine noise hits all alike
+        for who, run in runs.items():
             t0 = time.perf_counter()
-            jax.block_until_ready(run_plain())
-            plain_times.append(time.perf_counter() - t0)
-    jax_t, torch_t = statistics.median(jax_times), statistics.median(torch_times)
-    if plain_times:  # the quantized model against jaxgen's own in --dtype
-        plain_ratios = [p / j for p, j in zip(plain_times, jax_times)]
-        result.update(unquantized_ms_per_step=1e3 * statistics.median(plain_times) / new,
-                      quantized_speedup=statistics.median(plain_times) / jax_t,
-                      quantized_speedup_min=min(plain_ratios), quantized_speedup_max=max(plain_ratios),
+            run()
+            times[who].append(time.perf_counter() - t0)
+    jax_t, torch_t = statistics.median(times["jax"]), statistics.median(times["torch"])
+    if run_plain is not None:  # the quantized model against jaxgen's own in --dtype
+        result.update(unquantized_ms_per_step=1e3 * statistics.median(times["plain"]) / new,
+                      **_speedup("quantized_speedup", times["plain"], times["jax"]),
                       weights_MB=_params_MB(model), unquantized_weights_MB=_params_MB(unquantized))
-    pair_ratios = [t / j for t, j in zip(torch_times, jax_times)]  # each pair ran back to back
     result.update(
         jax_first_s=jax_first, jax_compile_s=jax_compile, torch_first_s=torch_first,
         jax_ms_per_step=1e3 * jax_t / new, torch_ms_per_step=1e3 * torch_t / new,
         jax_tokens_per_s=batch * new / jax_t, torch_tokens_per_s=batch * new / torch_t,
-        speedup=torch_t / jax_t, speedup_min=min(pair_ratios), speedup_max=max(pair_ratios),
+        **_speedup("speedup", times["torch"], times["jax"]),
         jax_peak_MB=probe_in_subprocess(args, "jaxgen", name), torch_peak_MB=probe_in_subprocess(args, "torch", name),
     )
     if args.torch_compile:
@@ -440,6 +434,14 @@ def run_workload(name, args, model, torch_model, unquantized=None) -> dict:
     print(f"{name}: jaxgen {result['jax_ms_per_step']:.1f} ms/step, transformers {result['torch_ms_per_step']:.1f} "
           f"ms/step, x{result['speedup']:.2f}", flush=True)
     return result
+
+
+def _speedup(key: str, slower: list[float], faster: list[float]) -> dict:
+    """``key``: the ratio of the medians of two lists of seconds taken in turns; ``key_min`` /
+    ``key_max``: its range over the back-to-back pairs (`_ratio` prints all three)."""
+    pairs = [s / f for s, f in zip(slower, faster)]
+    return {key: statistics.median(slower) / statistics.median(faster), key + "_min": min(pairs),
+            key + "_max": max(pairs)}
 
 
 def _params_MB(model) -> float:

@@ -259,17 +259,14 @@ def test_contrastive_search_attentions_and_hidden_states_equal_transformers_4_53
                 np.testing.assert_allclose(x, expected, atol=1e-4, rtol=0, err_msg=f"{name}[{step}][{i}]")
 
 
-DOLA = [  # (prompts, generate kwargs): one candidate layer, and two (the batch's JS divergence picks one a step)
+# (how many first rows of _prompts(3), generate kwargs): one candidate layer, and two (the batch's
+# JS divergence picks one a step)
+DOLA = [
     (3, dict(dola_layers="low")),
     (3, dict(dola_layers=[0, 1], max_new_tokens=12)),
     # -2: layer 1, counted from the end; a prompt without padding, where 4.53's penalty is 5.x's
-    (0, dict(dola_layers=[-2, 0], repetition_penalty=1.2, eos_token_id=None)),
+    (1, dict(dola_layers=[-2, 0], repetition_penalty=1.2, eos_token_id=None)),
 ]
-
-
-def _dola_prompts(batch):
-    ids, mask = _prompts(3)
-    return (ids, mask) if batch == 3 else (ids[:1], mask[:1])
 
 
 @pytest.mark.filterwarnings("ignore:dola_layers is set to trigger DoLa decoding")
@@ -280,7 +277,7 @@ def test_dola_decoding_equals_transformers_4_53(gpt2, hf453, tmp_path):
     from tests.test_families import VOCAB, build
     path, model = gpt2
     calls = [dict(dict(max_new_tokens=10, eos_token_id=EOS, pad_token_id=PAD), **kw) for _, kw in DOLA]
-    prompts = [_dola_prompts(b) for b, _ in DOLA]
+    prompts = [tuple(x[:b] for x in _prompts(3)) for b, _ in DOLA]
     refs = reference(hf453, path, [dict(call, ids=ids.tolist(), mask=mask.tolist())
                                    for call, (ids, mask) in zip(calls, prompts)], tmp_path)
     for call, (ids, mask), ref in zip(calls, prompts, refs):

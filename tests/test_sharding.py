@@ -12,6 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import TEST_XLA_FLAGS
+
+EIGHT_DEVICES = {**os.environ, "XLA_FLAGS": f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count=8",
+                 "TRANSFORMERS_VERBOSITY": "error"}
+
 # the strategies run on each mesh: rows split alone (beams padded per device, sampling's keys per
 # row), both axes, heads split alone (test_one_prompt_split_by_heads takes each strategy there)
 MESH_STRATEGIES = {"8x1": ("beam", "sample"), "4x2": ("greedy", "beam", "sample"), "1x8": ("greedy",)}
@@ -23,9 +28,8 @@ WEIGHT_SHAPES = {"f32[8,3,8,64]", "f32[64,192]", "f32[64,64]", "f32[64,256]", "f
 
 @pytest.fixture(scope="module")
 def results():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "TRANSFORMERS_VERBOSITY": "error"}
-    proc = subprocess.run([sys.executable, "-m", "tests.sharding_worker"], capture_output=True, text=True, env=env,
-                          cwd=Path(__file__).resolve().parents[1], timeout=900)
+    proc = subprocess.run([sys.executable, "-m", "tests.sharding_worker"], capture_output=True, text=True,
+                          env=EIGHT_DEVICES, cwd=Path(__file__).resolve().parents[1], timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout)
 
@@ -123,8 +127,8 @@ def test_gemma_on_a_mesh_equals_single_device(results, strategy):
 
 def test_multihost_example_script_runs_on_one_host_with_8_devices():
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "TRANSFORMERS_VERBOSITY": "error"}
     proc = subprocess.run([sys.executable, "scripts/multihost_generate.py", "--model-parallel", "2",
-                           "--max-new-tokens", "6"], capture_output=True, text=True, env=env, cwd=root, timeout=600)
+                           "--max-new-tokens", "6"], capture_output=True, text=True, env=EIGHT_DEVICES, cwd=root,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("The meaning of life is")

@@ -82,8 +82,6 @@ UNSUPPORTED = {
                                  "probabilities is not implemented in jaxgen yet",
     "constraints": "constrained beam search is not implemented in jaxgen yet",
     "force_words_ids": "constrained beam search is not implemented in jaxgen yet",
-    "encoder_repetition_penalty": "the encoder repetition penalty is not implemented in jaxgen yet",
-    "encoder_no_repeat_ngram_size": "the encoder n-gram ban is not implemented in jaxgen yet",
     "watermarking_config": "watermarking is not implemented in jaxgen yet",
     "token_healing": "token healing needs the tokenizer; not implemented in jaxgen",
     "use_mtp": "multi-token prediction is not implemented in jaxgen yet",

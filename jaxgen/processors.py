@@ -177,28 +177,67 @@ class RepetitionPenalty:
 
 
 @struct.dataclass
+class EncoderRepetitionPenalty:
+    """transformers' encoder repetition penalty, which for a decoder-only model is the prompt's:
+    multiplies negative / divides positive scores of the tokens of the row's prompt as passed (its
+    left padding included, as there) by ``inverse = 1 / encoder_repetition_penalty``: a penalty
+    above 1 favours them."""
+
+    inverse: jax.Array
+    prompt_len: jax.Array  # int32[]: a leaf, so that continuous batching stacks prompts of any length
+
+    def __call__(self, scores, ctx):
+        rows, vocab = scores.shape
+        col = jnp.arange(ctx.sequences.shape[1])
+        prompt = (col >= ctx.offset) & (col < ctx.offset + self.prompt_len)
+        tokens = jnp.where(prompt[None, :], ctx.sequences, vocab)
+        mask = jnp.zeros((rows, vocab + 1), bool).at[jnp.arange(rows)[:, None], tokens].set(True)[:, :vocab]
+        favoured = jnp.where(scores < 0, scores * self.inverse, scores / self.inverse)
+        return jnp.where(mask, favoured, scores)
+
+
+def _ban_ngrams(scores, ctx, n: int, history_end: jax.Array, min_len) -> jax.Array:
+    """-inf on each token that would complete an n-gram of the row's columns ``[ctx.offset,
+    history_end)`` whose first ``n - 1`` tokens end the row now; none while ``cur_len < min_len``."""
+    rows, vocab = scores.shape
+    seq = ctx.sequences
+    total = seq.shape[1]
+    if total < n:
+        return scores
+    windows = jnp.stack([seq[:, j:total - n + 1 + j] for j in range(n)], axis=-1)  # [rows, W, n]
+    start = jnp.arange(total - n + 1)
+    valid = (start >= ctx.offset) & (start + n <= history_end)
+    prefix_start = jnp.maximum(ctx.end - (n - 1), 0)
+    prefix = jax.lax.dynamic_slice_in_dim(seq, prefix_start, n - 1, axis=1)  # [rows, n-1]
+    matches = (windows[..., :-1] == prefix[:, None, :]).all(-1) & valid[None, :]
+    matches &= ctx.cur_len >= min_len
+    banned_tokens = jnp.where(matches, windows[..., -1], vocab)
+    banned = jnp.zeros((rows, vocab + 1), bool).at[jnp.arange(rows)[:, None], banned_tokens].set(True)
+    return jnp.where(banned[:, :vocab], NEG_INF, scores)
+
+
+@struct.dataclass
 class NoRepeatNGram:
     """Bans tokens that would repeat an n-gram of the row's history (left padding included, as HF)."""
 
     ngram_size: int = struct.field(pytree_node=False)
 
     def __call__(self, scores, ctx):
+        return _ban_ngrams(scores, ctx, self.ngram_size, ctx.end, self.ngram_size)
+
+
+@struct.dataclass
+class EncoderNoRepeatNGram:
+    """transformers' encoder n-gram ban, which for a decoder-only model is the prompt's: bans
+    tokens that would repeat an n-gram of the row's prompt as passed (left padding included, as
+    there) once ``n - 1`` tokens exist to match."""
+
+    ngram_size: int = struct.field(pytree_node=False)
+    prompt_len: jax.Array  # int32[], a leaf as `EncoderRepetitionPenalty`'s
+
+    def __call__(self, scores, ctx):
         n = self.ngram_size
-        rows, vocab = scores.shape
-        seq = ctx.sequences
-        total = seq.shape[1]
-        if total < n:
-            return scores
-        windows = jnp.stack([seq[:, j:total - n + 1 + j] for j in range(n)], axis=-1)  # [rows, W, n]
-        start = jnp.arange(total - n + 1)
-        valid = (start >= ctx.offset) & (start + n <= ctx.end)
-        prefix_start = jnp.maximum(ctx.end - (n - 1), 0)
-        prefix = jax.lax.dynamic_slice_in_dim(seq, prefix_start, n - 1, axis=1)  # [rows, n-1]
-        matches = (windows[..., :-1] == prefix[:, None, :]).all(-1) & valid[None, :]
-        matches &= ctx.cur_len >= n
-        banned_tokens = jnp.where(matches, windows[..., -1], vocab)
-        banned = jnp.zeros((rows, vocab + 1), bool).at[jnp.arange(rows)[:, None], banned_tokens].set(True)
-        return jnp.where(banned[:, :vocab], NEG_INF, scores)
+        return _ban_ngrams(scores, ctx, n, ctx.offset + self.prompt_len, n - 1)
 
 
 @struct.dataclass
@@ -498,6 +537,8 @@ def build_processors(
     do_sample: bool,
     repetition_penalty: float | None = None,
     no_repeat_ngram_size: int | None = None,
+    encoder_repetition_penalty: float | None = None,
+    encoder_no_repeat_ngram_size: int | None = None,
     bad_words_ids: Sequence[Sequence[int]] | None = None,
     sequence_bias: dict[tuple[int, ...], float] | None = None,
     min_length: int | None = None,
@@ -535,10 +576,14 @@ def build_processors(
         procs.append(SequenceBias(seqs, f32([sequence_bias[s] for s in sequence_bias])))
     if diversity_penalty is not None and diversity_penalty > 0.0:
         procs.append(HammingDiversity(f32(diversity_penalty)))
+    if encoder_repetition_penalty is not None and encoder_repetition_penalty != 1.0:
+        procs.append(EncoderRepetitionPenalty(f32(1 / encoder_repetition_penalty), i32(prompt_len)))
     if (repetition_penalty is not None and repetition_penalty != 1.0) or neutral:
         procs.append(RepetitionPenalty(f32(1.0 if repetition_penalty is None else repetition_penalty)))
     if no_repeat_ngram_size:
         procs.append(NoRepeatNGram(no_repeat_ngram_size))
+    if encoder_no_repeat_ngram_size:
+        procs.append(EncoderNoRepeatNGram(encoder_no_repeat_ngram_size, i32(prompt_len)))
     if bad_words_ids:
         seqs = tuple(tuple(s) for s in bad_words_ids if not (len(s) == 1 and s[0] in eos_token_ids))
         if seqs:

@@ -49,13 +49,14 @@ def mixed_requests(rng, n, vocab, lengths=(1, 40), new=(3, 8, 17)):
 
 def test_greedy_batch_equals_each_request_alone(eos_model):
     """30 requests of 1-39 prompt tokens and 3, 8 or 17 new ones (many end on EOS first) through 5
-    rows, synced every 4 steps: each request's tokens and log-probabilities as generate's."""
+    rows, synced every 4 steps, each favouring its own prompt's tokens: each request's tokens and
+    log-probabilities as generate's."""
     _, model = eos_model
     requests = mixed_requests(np.random.default_rng(0), 30, 48)
-    results = jaxgen.generate_batch(model, requests, max_rows=5, steps_per_sync=4, progress=False,
-                                    eos_token_id=EOS, pad_token_id=PAD)
+    shared = dict(eos_token_id=EOS, pad_token_id=PAD, encoder_repetition_penalty=1.5)
+    results = jaxgen.generate_batch(model, requests, max_rows=5, steps_per_sync=4, progress=False, **shared)
     assert {r.finish_reason for r in results} == {"stop", "length"}
-    assert_equal_alone(model, requests, results, eos_token_id=EOS, pad_token_id=PAD)
+    assert_equal_alone(model, requests, results, **shared)
 
 
 def test_sampling_batch_equals_each_request_alone_with_its_own_settings(eos_model):

@@ -2,7 +2,8 @@
 
 Each test keeps transformers' name, inputs and expected values; only the call changes:
 ``processor(input_ids, scores)`` becomes ``proc(scores, ctx)`` with a `ProcessorContext` holding
-``input_ids`` as the whole history (no bucket padding, no left padding). transformers' warpers
+``input_ids`` as the whole history (no bucket padding, no left padding); the encoder processors'
+``encoder_input_ids`` (a decoder-only model's prompt) come first in it. transformers' warpers
 built with ``filter_value=0.0`` count kept tokens as ``!= 0``; jaxgen always filters to -inf, so
 those counts are of finite scores. "Should not change logits in-place" checks stay as written
 (JAX arrays are immutable, so they only check that the processor changed something).
@@ -10,9 +11,7 @@ those counts are of finite scores. "Should not change logits in-place" checks st
 Not ported (jaxgen has no such processor or option):
 - test_repetition_penalty_normalized, test_repetition_penalty_normalized_reward,
   test_repetition_penalty_normalized_3d_scores: no ``normalize=True`` repetition penalty nor 3D scores.
-- test_encoder_repetition_penalty_dist_process, test_encoder_repetition_penalty_normalized:
-  no encoder repetition penalty (decoder-only).
-- test_encoder_no_repeat_ngram_dist_processor: no encoder no-repeat-ngram (decoder-only).
+- test_encoder_repetition_penalty_normalized: no ``normalize=True`` encoder repetition penalty.
 - test_prefix_constrained_logits_processor: no ``prefix_allowed_tokens_fn``.
 - test_classifier_free_guidance: its processor calls a torch model of its own; tests/test_guidance.py
   checks guidance against transformers' generate instead.
@@ -33,6 +32,8 @@ import pytest
 import torch
 
 from jaxgen.processors import (
+    EncoderNoRepeatNGram,
+    EncoderRepetitionPenalty,
     EpsilonCutoff,
     EtaCutoff,
     ForcedBOS,
@@ -566,6 +567,94 @@ def test_no_repeat_ngram_dist_processor():
     # processor should not change logits in-place
     assert not np.all(scores == filtered_scores_2_gram)
     assert not np.all(scores == filtered_scores_3_gram)
+
+
+def run_encoder(proc_class, arg, encoder_input_ids, input_ids, scores):
+    """transformers' ``Encoder*Processor(arg, encoder_input_ids)(input_ids, scores)``: each row's
+    history is its prompt (the encoder ids of its batch row, ``rows // batch`` beams each) followed
+    by its ``input_ids``."""
+    encoder = np.atleast_2d(encoder_input_ids)
+    prompts = np.repeat(encoder, len(input_ids) // len(encoder), axis=0)
+    history = np.concatenate([prompts, input_ids], axis=1)
+    proc = proc_class(arg, jnp.int32(encoder.shape[1]))
+    return run(proc, history, scores)
+
+
+def test_encoder_repetition_penalty_dist_process():
+    """Ports LogitsProcessorTest.test_encoder_repetition_penalty_dist_process."""
+    input_ids = np.array([[0, 1], [5, 0]])
+    vocab_size = 10
+
+    scores = uniform_logits(batch_size=2, length=vocab_size)
+
+    # give values special values
+    scores[0, 0] = -(1 / vocab_size)
+    scores[1, 5] = 4 / vocab_size
+
+    processed_scores = run_encoder(EncoderRepetitionPenalty, jnp.float32(1 / 2.0), input_ids, input_ids, scores)
+
+    # check that values were correctly changed
+    np.testing.assert_almost_equal(processed_scores[0, 0], -(1 / vocab_size) / 2)
+    np.testing.assert_almost_equal(processed_scores[0, 1], (1 / vocab_size) * 2)
+
+    np.testing.assert_almost_equal(processed_scores[1, 0], (1 / vocab_size) * 2)
+    np.testing.assert_almost_equal(processed_scores[1, 5], (4 / vocab_size) * 2)
+
+    # check that values not in the encoder ids were NOT changed
+    np.testing.assert_almost_equal(processed_scores[0, 2], (1 / vocab_size))
+    np.testing.assert_almost_equal(processed_scores[1, 2], (1 / vocab_size))
+
+
+def test_encoder_no_repeat_ngram_dist_processor():
+    """Ports LogitsProcessorTest.test_encoder_no_repeat_ngram_dist_processor."""
+    vocab_size = 3
+    num_beams = 2
+    batch_size = 1
+
+    encoder_input_ids = np.array([1, 2, 1, 1])
+
+    input_ids = np.array([[1, 2, 1], [8, 0, 2]])
+    scores = uniform_logits(batch_size * num_beams, vocab_size)
+
+    filtered_scores_2_gram = run_encoder(EncoderNoRepeatNGram, 2, encoder_input_ids, input_ids, scores)
+    filtered_scores_3_gram = run_encoder(EncoderNoRepeatNGram, 3, encoder_input_ids, input_ids, scores)
+
+    # 2-gram would forbid 1st and 2nd token at 1st beam and 1st token (0) at 2nd beam
+    assert np.isinf(filtered_scores_2_gram).tolist() == [[False, True, True], [False, True, False]]
+
+    # 3-gram would forbid 1st token at 1st beam and no token at 2nd beam
+    assert np.isinf(filtered_scores_3_gram).tolist() == [[False, True, False], [False, False, False]]
+
+    # Batched input
+    vocab_size = 3
+    num_beams = 2
+    batch_size = 2
+    encoder_input_ids = np.array([[1, 2, 1, 1], [0, 0, 2, 1]])
+
+    input_ids = np.array([[1, 2, 1], [1, 0, 2], [0, 0, 0], [0, 2, 2]])
+    scores = uniform_logits(batch_size * num_beams, vocab_size)
+
+    filtered_scores_2_gram = run_encoder(EncoderNoRepeatNGram, 2, encoder_input_ids, input_ids, scores)
+    filtered_scores_3_gram = run_encoder(EncoderNoRepeatNGram, 3, encoder_input_ids, input_ids, scores)
+
+    # 2gram
+    # Batch 1
+    #   - Beam 1: tokens (1, 2) forbidden
+    #   - Beam 2: tokens (1) forbidden
+    # Batch 2
+    #   - Beam 1: tokens (0, 2) forbidden
+    #   - Beam 2: tokens (1) forbidden
+    assert np.isinf(filtered_scores_2_gram).tolist() == [
+        [False, True, True], [False, True, False], [True, False, True], [False, True, False]]
+
+    # Batch 1
+    #   - Beam 1: tokens (1) forbidden
+    #   - Beam 2: tokens () forbidden
+    # Batch 2
+    #   - Beam 1: tokens (2) forbidden
+    #   - Beam 2: tokens () forbidden
+    assert np.isinf(filtered_scores_3_gram).tolist() == [
+        [False, True, False], [False, False, False], [False, False, True], [False, False, False]]
 
 
 def test_no_repeat_ngram_dist_processor_banned_token_reappears():

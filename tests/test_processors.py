@@ -212,9 +212,11 @@ def test_processor_order_matches_transformers():
     procs = build_processors(
         prompt_len=3, max_length=8, eos_token_ids=(EOS,), num_beams=1, do_sample=True, temperature=0.5, top_h=0.5,
         top_k=5, top_p=0.9, min_p=0.05, repetition_penalty=1.2, no_repeat_ngram_size=2, bad_words_ids=[[4]],
-        sequence_bias={(5,): 1.0}, min_length=4, min_new_tokens=1, suppress_tokens=[7], renormalize_logits=True)
+        sequence_bias={(5,): 1.0}, min_length=4, min_new_tokens=1, suppress_tokens=[7], renormalize_logits=True,
+        encoder_repetition_penalty=1.5, encoder_no_repeat_ngram_size=2)
     names = [type(p).__name__ for p in procs]
-    assert names == ["SequenceBias", "RepetitionPenalty", "NoRepeatNGram", "SequenceBias", "MinLength",
+    assert names == ["SequenceBias", "EncoderRepetitionPenalty", "RepetitionPenalty", "NoRepeatNGram",
+                     "EncoderNoRepeatNGram", "SequenceBias", "MinLength",
                      "MinNewTokens", "SuppressTokens", "Temperature", "TopH", "TopK", "TopP", "MinP", "Renormalize"]
 
 
@@ -227,9 +229,14 @@ GENERATE_CASES = {
     "min_new_tokens": dict(min_new_tokens=4),
     "suppress_tokens": dict(suppress_tokens=[3, 4, 5]),
     "forced_eos_token_id": dict(forced_eos_token_id=EOS),
+    # the prompt as passed, its padding (token 0) included, favoured; then so much that the rows
+    # would repeat its bigrams, which the ban stops
+    "encoder_repetition_penalty": dict(encoder_repetition_penalty=1.8),
+    "encoder_no_repeat_ngram_size": dict(encoder_no_repeat_ngram_size=2, encoder_repetition_penalty=5.0),
     "combined": dict(repetition_penalty=1.3, no_repeat_ngram_size=3, bad_words_ids=[[7, 8]], min_new_tokens=2,
                      suppress_tokens=[11], forced_eos_token_id=EOS, sequence_bias={(12,): 2.0},
-                     begin_suppress_tokens=[13], exponential_decay_length_penalty=(3, 1.3)),
+                     begin_suppress_tokens=[13], exponential_decay_length_penalty=(3, 1.3),
+                     encoder_repetition_penalty=0.6, encoder_no_repeat_ngram_size=1),
 }
 
 

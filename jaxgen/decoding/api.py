@@ -128,6 +128,7 @@ def generate(model: CausalLM, input_ids=None, attention_mask=None, **kwargs) -> 
         eos_token_id (int or list; default the model's), pad_token_id, do_sample with key (a jax
         PRNG key), temperature, top_h, top_k (default 50 when sampling), top_p, min_p, typical_p,
         epsilon_cutoff, eta_cutoff, repetition_penalty, no_repeat_ngram_size, bad_words_ids,
+        encoder_repetition_penalty and encoder_no_repeat_ngram_size (over the prompt as passed),
         sequence_bias, suppress_tokens, begin_suppress_tokens, forced_bos_token_id,
         forced_eos_token_id, exponential_decay_length_penalty, renormalize_logits,
         remove_invalid_values, logits_processor (JAX callables ``fn(scores, ctx)``),

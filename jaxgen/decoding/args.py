@@ -35,6 +35,7 @@ DEFAULTS: dict[str, Any] = {
     "temperature": None, "top_h": None, "top_k": None, "top_p": None, "min_p": None, "typical_p": None,
     "epsilon_cutoff": None, "eta_cutoff": None,
     "repetition_penalty": None, "no_repeat_ngram_size": None, "bad_words_ids": None,
+    "encoder_repetition_penalty": None, "encoder_no_repeat_ngram_size": None,
     "sequence_bias": None, "suppress_tokens": None, "begin_suppress_tokens": None,
     "forced_bos_token_id": None, "forced_eos_token_id": None,
     "exponential_decay_length_penalty": None, "renormalize_logits": False,
@@ -563,6 +564,9 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
                       f"{1.0 if rep is None else rep}, which could induce unwanted repetition. The recommended value "
                       "for DoLa decoding is repetition_penalty>=1.2 (as transformers 4.53)", stacklevel=4)
     ngram = max(_int(kw, "no_repeat_ngram_size") or 0, 0)  # <= 0: none, as transformers
+    # the "encoder" ones read the prompt as passed (transformers' encoder_input_ids of a decoder-only model)
+    encoder_rep = _float(kw, "encoder_repetition_penalty", 0.0)
+    encoder_ngram = max(_int(kw, "encoder_no_repeat_ngram_size") or 0, 0)
     bad_words = (None if kw["bad_words_ids"] is None
                  else _id_lists("bad_words_ids", kw["bad_words_ids"], vocab, allow_empty=True))
     sequence_bias = None if kw["sequence_bias"] is None else _sequence_bias(kw["sequence_bias"], vocab)
@@ -654,6 +658,7 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
     processors = build_processors(
         prompt_len=prompt_len, max_length=prompt_len + max_new_tokens, eos_token_ids=eos_ids,
         num_beams=num_beams, do_sample=do_sample, repetition_penalty=rep, no_repeat_ngram_size=ngram,
+        encoder_repetition_penalty=encoder_rep, encoder_no_repeat_ngram_size=encoder_ngram,
         bad_words_ids=bad_words, sequence_bias=sequence_bias, min_length=min_length,
         min_new_tokens=min_new_tokens, forced_bos_token_id=forced_bos, forced_eos_token_id=forced_eos,
         remove_invalid_values=kw["remove_invalid_values"], exponential_decay_length_penalty=decay,

@@ -9,8 +9,8 @@ reads the model's part when a checkpoint is loaded (it becomes ``GPT2.generation
 
 Only settings that change what is generated are kept: metadata, values equal to transformers'
 global defaults and settings that cannot change jaxgen's output (cache and compile knobs,
-``bos_token_id``, ...) are dropped on load. A kept setting that jaxgen cannot honour (constrained
-beam search's ``constraints``, say) raises when a call would use it, never silently.
+``bos_token_id``, ...) are dropped on load. A kept setting that jaxgen cannot honour
+(``watermarking_config``, say) raises when a call would use it, never silently.
 """
 
 from __future__ import annotations
@@ -80,8 +80,6 @@ UNSUPPORTED = {
                                 "logits_processor=[fn] instead",
     "assistant_ensemble_weight": "speculative sampling with an ensemble of the draft's and the model's "
                                  "probabilities is not implemented in jaxgen yet",
-    "constraints": "constrained beam search is not implemented in jaxgen yet",
-    "force_words_ids": "constrained beam search is not implemented in jaxgen yet",
     "watermarking_config": "watermarking is not implemented in jaxgen yet",
     "token_healing": "token healing needs the tokenizer; not implemented in jaxgen",
     "use_mtp": "multi-token prediction is not implemented in jaxgen yet",

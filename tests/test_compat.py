@@ -181,7 +181,7 @@ BAD = [
     (dict(sequence_bias=[[[1, 2]]]), "sequence_bias=.* is not allowed"),
     (dict(penalty_alpha=0.6), r"top_k=50 is not allowed: contrastive search .* vocabulary of 48"),
     (dict(watermarking_config={"bias": 2.0}), r"watermarking_config=\{'bias': 2.0\}, .*watermarking is not"),
-    (dict(force_words_ids=[[5]]), r"force_words_ids=\[\[5\]\], .*constrained beam search is not implemented"),
+    (dict(force_words_ids=[[5]]), r"force_words_ids triggers constrained beam search, which needs beams"),
     (dict(dola_layers="middle"), r"dola_layers='middle' is not allowed: expected 'low', 'high' or a list"),
     (dict(dola_layers=[2, 5]), r"dola_layers=\[2, 5\] is not allowed: it leaves no layer below the final one \(2\)"),
     (dict(token_type_ids=np.zeros((3, 6))), r"token_type_ids=<array \[3, 6\]>, .*not implemented"),

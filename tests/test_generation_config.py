@@ -134,14 +134,13 @@ def test_generation_config_json_without_eos_means_no_eos(tmp_path):
 def test_unsupported_setting_raises_with_a_way_out(tmp_path):
     build_checkpoint(tmp_path, seed=0, **EOS_MODEL)
     settings = json.loads((tmp_path / "generation_config.json").read_text())
-    settings.update(force_words_ids=[[5]], pad_token_id=0)  # constrained beam search's
+    settings.update(token_healing=True, pad_token_id=0)
     (tmp_path / "generation_config.json").write_text(json.dumps(settings))
     model = jaxgen.from_pretrained(tmp_path)
     ids, mask = _batch()
-    with pytest.raises(ValueError, match=r"sets force_words_ids=\(\(5,\),\), which jaxgen does not support "
-                                         r"\(constrained beam search"):
+    with pytest.raises(ValueError, match=r"sets token_healing=True, which jaxgen does not support \(token healing"):
         jaxgen.generate(model, ids, mask, max_new_tokens=3)
-    model = model.replace(generation_config=model.generation_config.copy({"force_words_ids": None}))
+    model = model.replace(generation_config=model.generation_config.copy({"token_healing": None}))
     with pytest.raises(ValueError, match=r"sets stop_strings=\('\.',\).*pass the token ids of the stop texts"):
         jaxgen.generate(model.replace(generation_config=model.generation_config.copy({"stop_strings": (".",)})),
                         ids, mask, max_new_tokens=3)

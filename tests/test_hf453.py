@@ -1,7 +1,7 @@
-"""Contrastive search and group (diverse) beam search against transformers 4.53.3, the last
-release that runs them in its core (transformers 5.x loads them from the hub repositories
-``transformers-community/contrastive-search`` and ``.../group-beam-search``, whose code is
-4.53's). 4.53 runs in a virtual environment of its own, built once and cached in
+"""Contrastive search, group (diverse) beam search, DoLa and constrained beam search against
+transformers 4.53.3, the last release that runs them in its core (transformers 5.x loads them
+from the hub repositories ``transformers-community/contrastive-search``, ``.../group-beam-search``,
+..., whose code is 4.53's). 4.53 runs in a virtual environment of its own, built once and cached in
 ``~/.cache/jaxgen-tests`` (``pip install torch==2.13.0 transformers==4.53.3``, about 30 s), and
 is called in a subprocess (tests/hf453_reference.py) on the checkpoints these tests save.
 
@@ -19,6 +19,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -334,4 +335,133 @@ def test_dola_alongside_other_settings(gpt2):
     np.testing.assert_array_equal(out.sequences, jaxgen.generate(model, ids, mask, **beams).trim().sequences)
     with pytest.raises(ValueError, match="dola_layers=.* is DoLa decoding, which generate_batch does not run"):
         jaxgen.generate_batch(model, [[3, 4, 5]], dola_layers="low", repetition_penalty=1.2, max_new_tokens=2,
+                              progress=False)
+
+
+# Constrained beam search: (batch, generate kwargs); phrases and disjunctions (one branching, where
+# 4.53's copies of a state share its list of tokens read), EOS ids, length penalties, early
+# stopping, a constraint the prompt already holds, and one no beam can meet in time.
+CONSTRAINED = [
+    (3, dict(num_beams=3, force_words_ids=[[5, 6]])),
+    (3, dict(num_beams=4, force_words_ids=[[[7, 8], [9], [7, 10, 11]], [12]], num_return_sequences=2,
+             length_penalty=0.5, max_new_tokens=10)),
+    (3, dict(num_beams=3, force_words_ids=[[20, 21, 22], [[30], [31, 32]]], early_stopping=True, max_new_tokens=6)),
+    (3, dict(num_beams=2, force_words_ids=[[[3, 4], [3, 5], [3, 6, 7]], [13, 14]], eos_token_id=[EOS, 9],
+             early_stopping="never", min_new_tokens=3)),
+    (1, dict(num_beams=3, force_words_ids=[[40, 41, 42, 43, 44, 45]], max_new_tokens=4)),  # no beam can
+]
+
+
+def test_constrained_beam_search_equals_transformers_4_53(gpt2, hf453, tmp_path):
+    """Sequences, scores (processed log-probs plus beam scores, as 4.53 returns them) and sequence
+    scores; beam indices too (4.53's run over the whole sequence's length, -1 past the generated
+    ones), except where the best returned beam did not meet every constraint (fewer than
+    num_return_sequences did): 4.53 returns none then."""
+    path, model = gpt2
+    ids, mask = _prompts(3)
+    held = int(ids[2, -1])  # the third prompt's last token: a constraint it holds before generating
+    cases = CONSTRAINED + [(3, dict(num_beams=3, force_words_ids=[[held], [17]], num_return_sequences=3))]
+    calls = [dict(dict(max_new_tokens=8, eos_token_id=EOS, pad_token_id=PAD), **kw) for _, kw in cases]
+    refs = reference(hf453, path, [dict(call, ids=_prompts(b)[0].tolist(), mask=_prompts(b)[1].tolist())
+                                   for (b, _), call in zip(cases, calls)], tmp_path)
+    for (batch, _), call, ref in zip(cases, calls, refs):
+        ids, mask = _prompts(batch)
+        ours = jaxgen.generate(model, ids, mask, output_scores=True, **call).trim()
+        assert_equal_to(ours, ref)
+        np.testing.assert_allclose(ours.sequences_scores, ref["sequences_scores"], atol=1e-4, rtol=0)
+        generated = ours.beam_indices.shape[1]
+        if "beam_indices" in ref:
+            np.testing.assert_array_equal(ours.beam_indices, ref["beam_indices"][:, :generated])
+            assert (ref["beam_indices"][:, generated:] == -1).all()
+    words = [set(np.asarray(ref["sequences"])[:, -8:].ravel().tolist()) for ref in refs[:1]]
+    assert {5, 6} <= words[0]  # the phrase is there
+
+
+def test_constraint_states_equal_transformers_4_53(hf453):
+    """`jaxgen.decoding.constraints` against 4.53's ``ConstraintListState`` on random phrases and
+    disjunctions over six tokens, after random sequences: bank, completion, the tokens
+    ``advance()`` lists and the bank of each extended copy (4.53's shared lists included)."""
+    from jaxgen.decoding import constraints
+
+    rng = np.random.default_rng(0)
+    cases = []
+    while len(cases) < 120:
+        made = []
+        for _ in range(int(rng.integers(1, 4))):
+            if rng.random() < 0.5:
+                made.append(["phrase", rng.integers(0, 6, rng.integers(1, 4)).tolist()])
+            else:
+                alts = [rng.integers(0, 6, rng.integers(1, 4)).tolist() for _ in range(int(rng.integers(2, 4)))]
+                if all(a[:len(b)] != b for i, a in enumerate(alts) for j, b in enumerate(alts) if i != j):
+                    made.append(["disjunction", alts])
+        if made:
+            cases.append({"constraints": made, "sequence": rng.integers(0, 6, rng.integers(0, 11)).tolist()})
+    proc = subprocess.run([hf453, str(HERE / "hf453_constraints.py")], input=json.dumps(cases), text=True,
+                          capture_output=True, check=True)
+    expected = json.loads(proc.stdout)
+
+    @jax.jit
+    def after(t, sequence, length):
+        s = jax.lax.fori_loop(0, length, lambda i, s: constraints.add(t, s, sequence[i]),
+                              constraints.start(t, ()))
+        return constraints.bank(t, s), constraints.completed(s), *constraints.advances(t, s)
+
+    for case, want in zip(cases, expected):
+        t = constraints.tables(tuple((tuple(ids),) if kind == "phrase" else tuple(map(tuple, ids))
+                                     for kind, ids in case["constraints"]))
+        t = _padded(t, nodes=32, children=6)  # one compiled program per number of constraints
+        seq = case["sequence"]
+        bank, completed, tokens, listed, banks = after(t, np.pad(seq, (0, 10 - len(seq))), len(seq))
+        got = {"bank": int(bank), "completed": bool(completed),
+               "tokens": [] if completed else np.asarray(tokens)[np.asarray(listed)].tolist(),
+               "banks": [] if completed else np.asarray(banks)[np.asarray(listed)].tolist()}
+        assert got == want, case
+
+
+def _padded(t, nodes: int, children: int):
+    """`constraints.Tables` with room for ``nodes`` nodes of ``children`` children (pads no
+    node points to), and its max_seqlen traced, so that one program serves many."""
+    n, k = t.child_token.shape
+    pad = ((0, nodes - n), (0, children - k))
+    return t._replace(child_token=jnp.pad(t.child_token, pad, constant_values=-1),
+                      child_node=jnp.pad(t.child_node, pad), leaf=jnp.pad(t.leaf, (0, nodes - n), constant_values=True),
+                      depth=jnp.pad(t.depth, (0, nodes - n)), max_seqlen=jnp.int32(t.max_seqlen))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(force_words_ids=[[5]], num_beams=1), "force_words_ids triggers constrained beam search.*num_beams > 1"),
+    (dict(force_words_ids=[[5]], num_beams=2, do_sample=True), "do_sample=True.*do_sample=False"),
+    (dict(force_words_ids=[[5]], num_beams=4, num_beam_groups=2, diversity_penalty=0.5), "num_beam_groups=2"),
+    (dict(force_words_ids=[[5]], num_beams=2, stop_sequences=[[7]]), "stop_sequences=.*not with constrained"),
+    (dict(force_words_ids=[[5]], num_beams=2, output_attentions=True), "output_attentions=True.*not with"),
+    (dict(force_words_ids=[[[5, 6], [5]]], num_beams=2), r"\[5\] is a prefix of another sequence"),
+    (dict(force_words_ids=[[5, 99]], num_beams=2), r"force_words_ids=.*token ids must be in \[0, 48\)"),
+    (dict(force_words_ids=[], num_beams=2), "force_words_ids=.*expected a list"),
+    (dict(constraints=[object()], num_beams=2), "constraints='<object>'.*PhrasalConstraint and DisjunctiveConstraint"),
+])
+def test_constrained_beam_search_bad_arguments(gpt2, kwargs, message):
+    _, model = gpt2
+    ids, mask = _prompts(3)
+    with pytest.raises(ValueError, match=message):
+        jaxgen.generate(model, ids, mask, max_new_tokens=4, pad_token_id=PAD, **kwargs)
+
+
+def test_constraint_objects_and_generate_batch(gpt2):
+    """transformers 4.x's constraint objects (or the hub repository's, of the same names) run as
+    the force_words_ids they hold; generate_batch refuses constrained beam search."""
+    _, model = gpt2
+    ids, mask = _prompts(3)
+
+    class PhrasalConstraint:  # noqa: D401 - the name and token_ids are what jaxgen reads
+        token_ids = [5, 6]
+
+    class DisjunctiveConstraint:
+        token_ids = [[7, 8], [9]]
+
+    kw = dict(num_beams=3, max_new_tokens=8, eos_token_id=EOS, pad_token_id=PAD)
+    objects = jaxgen.generate(model, ids, mask, constraints=[PhrasalConstraint(), DisjunctiveConstraint()], **kw)
+    words = jaxgen.generate(model, ids, mask, force_words_ids=[[5, 6], [[7, 8], [9]]], **kw)
+    np.testing.assert_array_equal(objects.trim().sequences, words.trim().sequences)
+    with pytest.raises(ValueError, match=r"force_words_ids=\[\[5\]\] is constrained beam search, which generate_batch"):
+        jaxgen.generate_batch(model, [[3, 4, 5]], force_words_ids=[[5]], num_beams=2, max_new_tokens=2,
                               progress=False)

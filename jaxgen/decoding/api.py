@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from jaxgen import generation_config, sharding
-from jaxgen.decoding import args, beam, contrastive, engine, greedy, group_beam, lookup
+from jaxgen.decoding import args, beam, constrained, contrastive, engine, greedy, group_beam, lookup
 from jaxgen.decoding.engine import DecodeSpec
 from jaxgen.models.model import CausalLM
 from jaxgen.outputs import GenerateOutput
@@ -24,6 +24,8 @@ from jaxgen.outputs import GenerateOutput
 @functools.partial(jax.jit, static_argnames=("spec",))
 def _decode(model, input_ids, attention_mask, prompt_len, processors, key, length_penalty, penalty_alpha, assistant,
             guidance, streamer_id, *, spec: DecodeSpec) -> GenerateOutput:
+    if spec.constraints:
+        return constrained.decode(model, input_ids, attention_mask, prompt_len, processors, length_penalty, spec)
     if spec.num_beam_groups > 1:
         return group_beam.decode(model, input_ids, attention_mask, prompt_len, processors, length_penalty, spec)
     if spec.beam_search:
@@ -133,14 +135,15 @@ def generate(model: CausalLM, input_ids=None, attention_mask=None, **kwargs) -> 
         forced_eos_token_id, exponential_decay_length_penalty, renormalize_logits,
         remove_invalid_values, logits_processor (JAX callables ``fn(scores, ctx)``),
         penalty_alpha (contrastive search), num_beam_groups and diversity_penalty (group beam
-        search), output_scores, output_logits, output_attentions, output_hidden_states; and
-        jaxgen's prompt_bucket (default 32; None disables).
+        search), force_words_ids and constraints (constrained beam search), output_scores,
+        output_logits, output_attentions, output_hidden_states; and jaxgen's prompt_bucket (default 32; None disables).
         ``generation_config``: a transformers ``GenerationConfig`` (or a dict of its fields) whose
         set fields act as arguments, under those passed by name. An argument not passed takes the
         value of ``model.generation_config`` (the checkpoint's), as in transformers.
 
     Dispatch: ``num_beams > 1`` -> beam search (beam sampling with ``do_sample``, group beam
-    search with ``num_beam_groups > 1``); otherwise contrastive search with ``penalty_alpha > 0``
+    search with ``num_beam_groups > 1``, constrained beam search with ``force_words_ids`` or
+    ``constraints``); otherwise contrastive search with ``penalty_alpha > 0``
     and ``top_k > 1``, else greedy search or sampling. Returns a `GenerateOutput`; ``.trim()``
     gives transformers' shapes.
     """

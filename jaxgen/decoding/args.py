@@ -44,7 +44,7 @@ DEFAULTS: dict[str, Any] = {
     "return_dict_in_generate": True,  # jaxgen's default
     "stop_sequences": None, "streamer": None, "prompt_bucket": 32, "key": None,
     "prompt_lookup_num_tokens": None, "max_matching_ngram_size": None, "penalty_alpha": None,
-    "num_beam_groups": None, "diversity_penalty": None,
+    "num_beam_groups": None, "diversity_penalty": None, "force_words_ids": None, "constraints": None,
     "assistant_model": None, "num_assistant_tokens": None, "num_assistant_tokens_schedule": None,
     "assistant_confidence_threshold": None, "assistant_early_exit": None, "dola_layers": None,
     "guidance_scale": None, "negative_prompt_ids": None, "negative_prompt_attention_mask": None,
@@ -247,6 +247,47 @@ def _id_lists(name, value, vocab, allow_empty=False) -> tuple[tuple[int, ...], .
     return tuple(_token_ids(name, list(ids), vocab) for ids in value if ids) or None
 
 
+def _constraints(kw, vocab) -> tuple[tuple[tuple[int, ...], ...], ...]:
+    """``constraints`` then ``force_words_ids`` (4.53's order) -> each constraint's token
+    sequences: one for a phrase (a ``PhrasalConstraint``, a ``list[int]``), several for a
+    disjunction (a ``DisjunctiveConstraint``, a ``list[list[int]]``), checked as 4.53 checks them."""
+    found = []
+    given = kw["constraints"]
+    if given is not None:
+        if not isinstance(given, (list, tuple)):
+            _fail("constraints", given, "expected a list of PhrasalConstraint and DisjunctiveConstraint objects")
+        for c in given:
+            kind = type(c).__name__
+            if kind == "PhrasalConstraint":
+                found.append((_token_ids("constraints", list(c.token_ids), vocab),))
+            elif kind == "DisjunctiveConstraint":
+                found.append(_alternatives("constraints", c.token_ids, vocab))
+            else:
+                _fail("constraints", f"<{kind}>", "jaxgen runs transformers' PhrasalConstraint and "
+                      "DisjunctiveConstraint (or force_words_ids); a Constraint class of your own is host-side Python")
+    words = kw["force_words_ids"]
+    if words is not None:
+        if not isinstance(words, (list, tuple)) or not words or not all(isinstance(w, (list, tuple)) and w
+                                                                        for w in words):
+            _fail("force_words_ids", words, "expected a list[list[int]] or list[list[list[int]]] of token ids")
+        for w in words:
+            found.append(_alternatives("force_words_ids", w, vocab) if isinstance(w[0], (list, tuple))
+                         else (_token_ids("force_words_ids", list(w), vocab),))
+    return tuple(found)
+
+
+def _alternatives(name, value, vocab) -> tuple[tuple[int, ...], ...]:
+    """A disjunction's token sequences, none a prefix of another (4.53's ``DisjunctiveTrie``)."""
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, (list, tuple)) for v in value):
+        _fail(name, value, "a disjunction is a non-empty list of lists of token ids")
+    seqs = tuple(_token_ids(name, list(v), vocab) for v in value)
+    for i, a in enumerate(seqs):
+        if any(j != i and b[:len(a)] == a for j, b in enumerate(seqs)):
+            _fail(name, [list(v) for v in seqs], f"{list(a)} is a prefix of another sequence of the disjunction "
+                  "(transformers raises too: each list can't be a complete subset of another)")
+    return seqs
+
+
 def _bool(kw, name):
     """A flag: True, False, or None, which transformers takes as False (it tests flags for truth)."""
     if kw[name] is not None and not isinstance(kw[name], (bool, np.bool_)):
@@ -429,6 +470,21 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
         _warn_beam_only(kw, kwargs, (("early_stopping", (None, False)), ("length_penalty", (None, 1.0))))
     groups = _int(kw, "num_beam_groups", 1) or 1
     diversity = _float(kw, "diversity_penalty") or 0.0
+    constraints = _constraints(kw, vocab)
+    if constraints:  # transformers 4.53's checks of constrained beam search
+        name = "force_words_ids" if kw["force_words_ids"] is not None else "constraints"
+        why = f"{name} triggers constrained beam search, which needs "
+        if do_sample:
+            _fail("do_sample", True, why + "do_sample=False")
+        if not beam_search:
+            _fail("num_beams", num_beams, why + "beams (num_beams > 1)")
+        if groups != 1:
+            _fail("num_beam_groups", groups, why + "num_beam_groups=1")
+        for flag, what in (("stop_sequences", stops), ("output_attentions", kw["output_attentions"]),
+                           ("output_hidden_states", kw["output_hidden_states"]), ("mesh", kw["mesh"])):
+            if what:
+                _fail(flag, what if flag != "stop_sequences" else [list(x) for x in what],
+                      f"not with constrained beam search ({name}): not implemented in jaxgen yet")
     if beam_search and (groups != 1 or diversity != 0.0):  # transformers 4.53's checks of group beam search
         why = "diversity_penalty is not 0.0 or num_beam_groups is not 1, which is group beam search; it needs "
         if do_sample:
@@ -686,7 +742,7 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
         mesh=mesh, data_axis=data_axis, model_axis=model_axis,
         recompute=recompute, contrastive=contrastive, lookup=lookup or 0, lookup_ngram=lookup_ngram or 0,
         lookup_schedule=schedule in ("heuristic", "heuristic_transient"), lookup_confidence=confidence > 0,
-        dola_layers=dola_layers,
+        dola_layers=dola_layers, constraints=constraints,
     )
     if spec.contrastive and spec.recompute:
         _fail("penalty_alpha", penalty_alpha, f"this call crosses the sequence length {config.recompute_at} at which "

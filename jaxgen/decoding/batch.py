@@ -328,6 +328,10 @@ def _request(model, prompt, index: int, tokenizer, shared: dict, labels=None) ->
         raise ValueError(f"{name}: num_beams={spec.num_beams} is not allowed with "
                          f"{'do_sample=True' if spec.do_sample else f'num_beam_groups={spec.num_beam_groups}'}: "
                          f"{what} in generate_batch is not implemented yet (beam search is; or use generate)")
+    if spec.constraints:
+        given = "force_words_ids" if call.get("force_words_ids") is not None else "constraints"
+        raise ValueError(f"{name}: {given}={call.get(given)!r} is constrained beam search, which generate_batch does "
+                         "not run (use generate)")
     if spec.contrastive:
         raise ValueError(f"{name}: penalty_alpha={call.get('penalty_alpha')} with top_k={spec.contrastive} is "
                          "contrastive search, which generate_batch does not run (use generate)")

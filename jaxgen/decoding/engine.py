@@ -68,6 +68,8 @@ class DecodeSpec:
     lookup_schedule: bool = False  # the draft length follows transformers' heuristic schedule
     lookup_confidence: bool = False  # a draft stops after a token below its confidence threshold
     dola_layers: tuple[int, ...] = ()  # DoLa: the hidden states it contrasts (`jaxgen.decoding.dola`)
+    # constrained beam search: each constraint's token sequences (`jaxgen.decoding.constraints`)
+    constraints: tuple[tuple[tuple[int, ...], ...], ...] = ()
 
     @property
     def total_len(self) -> int:

@@ -7,7 +7,9 @@ vector lanes, padded to whole lane tiles where that is faster on this machine (`
 half-precision product runs on XLA:CPU's bfloat16 GEMM only when it returns float32 and has two
 rows or more (otherwise XLA converts the weight to float32, and keeps that copy for the whole
 decode loop), so a single row is padded to two, and multiplied in whichever order this machine
-runs faster. Elsewhere (GPU, TPU) the product is a plain dot.
+runs faster. XLA:CPU has no fast float16 GEMM (it converts the weight to float32 first, at
+about 2 GB/s): a float16 product is taken in float32 on a copy that XLA makes once a call,
+outside the decode loop. Elsewhere (GPU, TPU) the product is a plain dot.
 
 An int8 weight (`jaxgen.quantization.Int8Weight`) is multiplied as int8 everywhere, never converted
 whole: on XLA:CPU, which converts a weight whole for a mixed-type product (and keeps that copy),
@@ -40,6 +42,8 @@ def project(x: jax.Array, w: jax.Array, row_shards: int = 1) -> jax.Array:
         return jax.lax.dot_general(rows, w, (((1,), (w.ndim - 1,)), ((), ())), preferred_element_type=jnp.float32)
 
     def cpu(rows, w):
+        if w.dtype == jnp.float16:  # no fast float16 GEMM on XLA:CPU: a float32 one, on a copy made once a call
+            rows, w = rows.astype(jnp.float32), w.astype(jnp.float32)
         n = rows.shape[0] // row_shards  # rows of one block
         if n == 1 and w.dtype in (jnp.bfloat16, jnp.float16):  # two rows at least, in this machine's order
             if _single_half_row(w.dtype) == "row-major":

@@ -25,7 +25,7 @@ from flax import struct
 
 from jaxgen.decoding import beam, constraints, engine, select
 from jaxgen.decoding.engine import DecodeSpec
-from jaxgen.decoding.group_beam import NONE, keep_best
+from jaxgen.decoding.hypotheses import NONE, is_done, keep_best, output
 from jaxgen.models.model import CausalLM
 from jaxgen.outputs import GenerateOutput
 
@@ -126,13 +126,7 @@ def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, l
         hyp_scores, hyp_sequences, hyp_indices = keep_best(
             s.hyp_scores, s.hyp_sequences, s.hyp_beam_indices,
             jnp.where(finishing, top_scores / generated**length_penalty, NONE), finished, finished_indices)
-        full = (hyp_scores > NONE).all(-1, keepdims=True)
-        if spec.early_stopping is True:
-            hopeless = full
-        else:
-            length = jnp.float32(t_max) if spec.early_stopping == "never" else generated
-            length = jnp.where(length_penalty > 0.0, length, generated)
-            hopeless = full & (hyp_scores.min(-1, keepdims=True) >= top_scores[:, :1] / length**length_penalty)
+        hopeless = is_done(hyp_scores, top_scores[:, :1], generated, length_penalty, spec)
 
         # The first `beams` other candidates, then the tokens that advance a constraint.
         order = jnp.argsort(jnp.where(is_eos, keep, 0) + jnp.arange(keep), axis=-1)[:, :beams]
@@ -195,16 +189,4 @@ def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, l
     hyps = (final.hyp_scores, final.hyp_sequences, final.hyp_beam_indices)
     for joins in (complete, open_beams & ~complete & (complete.sum(-1, keepdims=True) < r)):
         hyps = keep_best(*hyps, jnp.where(joins, running, NONE), final.running_sequences, final.running_beam_indices)
-    hyp_scores, hyp_sequences, hyp_indices = hyps
-    best_scores, best = jax.lax.top_k(hyp_scores, r)
-    pick = lambda x: jnp.take_along_axis(x, best[..., None], 1)  # noqa: E731
-    return GenerateOutput(
-        sequences=pick(hyp_sequences).reshape(batch * r, -1),
-        num_steps=final.step,
-        scores=final.scores,
-        logits=final.raw_logits,
-        sequences_scores=best_scores.reshape(-1),
-        beam_indices=pick(hyp_indices).reshape(batch * r, -1),
-        layers=final.layers,
-        prompt_len=prompt_len, bucket_len=spec.bucket_len, output_scores=spec.output_scores,
-    )
+    return output(*hyps, final, prompt_len, spec)

@@ -26,10 +26,9 @@ from flax import struct
 
 from jaxgen.decoding import beam, engine, select
 from jaxgen.decoding.engine import DecodeSpec
+from jaxgen.decoding.hypotheses import NONE, is_done, keep_best, output
 from jaxgen.models.model import CausalLM
 from jaxgen.outputs import GenerateOutput
-
-NONE = -jnp.inf  # the score of an empty hypothesis slot
 
 
 @struct.dataclass
@@ -46,17 +45,6 @@ class GroupBeamState(beam.Beams):
     hyp_beam_indices: jax.Array
     group_done: jax.Array
     source: jax.Array
-
-
-def keep_best(scores, sequences, indices, new_scores, new_sequences, new_indices):
-    """A group's hypotheses after adding new ones: the ``g`` best of both, old ones first among
-    equal scores (4.53 adds a hypothesis only if it beats the worst of a full list).
-    scores: [..., g]; sequences / indices: [..., g, L]; new_*: [..., k], [..., k, L]."""
-    n = scores.shape[-1]
-    merged = jnp.concatenate([scores, new_scores], -1)
-    _, best = jax.lax.top_k(merged, n)
-    take = lambda x, y: jnp.take_along_axis(jnp.concatenate([x, y], -2), best[..., None], axis=-2)  # noqa: E731
-    return jnp.take_along_axis(merged, best, -1), take(sequences, new_sequences), take(indices, new_indices)
 
 
 def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, length_penalty,
@@ -107,13 +95,7 @@ def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, l
             hyps = keep_best(s.hyp_scores[:, i], s.hyp_sequences[:, i], s.hyp_beam_indices[:, i],
                              jnp.where(finishing, top_scores / generated**length_penalty, NONE), finished,
                              finished_indices)
-            full = (hyps[0] > NONE).all(-1, keepdims=True)
-            if spec.early_stopping is True:
-                hopeless = full
-            else:
-                length = jnp.float32(t_max) if spec.early_stopping == "never" else generated
-                length = jnp.where(length_penalty > 0.0, length, generated)
-                hopeless = full & (hyps[0].min(-1, keepdims=True) >= top_scores[:, :1] / length**length_penalty)
+            hopeless = is_done(hyps[0], top_scores[:, :1], generated, length_penalty, spec)
 
             # The first g other candidates continue; a done group's beams copy its first one.
             order = jnp.argsort(jnp.where(is_eos, keep, 0) + jnp.arange(keep), axis=-1)[:, :g]
@@ -147,16 +129,5 @@ def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, l
     hyp_scores, hyp_sequences, hyp_indices = keep_best(
         final.hyp_scores, final.hyp_sequences, final.hyp_beam_indices, running,
         final.running_sequences.reshape(batch, groups, g, -1), final.running_beam_indices.reshape(batch, groups, g, -1))
-    r = spec.num_return_sequences
-    best_scores, best = jax.lax.top_k(hyp_scores.reshape(batch, -1), r)
-    pick = lambda x: jnp.take_along_axis(x.reshape(batch, beams, -1), best[..., None], 1)  # noqa: E731
-    return GenerateOutput(
-        sequences=pick(hyp_sequences).reshape(batch * r, -1),
-        num_steps=final.step,
-        scores=final.scores,
-        logits=final.raw_logits,
-        sequences_scores=best_scores.reshape(-1),
-        beam_indices=pick(hyp_indices).reshape(batch * r, -1),
-        layers=final.layers,
-        prompt_len=prompt_len, bucket_len=spec.bucket_len, output_scores=spec.output_scores,
-    )
+    return output(hyp_scores.reshape(batch, beams), hyp_sequences.reshape(batch, beams, -1),
+                  hyp_indices.reshape(batch, beams, -1), final, prompt_len, spec)

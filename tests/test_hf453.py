@@ -198,8 +198,17 @@ def test_group_beam_search_on_llama_equals_transformers_4_53(hf453, tmp_path):
     (dict(num_beams=4, num_beam_groups=2), "diversity_penalty=None .*diversity_penalty > 0.0"),
     (dict(num_beams=4, num_beam_groups=2, diversity_penalty=0.5, do_sample=True), "do_sample=True"),
     (dict(num_beams=4, num_beam_groups=2, diversity_penalty=0.5, stop_sequences=[[5, 6]]), "stop_sequences"),
+    (dict(force_words_ids=[[5]], num_beams=1), "force_words_ids triggers constrained beam search.*num_beams > 1"),
+    (dict(force_words_ids=[[5]], num_beams=2, do_sample=True), "do_sample=True.*do_sample=False"),
+    (dict(force_words_ids=[[5]], num_beams=4, num_beam_groups=2, diversity_penalty=0.5), "num_beam_groups=2"),
+    (dict(force_words_ids=[[5]], num_beams=2, stop_sequences=[[7]]), "stop_sequences=.*not with constrained"),
+    (dict(force_words_ids=[[5]], num_beams=2, output_attentions=True), "output_attentions=True.*not with"),
+    (dict(force_words_ids=[[[5, 6], [5]]], num_beams=2), r"\[5\] is a prefix of another sequence"),
+    (dict(force_words_ids=[[5, 99]], num_beams=2), r"force_words_ids=.*token ids must be in \[0, 48\)"),
+    (dict(force_words_ids=[], num_beams=2), "force_words_ids=.*expected a list"),
+    (dict(constraints=[object()], num_beams=2), "constraints='<object>'.*PhrasalConstraint and DisjunctiveConstraint"),
 ])
-def test_group_beam_search_bad_arguments(gpt2, kwargs, message):
+def test_group_and_constrained_beam_search_bad_arguments(gpt2, kwargs, message):
     _, model = gpt2
     ids, mask = _prompts(3)
     with pytest.raises(ValueError, match=message):
@@ -426,24 +435,6 @@ def _padded(t, nodes: int, children: int):
     return t._replace(child_token=jnp.pad(t.child_token, pad, constant_values=-1),
                       child_node=jnp.pad(t.child_node, pad), leaf=jnp.pad(t.leaf, (0, nodes - n), constant_values=True),
                       depth=jnp.pad(t.depth, (0, nodes - n)), max_seqlen=jnp.int32(t.max_seqlen))
-
-
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(force_words_ids=[[5]], num_beams=1), "force_words_ids triggers constrained beam search.*num_beams > 1"),
-    (dict(force_words_ids=[[5]], num_beams=2, do_sample=True), "do_sample=True.*do_sample=False"),
-    (dict(force_words_ids=[[5]], num_beams=4, num_beam_groups=2, diversity_penalty=0.5), "num_beam_groups=2"),
-    (dict(force_words_ids=[[5]], num_beams=2, stop_sequences=[[7]]), "stop_sequences=.*not with constrained"),
-    (dict(force_words_ids=[[5]], num_beams=2, output_attentions=True), "output_attentions=True.*not with"),
-    (dict(force_words_ids=[[[5, 6], [5]]], num_beams=2), r"\[5\] is a prefix of another sequence"),
-    (dict(force_words_ids=[[5, 99]], num_beams=2), r"force_words_ids=.*token ids must be in \[0, 48\)"),
-    (dict(force_words_ids=[], num_beams=2), "force_words_ids=.*expected a list"),
-    (dict(constraints=[object()], num_beams=2), "constraints='<object>'.*PhrasalConstraint and DisjunctiveConstraint"),
-])
-def test_constrained_beam_search_bad_arguments(gpt2, kwargs, message):
-    _, model = gpt2
-    ids, mask = _prompts(3)
-    with pytest.raises(ValueError, match=message):
-        jaxgen.generate(model, ids, mask, max_new_tokens=4, pad_token_id=PAD, **kwargs)
 
 
 def test_constraint_objects_and_generate_batch(gpt2):

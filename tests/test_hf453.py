@@ -202,7 +202,6 @@ def test_group_beam_search_on_llama_equals_transformers_4_53(hf453, tmp_path):
     (dict(force_words_ids=[[5]], num_beams=2, do_sample=True), "do_sample=True.*do_sample=False"),
     (dict(force_words_ids=[[5]], num_beams=4, num_beam_groups=2, diversity_penalty=0.5), "num_beam_groups=2"),
     (dict(force_words_ids=[[5]], num_beams=2, stop_sequences=[[7]]), "stop_sequences=.*not with constrained"),
-    (dict(force_words_ids=[[5]], num_beams=2, output_attentions=True), "output_attentions=True.*not with"),
     (dict(force_words_ids=[[[5, 6], [5]]], num_beams=2), r"\[5\] is a prefix of another sequence"),
     (dict(force_words_ids=[[5, 99]], num_beams=2), r"force_words_ids=.*token ids must be in \[0, 48\)"),
     (dict(force_words_ids=[], num_beams=2), "force_words_ids=.*expected a list"),
@@ -227,17 +226,21 @@ def test_groups_without_beams_warn_and_run_greedy_search(gpt2):
     np.testing.assert_array_equal(out.sequences, jaxgen.generate(model, ids, mask, **kw).trim().sequences)
 
 
-def test_group_beam_search_attentions_and_hidden_states_equal_transformers_4_53(gpt2, hf453, tmp_path):
-    """Every step's attentions and hidden states of all beams, in 4.53's row order. One prompt
-    without padding: 4.53's rows of a finished group are another prompt's at batch > 1, and its
-    padding positions attend otherwise than 5.x's (tests/test_outputs.py checks those)."""
+@pytest.mark.parametrize("strategy", [dict(num_beam_groups=2, diversity_penalty=0.5), dict(force_words_ids=[[5, 6]])],
+                         ids=["group", "constrained"])
+def test_beam_attentions_and_hidden_states_equal_transformers_4_53(gpt2, hf453, tmp_path, strategy):
+    """Group and constrained beam search: every step's attentions and hidden states of all beams,
+    in 4.53's row order. One prompt without padding: 4.53's rows of a finished group are another
+    prompt's at batch > 1, and its padding positions attend otherwise than 5.x's
+    (tests/test_outputs.py checks those)."""
     path, model = gpt2
     ids, mask = (x[:1] for x in _prompts(3))
-    call = dict(max_new_tokens=6, eos_token_id=EOS, pad_token_id=PAD, num_beams=4, num_beam_groups=2,
-                diversity_penalty=0.5, output_attentions=True, output_hidden_states=True)
+    call = dict(max_new_tokens=6, eos_token_id=EOS, pad_token_id=PAD, num_beams=4, output_attentions=True,
+                output_hidden_states=True, **strategy)
     ref, = reference(hf453, path, [dict(call, ids=ids.tolist(), mask=mask.tolist())], tmp_path)
     ours = jaxgen.generate(model, ids, mask, output_scores=True, **call).trim()
-    assert_group_beams_equal(ours, ref, 1, 4, 1.0)
+    assert_equal_to(ours, ref)
+    np.testing.assert_allclose(ours.sequences_scores, ref["sequences_scores"], atol=1e-4, rtol=0)
     for name in ("attentions", "hidden_states"):
         steps = getattr(ours, name)
         assert len(steps) == len(ours.scores)

@@ -205,6 +205,7 @@ def test_group_beam_search_on_llama_equals_transformers_4_53(hf453, tmp_path):
     (dict(force_words_ids=[[[5, 6], [5]]], num_beams=2), r"\[5\] is a prefix of another sequence"),
     (dict(force_words_ids=[[5, 99]], num_beams=2), r"force_words_ids=.*token ids must be in \[0, 48\)"),
     (dict(force_words_ids=[], num_beams=2), "force_words_ids=.*expected a list"),
+    (dict(constraints=[], num_beams=2), r"constraints=\[\] .*expected a non-empty list"),
     (dict(constraints=[object()], num_beams=2), "constraints='<object>'.*PhrasalConstraint and DisjunctiveConstraint"),
 ])
 def test_group_and_constrained_beam_search_bad_arguments(gpt2, kwargs, message):
@@ -361,14 +362,16 @@ CONSTRAINED = [
     (3, dict(num_beams=2, force_words_ids=[[[3, 4], [3, 5], [3, 6, 7]], [13, 14]], eos_token_id=[EOS, 9],
              early_stopping="never", min_new_tokens=3)),
     (1, dict(num_beams=3, force_words_ids=[[40, 41, 42, 43, 44, 45]], max_new_tokens=4)),  # no beam can
+    (1, dict(num_beams=2, force_words_ids=[[5]], bad_words_ids=[[5]], max_new_tokens=4)),  # nor without -inf
 ]
 
 
 def test_constrained_beam_search_equals_transformers_4_53(gpt2, hf453, tmp_path):
     """Sequences, scores (processed log-probs plus beam scores, as 4.53 returns them) and sequence
     scores; beam indices too (4.53's run over the whole sequence's length, -1 past the generated
-    ones), except where the best returned beam did not meet every constraint (fewer than
-    num_return_sequences did): 4.53 returns none then."""
+    ones), except where the first returned beam did not meet every constraint (fewer than
+    num_return_sequences did): 4.53 returns none then. A forced token that another processor
+    bans scores -inf, and its hypothesis is kept at -inf, as there."""
     path, model = gpt2
     ids, mask = _prompts(3)
     held = int(ids[2, -1])  # the third prompt's last token: a constraint it holds before generating

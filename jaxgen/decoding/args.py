@@ -254,8 +254,9 @@ def _constraints(kw, vocab) -> tuple[tuple[tuple[int, ...], ...], ...]:
     found = []
     given = kw["constraints"]
     if given is not None:
-        if not isinstance(given, (list, tuple)):
-            _fail("constraints", given, "expected a list of PhrasalConstraint and DisjunctiveConstraint objects")
+        if not isinstance(given, (list, tuple)) or not given:  # an empty list: transformers' max() fails
+            _fail("constraints", given, "expected a non-empty list of PhrasalConstraint and DisjunctiveConstraint "
+                  "objects")
         for c in given:
             kind = type(c).__name__
             if kind == "PhrasalConstraint":

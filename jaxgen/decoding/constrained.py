@@ -14,7 +14,8 @@ over banks: the best of each bank, then the second best of each, ... (4.53's
 ``pad_token_id`` as copies of its first beam (4.53 copies the first prompt's, a defect at batch >
 1). At the end, the running beams that completed every constraint join the hypotheses, and the
 others too if fewer than ``num_return_sequences`` did. ``scores`` are the processed log-probs
-plus the beam scores, as 4.53 returns them.
+plus the beam scores, as 4.53 returns them. A hypothesis keeps the EOS id it ended on (4.53
+writes the first of several EOS ids).
 """
 
 from __future__ import annotations

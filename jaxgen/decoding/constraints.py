@@ -37,9 +37,10 @@ class Tables(NamedTuple):
 
 
 class State(NamedTuple):
-    """One beam's constraints, every field with the beams' leading dims: order: int32[..., C],
-    the list position of each pending constraint (`DONE` where not pending); progress: int32[...],
-    the constraint in progress (-1: none); node: int32[...], its trie node."""
+    """One beam's constraints, every field with the beams' leading dims: order: int32[..., C], a
+    key that sorts the pending constraints in their list's order (`DONE` where not pending; one
+    put back goes after the largest); progress: int32[...], the constraint in progress (-1: none);
+    node: int32[...], its trie node."""
 
     order: jax.Array
     progress: jax.Array
@@ -121,8 +122,8 @@ def _where(cond: jax.Array, a: State, b: State) -> State:
 
 
 def bank(t: Tables, s: State) -> jax.Array:
-    """int32[...]: 4.53's ``get_bank``: ``max_seqlen`` for each complete constraint, and the
-    steps the one in progress has taken, counted from ``max_seqlen`` down its remaining ones."""
+    """int32[...]: 4.53's ``get_bank``: ``max_seqlen`` for each complete constraint, plus, for the
+    one in progress, ``max_seqlen`` less the steps its longest sequence has left."""
     complete = (s.order == DONE).sum(-1) - (s.progress >= 0)
     remaining = t.seqlen[jnp.maximum(s.progress, 0)] - t.depth[s.node]
     return complete * t.max_seqlen + jnp.where(s.progress >= 0, t.max_seqlen - remaining, 0)

@@ -79,6 +79,12 @@ def main():
         out = jaxgen.generate(sharded, ids, mask, mesh=mesh, **KW, **STRATEGIES["beam"])
         results["make_mesh"][mesh_name] = {"axis_types": [t.name for t in mesh.axis_types], **summary(out)}
 
+    # Constrained beam search on the 4x2 mesh (its constraint states split with the rows).
+    mesh = mesh_of((4, 2))
+    constrained = dict(KW, **STRATEGIES["beam"], force_words_ids=[[5, 6], [[7], [8, 9]]])
+    results["constrained"] = [summary(jaxgen.generate(m, ids, mask, **constrained, **mesh_kw))
+                              for m, mesh_kw in ((model, {}), (jaxgen.shard(model, mesh), {"mesh": mesh}))]
+
     # One prompt, its heads split over 8 devices (a one-row cache has no batch dim).
     mesh = mesh_of((1, 8))
     sharded = jaxgen.shard(model, mesh)

@@ -125,6 +125,11 @@ def test_gemma_on_a_mesh_equals_single_device(results, strategy):
     _assert_same(ours, single, strategy)
 
 
+def test_constrained_beam_search_on_a_mesh_equals_single_device(results):
+    single, ours = results["constrained"]
+    _assert_same(ours, single, "beam")
+
+
 def test_multihost_example_script_runs_on_one_host_with_8_devices():
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, "scripts/multihost_generate.py", "--model-parallel", "2",

@@ -481,9 +481,9 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
             _fail("num_beams", num_beams, why + "beams (num_beams > 1)")
         if groups != 1:
             _fail("num_beam_groups", groups, why + "num_beam_groups=1")
-        for flag, what in (("stop_sequences", stops and [list(x) for x in stops]), ("mesh", kw["mesh"])):
-            if what:
-                _fail(flag, what, f"not with constrained beam search ({name}): not implemented in jaxgen yet")
+        if stops:
+            _fail("stop_sequences", [list(x) for x in stops], f"not with constrained beam search ({name}): not "
+                  "implemented in jaxgen yet")
     if beam_search and (groups != 1 or diversity != 0.0):  # transformers 4.53's checks of group beam search
         why = "diversity_penalty is not 0.0 or num_beam_groups is not 1, which is group beam search; it needs "
         if do_sample:

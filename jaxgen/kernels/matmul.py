@@ -45,7 +45,7 @@ def project(x: jax.Array, w: jax.Array, row_shards: int = 1) -> jax.Array:
         if w.dtype == jnp.float16:  # no fast float16 GEMM on XLA:CPU: a float32 one, on a copy made once a call
             rows, w = rows.astype(jnp.float32), w.astype(jnp.float32)
         n = rows.shape[0] // row_shards  # rows of one block
-        if n == 1 and w.dtype in (jnp.bfloat16, jnp.float16):  # two rows at least, in this machine's order
+        if n == 1 and w.dtype == jnp.bfloat16:  # two rows at least, in this machine's order
             if _single_half_row(w.dtype) == "row-major":
                 two_rows = jnp.pad(rows, ((0, 1), (0, 0)))
                 return row_major(two_rows, w.reshape(-1, w.shape[-1]))[:1].reshape(1, *w.shape[:-1])

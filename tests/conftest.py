@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 
-# The suite compiles about a thousand small programs. LLVM at -O0 compiles them ~25% faster and
-# leaves the optimized HLO (fusions, layouts, copies: what tests inspect) byte for byte the same;
-# subprocesses inherit the flag. `TEST_XLA_FLAGS` (`XLA_FLAGS` extended) is for their own envs.
+# The suite compiles about a thousand small programs, most of its time. LLVM at -O0 compiles them
+# faster and leaves the optimized HLO (fusions, layouts, copies: what tests inspect) byte for byte
+# the same; subprocesses inherit the flag. `TEST_XLA_FLAGS` (`XLA_FLAGS` extended) is for their
+# own environments.
 TEST_XLA_FLAGS = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 os.environ["XLA_FLAGS"] = TEST_XLA_FLAGS
 

@@ -4,14 +4,14 @@
     python scripts/benchmark.py --model path/to/gpt2 --new-tokens 32 --workloads greedy-1 beam4-8
     python scripts/benchmark.py --workloads beam5-1 greedy-6 sample-12   # any strategy-batch
     python scripts/benchmark.py --dtype bfloat16 --quantize int8      # int8 beside bfloat16 and transformers
-    python scripts/benchmark.py --workloads contrastive-1 group4x2-1     # against transformers 4.53
+    python scripts/benchmark.py --workloads contrastive-1 group4x2-1 constrained4-1  # against transformers 4.53
     python scripts/grow_model.py --out ~/.cache/jaxgen-bench/demo-grown-88m   # a target for the demo draft
     python scripts/benchmark.py --model ~/.cache/jaxgen-bench/demo-grown-88m --workloads assisted-1 lookup-1
 
 A workload is ``greedy-B``, ``sample-B`` (top-k 50, top-p 0.9, temperature 0.8) or ``beamK-B``
 (K beams) at batch B; the default five are the ones the README and docs/performance.md report.
-``batch-N`` (continuous batching) is `batch_workload`'s; ``contrastive-B`` and ``groupKxG-B``
-(strategies transformers 5.x runs from the hub only) are `hub_workload`'s, timed against
+``batch-N`` (continuous batching) is `batch_workload`'s; ``contrastive-B``, ``groupKxG-B`` and
+``constrainedK-B`` (strategies transformers 5.x runs from the hub only) are `hub_workload`'s, timed against
 transformers 4.53 in a subprocess; ``assisted-B`` and ``lookup-B`` (assisted decoding against
 jaxgen's own greedy search) are `assisted_workload`'s.
 
@@ -75,7 +75,7 @@ WORKLOADS = ("greedy-1", "greedy-8", "beam4-1", "beam4-8", "sample-8")  # the de
 def workload(name: str) -> tuple[str, int, int]:
     """``"beam4-8"`` -> (strategy, num_beams, batch): ``("beam", 4, 8)``; also ``greedy-B``, ``sample-B``,
     ``batch-N`` (N requests through continuous batching, `batch_workload`), and `hub_workload`'s
-    ``contrastive-B`` and ``groupKxG-B``."""
+    ``contrastive-B``, ``groupKxG-B`` and ``constrainedK-B``."""
     m = re.fullmatch(r"(greedy|sample|batch|beam([1-9]\d*))-([1-9]\d*)", name)
     hub, assisted = hub_workload.parse(name), assisted_workload.parse(name)
     if hub:
@@ -85,7 +85,7 @@ def workload(name: str) -> tuple[str, int, int]:
     if m is None:
         raise argparse.ArgumentTypeError(f"{name!r}: expected greedy-B, sample-B, beamK-B (K beams, batch B), "
                                          "batch-N (N requests), contrastive-B, groupKxG-B (K beams in G groups), "
-                                         "assisted-B or lookup-B")
+                                         "constrainedK-B, assisted-B or lookup-B")
     return ("beam" if m.group(2) else m.group(1)), int(m.group(2) or 1), int(m.group(3))
 
 

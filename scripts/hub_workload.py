@@ -1,6 +1,7 @@
 """The workloads of `benchmark.py` whose strategies transformers 5.x runs from the hub only:
-``contrastive-B`` (contrastive search, top_k 4, penalty_alpha 0.6) and ``groupKxG-B`` (group beam
-search, K beams in G groups, diversity_penalty 0.5), at batch B.
+``contrastive-B`` (contrastive search, top_k 4, penalty_alpha 0.6), ``groupKxG-B`` (group beam
+search, K beams in G groups, diversity_penalty 0.5) and ``constrainedK-B`` (constrained beam
+search, K beams, `FORCED` words: a phrase and a choice of two), at batch B.
 
 The reference is transformers 4.53.3, which still has them in its core, in a virtual environment
 of its own (``--hf453``: its python; by default the one tests/test_hf453.py builds in
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 HF453 = Path.home() / ".cache" / "jaxgen-tests" / "transformers-4.53.3" / "bin" / "python"
+FORCED = [[100, 200, 300], [[400], [500, 600]]]  # ids every vocabulary of the benchmark's models holds
 
 
 def parse(name: str) -> tuple[str, dict, int] | None:
@@ -35,6 +37,9 @@ def parse(name: str) -> tuple[str, dict, int] | None:
     if m:
         return "group", dict(num_beams=int(m.group(1)), num_beam_groups=int(m.group(2)), diversity_penalty=0.5), int(
             m.group(3))
+    m = re.fullmatch(r"constrained([2-9]|[1-9]\d+)-([1-9]\d*)", name)
+    if m:
+        return "constrained", dict(num_beams=int(m.group(1)), force_words_ids=FORCED), int(m.group(2))
     return None
 
 

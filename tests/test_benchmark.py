@@ -107,10 +107,11 @@ def test_workload_names_give_strategy_beams_and_batch():
     assert workload("batch-256") == ("batch", 1, 256)  # 256 requests (scripts/batch_workload.py)
     assert workload("contrastive-2") == ("contrastive", 1, 2)  # against transformers 4.53 (hub_workload.py)
     assert workload("group6x3-4") == ("group", 6, 4)
+    assert workload("constrained4-2") == ("constrained", 4, 2)
     assert workload("assisted-8") == ("assisted", 1, 8)  # against jaxgen's greedy search (assisted_workload.py)
     assert workload("lookup-1") == ("lookup", 1, 1)
     for bad in ("beam-3", "greedy-0", "beam4", "topk-8", "beam04-2", "greedy-8 ", "batch-0", "group4-1", "contrastive",
-                "assisted-0"):
+                "assisted-0", "constrained1-1"):
         with pytest.raises(argparse.ArgumentTypeError, match="expected greedy-B, sample-B, beamK-B"):
             workload(bad)
 

@@ -73,8 +73,6 @@ NEUTRAL = {
 UNSUPPORTED = {
     "max_time": "max_time is a wall-clock criterion checked on the host between steps; a compiled "
                 "while_loop cannot stop on time. Bound the work with max_new_tokens instead",
-    "stop_strings": "stop_strings needs the tokenizer at every step; pass the token ids of the stop "
-                    "texts as stop_sequences=[[ids...], ...] instead (matched on token ids)",
     "stopping_criteria": "custom stopping criteria are host-side Python; use eos_token_id or stop_sequences",
     "prefix_allowed_tokens_fn": "a host-side Python function called at every step; pass a JAX function as "
                                 "logits_processor=[fn] instead",
@@ -92,10 +90,10 @@ UNSUPPORTED = {
 }
 # Arguments that cannot change what jaxgen generates, whatever their value (beside `INERT`):
 # trust_remote_code lets transformers 5.x load the strategies it moved to the hub (contrastive
-# search), which jaxgen runs from its own code; the tokenizer serves only stop_strings there (which
-# jaxgen refuses); logits_to_keep trims the forward's logits, of which generate reads the last.
+# search), which jaxgen runs from its own code; logits_to_keep trims the forward's logits, of which
+# generate reads the last.
 IGNORED_ARGUMENTS = frozenset({"use_cache", "synced_gpus", "low_memory", "use_model_defaults", "trust_remote_code",
-                               "tokenizer", "logits_to_keep"})
+                               "logits_to_keep"})
 
 LENGTHS = (("max_new_tokens", "max_length"), ("min_new_tokens", "min_length"))
 SAMPLING_ONLY = ("temperature", "top_h", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")

@@ -359,7 +359,7 @@ BAD_CALLS = [
     (dict(early_stopping=1, num_beams=2), "early_stopping=1"),
     (dict(num_return_sequences=2), "greedy methods .* return one sequence per prompt"),
     (dict(max_time=3.0), "max_time=3.0, which jaxgen does not support"),
-    (dict(stop_strings=["\n"]), "stop_strings=.*, which jaxgen does not support.*stop_sequences"),
+    (dict(stop_strings=["\n"]), "could not locate a tokenizer"),
     (dict(stop_sequences=[[]]), "stop_sequences"),
     (dict(stop_sequences=[[3, 99]]), r"stop_sequences.*\[0, 48\)"),
     (dict(num_beam=3), "unknown generate argument 'num_beam' .*did you mean 'num_beams'"),

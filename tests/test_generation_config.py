@@ -141,7 +141,7 @@ def test_unsupported_setting_raises_with_a_way_out(tmp_path):
     with pytest.raises(ValueError, match=r"sets token_healing=True, which jaxgen does not support \(token healing"):
         jaxgen.generate(model, ids, mask, max_new_tokens=3)
     model = model.replace(generation_config=model.generation_config.copy({"token_healing": None}))
-    with pytest.raises(ValueError, match=r"sets stop_strings=\('\.',\).*pass the token ids of the stop texts"):
+    with pytest.raises(ValueError, match="stop strings, either in the arguments to `generate` or in the model's"):
         jaxgen.generate(model.replace(generation_config=model.generation_config.copy({"stop_strings": (".",)})),
                         ids, mask, max_new_tokens=3)
     assert jaxgen.generate(model, ids, mask, max_new_tokens=3).trim().sequences.shape == (3, 8)
@@ -181,7 +181,7 @@ def test_generation_config_argument_equals_transformers(tmp_path):
         jaxgen.generate(model, ids, mask, generation_config=GenerationConfig(watermarking_config={"bias": 2.0}))
     with pytest.raises(ValueError, match="generation_config sets token_healing=True"):
         jaxgen.generate(model, ids, mask, generation_config=GenerationConfig(token_healing=True))
-    with pytest.raises(ValueError, match=r"stop_strings=\['\.'\].*pass the token ids of the stop texts"):
+    with pytest.raises(ValueError, match="could not locate a tokenizer"):
         jaxgen.generate(model, ids, mask, generation_config=GenerationConfig(stop_strings=["."]))
     sequences = jaxgen.generate(model, ids, mask, generation_config=GenerationConfig(return_dict_in_generate=False))
     assert isinstance(sequences, np.ndarray)  # transformers' tensor of sequences, as numpy

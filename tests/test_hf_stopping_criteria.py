@@ -42,6 +42,10 @@ Not ported:
   inside the last token; a stop sequence matches whole tokens only.
 - test_stopping_criteria_list_filters_kwargs_per_criterion, test_stopping_criteria_list_accepts_plain_callables:
   host-side criteria in a ``StoppingCriteriaList``; jaxgen raises on ``stopping_criteria=``.
+
+``stop_strings`` themselves (with ``tokenizer=``) run on transformers' own table of the
+tokenizer (`jaxgen.decoding.stop_strings`): the last tests check the in-loop check against
+transformers' ``StopStringCriteria`` on the demo tokenizer, and generate against transformers'.
 """
 
 from __future__ import annotations
@@ -190,3 +194,60 @@ def test_criteria_per_row_batched(tokenizer):
 
     # False when no row ends with it
     assert done(inputs["input_ids"][:, :-1], stop_sequences=stops) == [False, False, False]
+
+
+STOP_STRINGS = ("the end", ".", "a b", "xyz", "e")
+
+
+def test_stop_strings_equal_transformers_stop_string_criteria(tokenizer):
+    """`StopStrings.hits` against transformers' ``StopStringCriteria`` on the same tokenizer:
+    texts that end in a stop string across, inside or at the end of tokens (a stop string may
+    end inside the last token: "e" stops "the" and "the en"), that do not, and random token
+    sequences."""
+    import torch
+    from transformers.generation.stopping_criteria import StopStringCriteria
+
+    from jaxgen.decoding.stop_strings import StopStrings
+
+    theirs, ours = StopStringCriteria(tokenizer, list(STOP_STRINGS)), StopStrings.build(tokenizer, STOP_STRINGS)
+    texts = ["This is the end", "hello.", "a b", "nothing here", "the en", "xy z", "It was a bright day.",
+             "x y z xyz", "the", "abc"]
+    rng = np.random.default_rng(0)
+    sequences = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    sequences += [rng.integers(0, tokenizer.vocab_size, rng.integers(1, 12)).tolist() for _ in range(200)]
+    got = [bool(ours.hits(jnp.asarray([s], jnp.int32), len(s) - 1, 0)[0]) for s in sequences]
+    expected = [bool(theirs(torch.tensor([s]), None)[0]) for s in sequences]
+    assert got == expected
+    assert got[:len(texts)] == [True, True, True, True, True, False, True, True, True, False]
+    assert 10 < sum(got[len(texts):]) < 190  # the random ones both stop and run on
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_stop_strings_generate_equals_transformers(tokenizer, num_beams):
+    """The demo model with stop strings that its text reaches at different steps per row."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model, torch_model = jaxgen.from_pretrained(DEMO_MODEL), AutoModelForCausalLM.from_pretrained(DEMO_MODEL).eval()
+    enc = tokenizer(["The meaning of life is", "A good friend", "Never"], return_tensors="np", padding=True)
+    kw = dict(max_new_tokens=20, stop_strings=[".", "is", " the"], tokenizer=tokenizer, num_beams=num_beams,
+              num_return_sequences=min(num_beams, 2), pad_token_id=tokenizer.pad_token_id)
+    ours = jaxgen.generate(model, enc.input_ids, enc.attention_mask, **kw).trim().sequences
+    with torch.no_grad():
+        ref = torch_model.generate(torch.tensor(enc.input_ids), attention_mask=torch.tensor(enc.attention_mask),
+                                   do_sample=False, **kw).numpy()
+    np.testing.assert_array_equal(ours, ref)
+    assert ours.shape[1] < enc.input_ids.shape[1] + 20  # stopped before max_new_tokens
+
+
+def test_stop_strings_in_generate_batch_equal_generate(tokenizer):
+    """Continuous batching stops each request where generate stops it alone (the batch's tokenizer
+    spells the stop strings)."""
+    model = jaxgen.from_pretrained(DEMO_MODEL)
+    prompts = [tokenizer(t)["input_ids"] for t in ("The meaning of life is", "A good friend", "Never")]
+    kw = dict(max_new_tokens=20, stop_strings=["."], pad_token_id=tokenizer.eos_token_id)
+    results = jaxgen.generate_batch(model, prompts, tokenizer=tokenizer, max_rows=2, progress=False, **kw)
+    for prompt, result in zip(prompts, results):
+        alone = jaxgen.generate(model, np.array([prompt]), tokenizer=tokenizer, **kw).trim().sequences[0, len(prompt):]
+        assert result.tokens == alone.tolist()
+        assert result.finish_reason == "stop" and tokenizer.decode(result.tokens).endswith(".")

@@ -23,6 +23,7 @@ from jaxgen import generation_config, sharding
 from jaxgen.decoding import dola, guidance
 from jaxgen.decoding import lookup as lookup_decoder
 from jaxgen.decoding.engine import DecodeSpec, loop_phases
+from jaxgen.decoding.stop_strings import StopStrings
 from jaxgen.models.model import CausalLM
 from jaxgen.models.rope import Rope
 from jaxgen.processors import build_processors
@@ -42,7 +43,8 @@ DEFAULTS: dict[str, Any] = {
     "remove_invalid_values": False, "logits_processor": (),
     "output_scores": False, "output_logits": False, "output_attentions": False, "output_hidden_states": False,
     "return_dict_in_generate": True,  # jaxgen's default
-    "stop_sequences": None, "streamer": None, "prompt_bucket": 32, "key": None,
+    "stop_sequences": None, "stop_strings": None, "tokenizer": None, "streamer": None, "prompt_bucket": 32,
+    "key": None,
     "prompt_lookup_num_tokens": None, "max_matching_ngram_size": None, "penalty_alpha": None,
     "num_beam_groups": None, "diversity_penalty": None, "force_words_ids": None, "constraints": None,
     "assistant_model": None, "num_assistant_tokens": None, "num_assistant_tokens_schedule": None,
@@ -247,6 +249,25 @@ def _id_lists(name, value, vocab, allow_empty=False) -> tuple[tuple[int, ...], .
     return tuple(_token_ids(name, list(ids), vocab) for ids in value if ids) or None
 
 
+def _stop_strings(strings, tokenizer) -> StopStrings | None:
+    """``stop_strings`` (a string or a list of them) with the tokenizer that spells them, as
+    transformers' ``StopStringCriteria`` takes them."""
+    if strings is None:
+        return None
+    strings = (strings,) if isinstance(strings, str) else strings
+    if not isinstance(strings, (list, tuple)) or not strings or not all(isinstance(s, str) for s in strings):
+        _fail("stop_strings", strings, "expected a string or a non-empty list of strings")
+    if tokenizer is None:  # transformers' error
+        raise ValueError("There are one or more stop strings, either in the arguments to `generate` or in the model's "
+                         "generation config, but we could not locate a tokenizer. When generating with stop strings, "
+                         "you must pass the model's tokenizer to the `tokenizer` argument of `generate`.")
+    try:
+        return StopStrings.build(tokenizer, tuple(strings))
+    except ImportError as e:
+        _fail("stop_strings", list(strings), f"transformers builds the stop strings' table with torch, which is "
+              f"missing ({e}); install torch, or pass the stop texts' token ids as stop_sequences=[[ids...], ...]")
+
+
 def _constraints(kw, vocab) -> tuple[tuple[tuple[int, ...], ...], ...]:
     """``constraints`` then ``force_words_ids`` (4.53's order) -> each constraint's token
     sequences: one for a phrase (a ``PhrasalConstraint``, a ``list[int]``), several for a
@@ -364,6 +385,7 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
         warnings.warn(f"pad_token_id should be positive but got {pad}. This will cause errors when batch generating, "
                       "if there is padding (transformers' warning; jaxgen fills finished rows with it)", stacklevel=4)
     stops = None if kw["stop_sequences"] is None else _id_lists("stop_sequences", kw["stop_sequences"], vocab)
+    stop_strings = _stop_strings(kw["stop_strings"], kw["tokenizer"])
     if pad is None and eos_ids:  # silently, as transformers 5.x (but for a batch without a mask, below)
         if attention_mask is None and np.ndim(input_ids) == 2 and np.shape(input_ids)[0] > 1:
             warnings.warn("The attention mask and the pad token id were not set, with a batched input. As a "
@@ -371,9 +393,10 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
                           f"to obtain reliable results (padding with eos_token_id {eos_ids[0]}, as transformers)",
                           stacklevel=4)
         pad = eos_ids[0]
-    if pad is None and stops:
-        raise ValueError(f"pad_token_id is missing, but rows can finish early (stop_sequences="
-                         f"{[list(s) for s in stops]}) and there is no eos_token_id to pad with; pass pad_token_id")
+    if pad is None and (stops or stop_strings):
+        stop = f"stop_sequences={[list(s) for s in stops]}" if stops else f"stop_strings={list(stop_strings.strings)}"
+        raise ValueError(f"pad_token_id is missing, but rows can finish early ({stop}) and there is no eos_token_id "
+                         "to pad with; pass pad_token_id")
 
     # --- inputs ---------------------------------------------------------------------------
     if input_ids is None:  # transformers starts every row from bos_token_id
@@ -481,9 +504,9 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
             _fail("num_beams", num_beams, why + "beams (num_beams > 1)")
         if groups != 1:
             _fail("num_beam_groups", groups, why + "num_beam_groups=1")
-        if stops:
-            _fail("stop_sequences", [list(x) for x in stops], f"not with constrained beam search ({name}): not "
-                  "implemented in jaxgen yet")
+        if stops or stop_strings:
+            _fail(*(("stop_sequences", [list(x) for x in stops]) if stops else ("stop_strings", kw["stop_strings"])),
+                  f"not with constrained beam search ({name}): not implemented in jaxgen yet")
     if beam_search and (groups != 1 or diversity != 0.0):  # transformers 4.53's checks of group beam search
         why = "diversity_penalty is not 0.0 or num_beam_groups is not 1, which is group beam search; it needs "
         if do_sample:
@@ -496,8 +519,9 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
         if groups == 1:
             _fail("diversity_penalty", diversity, "needs num_beam_groups > 1: it penalises a group's tokens that "
                   "earlier groups chose at the same step")
-        if stops:
-            _fail("stop_sequences", [list(x) for x in stops], "not with group beam search (num_beam_groups="
+        if stops or stop_strings:
+            _fail(*(("stop_sequences", [list(x) for x in stops]) if stops else ("stop_strings", kw["stop_strings"])),
+                  "not with group beam search (num_beam_groups="
                   f"{groups}): not implemented in jaxgen yet")
     elif groups != 1 or diversity != 0.0:
         _warn_beam_only(kw, kwargs, (("num_beam_groups", (None, 1, 0.0)), ("diversity_penalty", (None, 1, 0.0))))
@@ -734,7 +758,8 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
                   "prompt + max_new_tokens on one side")
     spec = DecodeSpec(
         bucket_len=bucket_len, max_new_tokens=max_new_tokens,
-        eos_token_ids=eos_ids, pad_token_id=pad, stop_sequences=stops or (), do_sample=do_sample, num_beams=num_beams,
+        eos_token_ids=eos_ids, pad_token_id=pad, stop_sequences=stops or (), stop_strings=stop_strings,
+        do_sample=do_sample, num_beams=num_beams,
         beam_search=beam_search, num_beam_groups=groups, num_return_sequences=nrs, early_stopping=early_stopping,
         output_scores=kw["output_scores"], output_logits=kw["output_logits"], output_attentions=attentions,
         output_hidden_states=hidden_states, stream=streamer is not None,

@@ -30,6 +30,7 @@ import numpy as np
 from flax import struct
 
 from jaxgen.decoding import args, batch_beam, engine, select
+from jaxgen.decoding.stop_strings import StopStrings
 from jaxgen.models.cache import KVCache
 from jaxgen.models.model import CausalLM, forward, logits as logits_of
 
@@ -81,6 +82,7 @@ class BatchSpec:
     steps_per_sync: int
     num_beams: int = 1  # K: a request takes a group of K rows (beam search)
     early_stopping: bool | str = False
+    stop_strings: StopStrings | None = None
 
 
 @struct.dataclass
@@ -303,7 +305,7 @@ def _request(model, prompt, index: int, tokenizer, shared: dict, labels=None) ->
         ids = np.asarray(prompt)
         if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
             raise ValueError(f"a prompt must be a non-empty list of token ids, got {prompt!r:.80}")
-        call = {**shared, **own}
+        call = {"tokenizer": tokenizer, **shared, **own}  # the tokenizer also spells stop_strings
         for argument in _NOT_HERE:
             if argument in own:
                 raise ValueError(f"{argument}= is not allowed in generate_batch")
@@ -357,7 +359,7 @@ def _shared(request: _Request) -> tuple:
     """What every request of a batch must share (static in the programs)."""
     spec = request.parsed.spec
     return (spec.eos_token_ids, spec.stop_sequences, spec.pad_token_id, spec.do_sample, spec.num_beams,
-            spec.early_stopping if spec.beam_search else False,
+            spec.early_stopping if spec.beam_search else False, spec.stop_strings,
             jax.tree.structure(request.parsed.processors))
 
 
@@ -368,7 +370,7 @@ def _serve(model, source: Iterator[_Request], max_rows: int, max_length: int, st
     if first is None:
         return
     shared = _shared(first)
-    eos, stops, pad, do_sample, beams, early_stopping, _ = shared
+    eos, stops, pad, do_sample, beams, early_stopping, stop_strings, _ = shared
     if max_rows < beams:
         raise ValueError(f"max_rows={max_rows} is not allowed: a beam search request takes num_beams={beams} rows")
     units = max_rows // beams  # requests decoding at once: rows, or groups of `beams` rows
@@ -377,7 +379,7 @@ def _serve(model, source: Iterator[_Request], max_rows: int, max_length: int, st
     rows_n = max(2, units * beams)  # a one-row cache drops its batch dim; a spare row costs one row of compute
     slots = max_length
     spec = BatchSpec(rows_n, slots, max_length, eos, stops, 0 if pad is None else pad, do_sample, steps_per_sync,
-                     beams, early_stopping)
+                     beams, early_stopping, stop_strings)
     vocab = model.config.vocab_size
     key = first.parsed.key if first.parsed.key is not None else jax.random.key(0)
     rows = Rows(

@@ -26,6 +26,7 @@ from flax import struct
 from jax.experimental import io_callback
 
 from jaxgen import sharding
+from jaxgen.decoding.stop_strings import StopStrings
 from jaxgen.models.cache import KVCache
 from jaxgen.models.model import Capture, CausalLM, LayerOutputs, forward, positions_from_mask
 from jaxgen.models.model import logits as logits_of
@@ -46,6 +47,7 @@ class DecodeSpec:
     eos_token_ids: tuple[int, ...]
     pad_token_id: int | None
     stop_sequences: tuple[tuple[int, ...], ...] = ()
+    stop_strings: StopStrings | None = None  # transformers' stop_strings, with their tokenizer's table
     do_sample: bool = False
     num_beams: int = 1
     beam_search: bool = False
@@ -70,6 +72,11 @@ class DecodeSpec:
     dola_layers: tuple[int, ...] = ()  # DoLa: the hidden states it contrasts (`jaxgen.decoding.dola`)
     # constrained beam search: each constraint's token sequences (`jaxgen.decoding.constraints`)
     constraints: tuple[tuple[tuple[int, ...], ...], ...] = ()
+
+    @property
+    def finishes_rows(self) -> bool:
+        """Whether rows can finish before ``max_new_tokens`` (EOS ids or stops)."""
+        return bool(self.eos_token_ids or self.stop_sequences or self.stop_strings)
 
     @property
     def total_len(self) -> int:
@@ -302,7 +309,7 @@ def emit(tokens: jax.Array, sequences: jax.Array, unfinished: jax.Array, step, p
          spec: DecodeSpec) -> tuple[jax.Array, jax.Array]:
     """Writes step ``step``'s ``tokens: int32[rows]`` (``pad_token_id`` in rows already finished)
     into ``sequences: int32[rows, S]``, streams them, and returns (sequences, unfinished)."""
-    if spec.eos_token_ids or spec.stop_sequences:
+    if spec.finishes_rows:
         tokens = jnp.where(unfinished, tokens, spec.pad_token_id)
     column = spec.bucket_len + step
     if spec.stream:
@@ -312,10 +319,11 @@ def emit(tokens: jax.Array, sequences: jax.Array, unfinished: jax.Array, step, p
 
 
 def hits_stop(sequences: jax.Array, column: jax.Array, first_column: jax.Array, spec: DecodeSpec) -> jax.Array:
-    """bool[...]: the token just written at ``column`` ends the row: it is an EOS id, or the
-    tokens ending there match one of ``spec.stop_sequences`` (transformers' EOS criterion and a
-    token-level ``StopStringCriteria``). ``sequences: int32[..., S]``; matches may not reach
-    before ``first_column`` (bucket padding)."""
+    """bool[...]: the token just written at ``column`` ends the row: it is an EOS id, the tokens
+    ending there match one of ``spec.stop_sequences`` (a token-level ``StopStringCriteria``), or
+    the text they spell ends with one of ``spec.stop_strings`` (transformers' EOS and stop-string
+    criteria). ``sequences: int32[..., S]``; matches may not reach before ``first_column``
+    (bucket padding)."""
     tokens = jax.lax.dynamic_index_in_dim(sequences, column, axis=-1, keepdims=False)
     hit = jnp.zeros(tokens.shape, bool)
     if spec.eos_token_ids:
@@ -326,6 +334,8 @@ def hits_stop(sequences: jax.Array, column: jax.Array, first_column: jax.Array, 
         start = column + 1 - len(stop)
         tail = jax.lax.dynamic_slice_in_dim(sequences, jnp.maximum(start, 0), len(stop), axis=-1)
         hit |= (tail == jnp.asarray(stop, tail.dtype)).all(-1) & (start >= first_column)
+    if spec.stop_strings is not None:
+        hit |= spec.stop_strings.hits(sequences, column, first_column)
     return hit
 
 

@@ -195,7 +195,7 @@ def decode(model: CausalLM, input_ids, attention_mask, prompt_len, processors, k
     offset = spec.bucket_len - prompt_len
     first_real = offset + pre.pad_lengths  # [rows]: the column of each row's first real token
     kv_mask = jnp.concatenate([pre.kv_mask, jnp.ones((rows, k + 1), bool)], axis=1)
-    finishes = bool(spec.eos_token_ids or spec.stop_sequences)
+    finishes = spec.finishes_rows
 
     def processed(sequences, scores, steps):
         """Each row's processors at its own step: scores float32[rows, V], steps int32[rows]."""

@@ -251,3 +251,28 @@ def test_stop_strings_in_generate_batch_equal_generate(tokenizer):
         alone = jaxgen.generate(model, np.array([prompt]), tokenizer=tokenizer, **kw).trim().sequences[0, len(prompt):]
         assert result.tokens == alone.tolist()
         assert result.finish_reason == "stop" and tokenizer.decode(result.tokens).endswith(".")
+
+
+def test_stop_strings_without_eos_leave_stopped_rows_running(tokenizer, tmp_path):
+    """transformers pads finished rows only when an EOS criterion exists: with stop strings alone
+    a row that stopped goes on generating until every row has stopped (no pad id needed); an
+    empty stop string stops every row after its first token."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                        initializer_range=0.4, bos_token_id=None, eos_token_id=None)
+    torch_model = GPT2LMHeadModel(config).eval()
+    torch_model.generation_config.eos_token_id = torch_model.generation_config.pad_token_id = None
+    torch_model.save_pretrained(tmp_path)
+    model = jaxgen.from_pretrained(tmp_path)
+    ids, mask = left_padded_batch(np.random.default_rng(0), 3, 5, len(tokenizer), [0, 2, 1])
+    for strings in (["k"], ["", "k"]):  # "k": the rows' texts reach it at steps 1, 4 and 7
+        kw = dict(max_new_tokens=12, stop_strings=strings, tokenizer=tokenizer)
+        ours = jaxgen.generate(model, ids, mask, **kw).trim().sequences
+        with torch.no_grad():
+            ref = torch_model.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
+                                       **kw).numpy()
+        np.testing.assert_array_equal(ours, ref)
+        assert ours.shape[1] == ids.shape[1] + (8 if strings == ["k"] else 1)  # "": every row at once

@@ -393,10 +393,9 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
                           f"to obtain reliable results (padding with eos_token_id {eos_ids[0]}, as transformers)",
                           stacklevel=4)
         pad = eos_ids[0]
-    if pad is None and (stops or stop_strings):
-        stop = f"stop_sequences={[list(s) for s in stops]}" if stops else f"stop_strings={list(stop_strings.strings)}"
-        raise ValueError(f"pad_token_id is missing, but rows can finish early ({stop}) and there is no eos_token_id "
-                         "to pad with; pass pad_token_id")
+    if pad is None and stops:
+        raise ValueError(f"pad_token_id is missing, but rows can finish early (stop_sequences="
+                         f"{[list(s) for s in stops]}) and there is no eos_token_id to pad with; pass pad_token_id")
 
     # --- inputs ---------------------------------------------------------------------------
     if input_ids is None:  # transformers starts every row from bos_token_id

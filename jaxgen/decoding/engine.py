@@ -307,9 +307,11 @@ def record_layers(buffers: LayerRecord | None, step: jax.Array, outputs: LayerOu
 
 def emit(tokens: jax.Array, sequences: jax.Array, unfinished: jax.Array, step, prompt_len, streamer_id,
          spec: DecodeSpec) -> tuple[jax.Array, jax.Array]:
-    """Writes step ``step``'s ``tokens: int32[rows]`` (``pad_token_id`` in rows already finished)
-    into ``sequences: int32[rows, S]``, streams them, and returns (sequences, unfinished)."""
-    if spec.finishes_rows:
+    """Writes step ``step``'s ``tokens: int32[rows]`` (``pad_token_id`` in rows already finished,
+    where an EOS id or a stop sequence can finish them: transformers pads only with an EOS
+    criterion, so a row that a stop string ended goes on) into ``sequences: int32[rows, S]``,
+    streams them, and returns (sequences, unfinished)."""
+    if spec.eos_token_ids or spec.stop_sequences:  # stop strings alone leave them running, as transformers
         tokens = jnp.where(unfinished, tokens, spec.pad_token_id)
     column = spec.bucket_len + step
     if spec.stream:

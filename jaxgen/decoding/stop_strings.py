@@ -5,8 +5,8 @@ A row stops when the text its last tokens spell ends with a stop string, whereve
 boundaries fall. transformers prepares, from the tokenizer's vocabulary, a table of where each
 token can sit inside each stop string (its ``embedding_vec``) and checks the last tokens against
 it with a few array operations. jaxgen takes the table transformers builds (`StopStrings.build`,
-on the host, once a call) and runs the same check in the loop (`StopStrings.hits`), so both stop
-on the same tokens.
+on the host) and runs the same check in the loop (`StopStrings.hits`), so both stop on the same
+tokens.
 """
 
 from __future__ import annotations
@@ -47,23 +47,23 @@ class StopStrings:
         return hash(self._key())
 
     @staticmethod
-    @functools.lru_cache(maxsize=8)  # every request of a dataset job asks for the same
     def build(tokenizer, strings: tuple[str, ...]) -> StopStrings:
         """transformers' table for ``strings`` in ``tokenizer``'s vocabulary (transformers builds
-        it with torch)."""
-        from transformers.generation.stopping_criteria import StopStringCriteria
-
-        c = StopStringCriteria(tokenizer, list(strings))
-        table = np.ascontiguousarray(c.embedding_vec.numpy().astype(np.int32))
-        return StopStrings(tuple(strings), table, int(c.max_valid_positions), int(c.max_valid_end_lens),
-                           tuple(int(n) for n in c.target_lens.tolist()), int(c.maximum_token_len),
-                           hashlib.sha1(table.tobytes()).hexdigest())
+        it with torch), kept for the tokenizer at its size: every request of a dataset job asks
+        for the same, and a token added to the tokenizer makes another."""
+        try:
+            return _built(tokenizer, len(tokenizer), strings)
+        except TypeError:  # a tokenizer that cannot key a cache
+            return _built.__wrapped__(tokenizer, len(tokenizer), strings)
 
     def hits(self, sequences: jax.Array, column: jax.Array, first_column) -> jax.Array:
         """bool[...]: the tokens of ``sequences: int32[..., L]`` ending at ``column`` (none before
         ``first_column``) spell text that ends with one of the strings (transformers'
-        ``StopStringCriteria.__call__``, on the last ``window`` tokens read backwards)."""
+        ``StopStringCriteria.__call__``, on the last ``window`` tokens read backwards; an empty
+        string, as there, stops every row)."""
         m, s, p, e = self.window, len(self.strings), self.positions, self.ends
+        if m == 0:  # every string is empty
+            return jnp.ones(sequences.shape[:-1], bool)
         cols = column - jnp.arange(m)  # the most recent token first
         ids = jnp.take(sequences, jnp.maximum(cols, 0), axis=-1)
         table = jnp.asarray(self.table)
@@ -77,3 +77,15 @@ class StopStrings:
         match = jnp.concatenate([end_lengths > 0, later], -3) & (cols >= first_column)[:, None, None]
         unbroken = jnp.cumsum(~match, axis=-3) == 0
         return (jnp.max(spelled * unbroken, axis=(-3, -1)) >= jnp.asarray(self.lengths)).any(-1)
+
+
+@functools.lru_cache(maxsize=8)
+def _built(tokenizer, size: int, strings: tuple[str, ...]) -> StopStrings:
+    """`StopStrings.build` for ``tokenizer`` at ``size`` tokens."""
+    from transformers.generation.stopping_criteria import StopStringCriteria
+
+    c = StopStringCriteria(tokenizer, list(strings))
+    table = np.ascontiguousarray(c.embedding_vec.numpy().astype(np.int32))
+    return StopStrings(tuple(strings), table, int(c.max_valid_positions), int(c.max_valid_end_lens),
+                       tuple(int(n) for n in c.target_lens.tolist()), int(c.maximum_token_len),
+                       hashlib.sha1(table.tobytes()).hexdigest())

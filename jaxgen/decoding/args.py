@@ -386,6 +386,8 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
                       "if there is padding (transformers' warning; jaxgen fills finished rows with it)", stacklevel=4)
     stops = None if kw["stop_sequences"] is None else _id_lists("stop_sequences", kw["stop_sequences"], vocab)
     stop_strings = _stop_strings(kw["stop_strings"], kw["tokenizer"])
+    stopper = (("stop_sequences", [list(x) for x in stops]) if stops else  # the stop argument, for refusals
+               ("stop_strings", kw["stop_strings"]) if stop_strings else None)
     if pad is None and eos_ids:  # silently, as transformers 5.x (but for a batch without a mask, below)
         if attention_mask is None and np.ndim(input_ids) == 2 and np.shape(input_ids)[0] > 1:
             warnings.warn("The attention mask and the pad token id were not set, with a batched input. As a "
@@ -503,9 +505,8 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
             _fail("num_beams", num_beams, why + "beams (num_beams > 1)")
         if groups != 1:
             _fail("num_beam_groups", groups, why + "num_beam_groups=1")
-        if stops or stop_strings:
-            _fail(*(("stop_sequences", [list(x) for x in stops]) if stops else ("stop_strings", kw["stop_strings"])),
-                  f"not with constrained beam search ({name}): not implemented in jaxgen yet")
+        if stopper:
+            _fail(*stopper, f"not with constrained beam search ({name}): not implemented in jaxgen yet")
     if beam_search and (groups != 1 or diversity != 0.0):  # transformers 4.53's checks of group beam search
         why = "diversity_penalty is not 0.0 or num_beam_groups is not 1, which is group beam search; it needs "
         if do_sample:
@@ -518,10 +519,8 @@ def parse(model: CausalLM, input_ids, attention_mask, kwargs: dict[str, Any],
         if groups == 1:
             _fail("diversity_penalty", diversity, "needs num_beam_groups > 1: it penalises a group's tokens that "
                   "earlier groups chose at the same step")
-        if stops or stop_strings:
-            _fail(*(("stop_sequences", [list(x) for x in stops]) if stops else ("stop_strings", kw["stop_strings"])),
-                  "not with group beam search (num_beam_groups="
-                  f"{groups}): not implemented in jaxgen yet")
+        if stopper:
+            _fail(*stopper, f"not with group beam search (num_beam_groups={groups}): not implemented in jaxgen yet")
     elif groups != 1 or diversity != 0.0:
         _warn_beam_only(kw, kwargs, (("num_beam_groups", (None, 1, 0.0)), ("diversity_penalty", (None, 1, 0.0))))
         groups, diversity = 1, 0.0

@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, help="PRNG seed for sampling (needs --do-sample; default 0)")
     g.add_argument("--repetition-penalty", type=float)
     g.add_argument("--no-repeat-ngram-size", type=int)
+    g.add_argument("--stop", action="append", metavar="TEXT",
+                   help="end a sequence where its text ends with TEXT (transformers' stop_strings; repeatable)")
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="params dtype (default: the checkpoint's, as transformers)")
     g.add_argument("--prompt-lookup", type=int, metavar="K",
@@ -224,7 +226,7 @@ def run_generate(args) -> int:
         raise ValueError(f"the tokenizer of {args.model!r} turns the prompts into no tokens: are its tokenizer files "
                          "(tokenizer.json, tokenizer_config.json, ...) missing from the model directory?")
     kwargs = dict(_shared_options(args, eos, pad), num_beams=args.num_beams,
-                  num_return_sequences=args.num_return_sequences, output_scores=True)
+                  num_return_sequences=args.num_return_sequences, output_scores=True, tokenizer=tokenizer)
     if args.num_beams > 1:
         kwargs.update(length_penalty=args.length_penalty, early_stopping=args.early_stopping)
     if args.prompt_lookup is not None:
@@ -372,7 +374,7 @@ def _shared_options(args, eos, pad) -> dict:
     """generate() arguments from the options every mode shares; those left out leave the model's
     generation_config.json in charge, as in transformers."""
     optional = dict(repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
-                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop_strings=args.stop)
     return dict(max_new_tokens=args.max_new_tokens, eos_token_id=eos, pad_token_id=pad, do_sample=args.do_sample,
                 **{name: value for name, value in optional.items() if value is not None})
 

@@ -153,6 +153,19 @@ def test_prompt_lookup_prints_greedy_s_text(jaxgen_main):
     assert jaxgen_main(*args, "--assistant-early-exit", "2", "--stream")[1] == jaxgen_main(*args, "--stream")[1]
 
 
+def test_stop_ends_each_text_where_it_ends_with_it(jaxgen_main):
+    """--stop: transformers' stop strings, spelled by the model's tokenizer; each text ends at the
+    first place it ends with one, which the plain run's text runs past."""
+    args = ("The meaning of life is", "Never", "--max-new-tokens", "24", "--json")
+
+    def generated(*extra):
+        return [r["completions"][0]["generated_text"] for r in json.loads(jaxgen_main(*args, *extra)[1])["results"]]
+
+    plain, stopped = generated(), generated("--stop", ".", "--stop", "!")
+    for full, text in zip(plain, stopped):
+        assert text.endswith((".", "!")) and full.startswith(text) and len(full) > len(text)
+
+
 def test_help_shows_defaults(jaxgen_main, capsys):
     from jaxgen.cli import main
 

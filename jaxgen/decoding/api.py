@@ -136,8 +136,9 @@ def generate(model: CausalLM, input_ids=None, attention_mask=None, **kwargs) -> 
         remove_invalid_values, logits_processor (JAX callables ``fn(scores, ctx)``),
         penalty_alpha (contrastive search), num_beam_groups and diversity_penalty (group beam
         search), force_words_ids and constraints (constrained beam search), stop_strings with
-        tokenizer (transformers' stop-string criterion), output_scores,
-        output_logits, output_attentions, output_hidden_states; and jaxgen's prompt_bucket (default 32; None disables).
+        tokenizer (transformers' stop-string criterion), output_scores, output_logits,
+        output_attentions, output_hidden_states; and jaxgen's prompt_bucket (default 32; None
+        disables).
         ``generation_config``: a transformers ``GenerationConfig`` (or a dict of its fields) whose
         set fields act as arguments, under those passed by name. An argument not passed takes the
         value of ``model.generation_config`` (the checkpoint's), as in transformers.

@@ -121,12 +121,16 @@ def _where(cond: jax.Array, a: State, b: State) -> State:
     return State(*(jnp.where(cond.reshape(cond.shape + (1,) * (x.ndim - cond.ndim)), x, y) for x, y in zip(a, b)))
 
 
+def _complete(s: State) -> jax.Array:
+    """int32[...]: how many constraints are complete (neither pending nor in progress)."""
+    return (s.order == DONE).sum(-1) - (s.progress >= 0)
+
+
 def bank(t: Tables, s: State) -> jax.Array:
     """int32[...]: 4.53's ``get_bank``: ``max_seqlen`` for each complete constraint, plus, for the
     one in progress, ``max_seqlen`` less the steps its longest sequence has left."""
-    complete = (s.order == DONE).sum(-1) - (s.progress >= 0)
     remaining = t.seqlen[jnp.maximum(s.progress, 0)] - t.depth[s.node]
-    return complete * t.max_seqlen + jnp.where(s.progress >= 0, t.max_seqlen - remaining, 0)
+    return _complete(s) * t.max_seqlen + jnp.where(s.progress >= 0, t.max_seqlen - remaining, 0)
 
 
 def advances(t: Tables, s: State) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -147,7 +151,6 @@ def advances(t: Tables, s: State) -> tuple[jax.Array, jax.Array, jax.Array]:
     idle = (roots.reshape(*roots.shape[:-2], c * k), (pending[..., None] & (roots >= 0)).reshape(*roots.shape[:-2], -1))
     # the constraint in progress: its children, read one after another into the shared list
     kids = t.child_token[s.node]  # [..., K]
-    complete = (s.order == DONE).sum(-1) - (s.progress >= 0)
     node, steps, finished = s.node, [], []
     for j in range(k):
         ok, child = _child(t, node, kids[..., j])
@@ -157,11 +160,10 @@ def advances(t: Tables, s: State) -> tuple[jax.Array, jax.Array, jax.Array]:
         node = jnp.where(ok, child, node)
     remaining = t.seqlen[jnp.maximum(s.progress, 0)] - t.depth[node]  # at the list's final length
     steps, finished = jnp.stack(steps, -1), jnp.stack(finished, -1)
-    busy_banks = complete[..., None] * t.max_seqlen + jnp.where(
+    busy_banks = _complete(s)[..., None] * t.max_seqlen + jnp.where(
         finished, t.max_seqlen, jnp.where(steps, t.max_seqlen - remaining[..., None], 0))
-    listed_busy = jnp.pad(kids >= 0, [(0, 0)] * (kids.ndim - 1) + [(0, c * k - k)])
-    tokens_busy = jnp.pad(kids, [(0, 0)] * (kids.ndim - 1) + [(0, c * k - k)], constant_values=-1)
-    busy_banks = jnp.pad(busy_banks, [(0, 0)] * (kids.ndim - 1) + [(0, c * k - k)])
+    widen = lambda x, fill=0: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, c * k - k)], constant_values=fill)  # noqa: E731
+    listed_busy, tokens_busy, busy_banks = widen(kids >= 0), widen(kids, -1), widen(busy_banks)
     # without one: each token starts a fresh copy of its constraint
     copies = State(*(jnp.repeat(jnp.expand_dims(a, s.progress.ndim), c * k, axis=s.progress.ndim) for a in s))
     fresh = add(t, copies, jnp.maximum(idle[0], 0))
